@@ -1,0 +1,19 @@
+"""Python clients for tensorgate: numpy arrays in, numpy arrays out.
+
+    from client import TensorgateClient
+    with TensorgateClient("localhost:50051") as c:
+        outputs = c.predict("mlp", {"input": x})
+"""
+
+from client.aio import AsyncTensorgateClient
+from client.codec import JobResult, StreamItem, StreamResult, Submitted
+from client.sync import TensorgateClient
+
+__all__ = [
+    "AsyncTensorgateClient",
+    "JobResult",
+    "StreamItem",
+    "StreamResult",
+    "Submitted",
+    "TensorgateClient",
+]

@@ -1,0 +1,103 @@
+"""asyncio client. Failures raise grpc.aio.AioRpcError with the server's status and message."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from types import TracebackType
+
+import grpc
+import numpy as np
+
+from client import codec
+from client.codec import JobResult, StreamItem, StreamResult, Submitted
+from client.sync import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from tensorgate.v1 import inference_pb2 as pb
+from tensorgate.v1 import inference_pb2_grpc as pb_grpc
+
+
+class AsyncTensorgateClient:
+    """tensorgate.v1.Inference on grpc.aio. Use `async with` or `await close()`."""
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout_s: float | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self._channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._stub = pb_grpc.InferenceStub(self._channel)
+        self._timeout_s = timeout_s
+
+    async def predict(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        outputs: Sequence[str] = (),
+        request_id: str = "",
+        timeout_s: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        request = codec.predict_request(model, inputs, outputs, request_id)
+        response = await self._stub.Predict(request, timeout=timeout_s or self._timeout_s)
+        return codec.decode_all(response.outputs)
+
+    async def submit(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        outputs: Sequence[str] = (),
+        idempotency_key: str = "",
+        request_id: str = "",
+    ) -> Submitted:
+        request = codec.submit_request(model, inputs, outputs, idempotency_key, request_id)
+        return codec.submitted(await self._stub.Submit(request, timeout=self._timeout_s))
+
+    async def get_result(self, job_id: str, wait_timeout_s: float = 0.0) -> JobResult:
+        request = pb.GetResultRequest(job_id=job_id, wait_timeout_seconds=wait_timeout_s)
+        timeout = None if self._timeout_s is None else self._timeout_s + wait_timeout_s
+        return codec.job_result(await self._stub.GetResult(request, timeout=timeout))
+
+    async def cancel(self, job_id: str) -> str:
+        request = pb.CancelJobRequest(job_id=job_id)
+        response = await self._stub.CancelJob(request, timeout=self._timeout_s)
+        return pb.JobStatus.Name(response.status)
+
+    async def stream(
+        self, items: Iterable[StreamItem] | AsyncIterable[StreamItem]
+    ) -> AsyncIterator[StreamResult]:
+        """Sends items on one stream; yields each answer as it comes (not in send order)."""
+
+        async def requests() -> AsyncIterator[pb.PredictRequest]:
+            if isinstance(items, AsyncIterable):
+                async for item in items:
+                    yield codec.stream_request(item)
+            else:
+                for item in items:
+                    yield codec.stream_request(item)
+
+        call = self._stub.StreamPredict(requests(), timeout=self._timeout_s)
+        async for response in call:
+            yield codec.stream_result(response)
+
+    async def list_models(self) -> pb.ListModelsResponse:
+        return await self._stub.ListModels(pb.ListModelsRequest(), timeout=self._timeout_s)
+
+    async def model_metadata(self, model: str) -> pb.GetModelMetadataResponse:
+        request = pb.GetModelMetadataRequest(model=model)
+        return await self._stub.GetModelMetadata(request, timeout=self._timeout_s)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncTensorgateClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,215 @@
+"""Shell commands that call a running server: predict, submit, result, cancel, stream, models.
+
+Inputs: --input NAME=@file.npy, --input 'NAME=[[1,2],[3,4]]' (JSON, typed from the model's
+metadata), or --random-rows N for random inputs shaped from the model's metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+import numpy as np
+
+from client.codec import JobResult, StreamItem
+from client.sync import TensorgateClient
+from tensorgate.v1 import inference_pb2 as pb
+
+_NUMPY_BY_DATATYPE = {
+    "BOOL": "?", "UINT8": "u1", "UINT16": "u2", "UINT32": "u4", "UINT64": "u8",
+    "INT8": "i1", "INT16": "i2", "INT32": "i4", "INT64": "i8",
+    "FP16": "f2", "FP32": "f4", "FP64": "f8",
+}  # fmt: skip
+
+
+def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    target = argparse.ArgumentParser(add_help=False)
+    target.add_argument(
+        "--target",
+        default=os.environ.get("TENSORGATE_TARGET", "localhost:50051"),
+        help="server address (env TENSORGATE_TARGET; default localhost:50051)",
+    )
+    target.add_argument("--timeout-s", type=float, default=30.0)
+
+    request = argparse.ArgumentParser(add_help=False)
+    request.add_argument("--model", default="mlp")
+    request.add_argument("--input", action="append", default=[], metavar="NAME=@FILE.npy|JSON")
+    request.add_argument("--random-rows", type=int, default=0, metavar="N")
+    request.add_argument("--seed", type=int, default=0)
+    request.add_argument("--outputs", default="", help="comma-separated output names")
+
+    predict = commands.add_parser("predict", parents=[target, request], help="one unary Predict")
+    predict.set_defaults(func=_predict)
+
+    submit = commands.add_parser("submit", parents=[target, request], help="submit a job")
+    submit.add_argument("--idempotency-key", default="")
+    submit.set_defaults(func=_submit)
+
+    result = commands.add_parser("result", parents=[target], help="a job's status and result")
+    result.add_argument("job_id")
+    result.add_argument("--wait-s", type=float, default=0.0, help="long-poll this long")
+    result.set_defaults(func=_result)
+
+    cancel = commands.add_parser("cancel", parents=[target], help="cancel a job")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(func=_cancel)
+
+    stream = commands.add_parser(
+        "stream", parents=[target, request], help="send requests on one StreamPredict stream"
+    )
+    stream.add_argument("--count", type=int, default=4, help="requests to send")
+    stream.set_defaults(func=_stream)
+
+    models = commands.add_parser("models", parents=[target], help="list models and their I/O")
+    models.set_defaults(func=_models)
+
+
+def _call(args: argparse.Namespace, action: Any) -> int:
+    with TensorgateClient(args.target, timeout_s=args.timeout_s) as client:
+        try:
+            action(client)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def _inputs(client: TensorgateClient, args: argparse.Namespace) -> dict[str, np.ndarray]:
+    metadata = client.model_metadata(args.model)
+    specs = {t.name: t for t in metadata.inputs}
+    rng = np.random.default_rng(args.seed)
+    inputs: dict[str, np.ndarray] = {}
+    if args.random_rows:
+        for spec in metadata.inputs:
+            shape = (args.random_rows, *(d if d > 0 else 1 for d in spec.shape[1:]))
+            dtype = np.dtype(_NUMPY_BY_DATATYPE[spec.datatype])
+            if dtype.kind == "f":
+                inputs[spec.name] = rng.standard_normal(shape).astype(dtype)
+            else:
+                inputs[spec.name] = rng.integers(0, 2 if dtype.kind == "b" else 10, shape).astype(dtype)
+    for item in args.input:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--input {item!r}: expected NAME=@FILE.npy or NAME=JSON")
+        if value.startswith("@"):
+            inputs[name] = np.load(value[1:])
+        else:
+            spec = specs.get(name)
+            dtype = _NUMPY_BY_DATATYPE[spec.datatype] if spec else None
+            inputs[name] = np.asarray(json.loads(value), dtype=dtype)
+    if not inputs:
+        raise ValueError("no inputs: give --input NAME=... or --random-rows N")
+    return inputs
+
+
+def _outputs_arg(args: argparse.Namespace) -> list[str]:
+    return [name for name in args.outputs.split(",") if name]
+
+
+def _show(outputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    return {
+        name: {"shape": list(array.shape), "dtype": str(array.dtype), "data": array.tolist()}
+        for name, array in outputs.items()
+    }
+
+
+def _predict(args: argparse.Namespace) -> int:
+    def action(client: TensorgateClient) -> None:
+        outputs = client.predict(args.model, _inputs(client, args), outputs=_outputs_arg(args))
+        print(json.dumps(_show(outputs)))
+
+    return _call(args, action)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    def action(client: TensorgateClient) -> None:
+        job = client.submit(
+            args.model,
+            _inputs(client, args),
+            outputs=_outputs_arg(args),
+            idempotency_key=args.idempotency_key,
+        )
+        print(json.dumps({
+            "job_id": job.job_id,
+            "status": job.status,
+            "estimated_wait_s": round(job.estimated_wait_s, 6),
+            "deduplicated": job.deduplicated,
+        }))  # fmt: skip
+
+    return _call(args, action)
+
+
+def _job_json(result: JobResult) -> dict[str, Any]:
+    shown: dict[str, Any] = {"job_id": result.job_id, "status": result.status}
+    if result.outputs is not None:
+        shown["outputs"] = _show(result.outputs)
+    if result.error_code is not None:
+        shown["error"] = {"code": result.error_code.name, "message": result.error_message}
+    if result.finished:
+        shown["expires_in_s"] = round(result.expires_in_s, 1)
+    return shown
+
+
+def _result(args: argparse.Namespace) -> int:
+    def action(client: TensorgateClient) -> None:
+        print(json.dumps(_job_json(client.get_result(args.job_id, args.wait_s))))
+
+    return _call(args, action)
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    def action(client: TensorgateClient) -> None:
+        print(json.dumps({"job_id": args.job_id, "status": client.cancel(args.job_id)}))
+
+    return _call(args, action)
+
+
+def _stream(args: argparse.Namespace) -> int:
+    def action(client: TensorgateClient) -> None:
+        inputs = _inputs(client, args)
+        items = [
+            StreamItem(id=f"req-{i}", model=args.model, inputs=inputs, outputs=_outputs_arg(args))
+            for i in range(args.count)
+        ]
+        for result in client.stream(items):
+            if result.ok:
+                assert result.outputs is not None
+                print(json.dumps({"id": result.id, "outputs": _show(result.outputs)}))
+            else:
+                assert result.error_code is not None
+                print(json.dumps({
+                    "id": result.id,
+                    "error": {"code": result.error_code.name, "message": result.error_message},
+                }))  # fmt: skip
+
+    return _call(args, action)
+
+
+def _models(args: argparse.Namespace) -> int:
+    def action(client: TensorgateClient) -> None:
+        for summary in client.list_models().models:
+            shown: dict[str, Any] = {
+                "name": summary.name,
+                "backend": summary.backend,
+                "ready": summary.ready,
+            }
+            if summary.ready:
+                meta: pb.GetModelMetadataResponse = client.model_metadata(summary.name)
+                shown["max_batch_size"] = meta.max_batch_size
+                shown["inputs"] = [_tensor_meta(t) for t in meta.inputs]
+                shown["outputs"] = [_tensor_meta(t) for t in meta.outputs]
+            print(json.dumps(shown))
+
+    return _call(args, action)
+
+
+def _tensor_meta(tensor: pb.TensorMetadata) -> dict[str, Any]:
+    return {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}

@@ -1,0 +1,155 @@
+"""numpy <-> tensorgate.v1 messages, shared by the sync and asyncio clients."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from tensorgate.v1 import inference_pb2 as pb
+
+# KServe v2 datatype <-> numpy kind and size; little-endian on the wire.
+_DATATYPES = {
+    ("b", 1): "BOOL",
+    ("u", 1): "UINT8", ("u", 2): "UINT16", ("u", 4): "UINT32", ("u", 8): "UINT64",
+    ("i", 1): "INT8", ("i", 2): "INT16", ("i", 4): "INT32", ("i", 8): "INT64",
+    ("f", 2): "FP16", ("f", 4): "FP32", ("f", 8): "FP64",
+}  # fmt: skip
+_NUMPY = {name: np.dtype(f"<{kind}{size}" if kind != "b" else "?") for (kind, size), name in _DATATYPES.items()}
+
+
+@dataclass(slots=True, frozen=True)
+class Submitted:
+    job_id: str
+    status: str
+    estimated_wait_s: float
+    deduplicated: bool
+
+
+@dataclass(slots=True, frozen=True)
+class JobResult:
+    job_id: str
+    status: str  # PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED
+    outputs: dict[str, np.ndarray] | None = None
+    error_code: grpc.StatusCode | None = None
+    error_message: str = ""
+    expires_in_s: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+@dataclass(slots=True, frozen=True)
+class StreamItem:
+    """One request to send on a stream."""
+
+    id: str
+    model: str
+    inputs: Mapping[str, np.ndarray]
+    outputs: Sequence[str] = field(default_factory=tuple)
+
+
+@dataclass(slots=True, frozen=True)
+class StreamResult:
+    """The answer to one stream request: outputs, or an error for that request alone."""
+
+    id: str
+    outputs: dict[str, np.ndarray] | None = None
+    error_code: grpc.StatusCode | None = None
+    error_message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code is None
+
+
+def encode(name: str, array: np.ndarray) -> pb.Tensor:
+    array = np.asarray(array)
+    datatype = _DATATYPES.get((array.dtype.kind, array.dtype.itemsize))
+    if datatype is None:
+        raise TypeError(f"input '{name}': numpy dtype {array.dtype} has no tensor datatype")
+    little = np.ascontiguousarray(array, dtype=_NUMPY[datatype])
+    return pb.Tensor(name=name, datatype=datatype, shape=little.shape, contents=little.tobytes())
+
+
+def decode(tensor: pb.Tensor) -> np.ndarray:
+    dtype = _NUMPY.get(tensor.datatype)
+    if dtype is None:
+        raise ValueError(f"output '{tensor.name}' has unknown datatype {tensor.datatype}")
+    return np.frombuffer(tensor.contents, dtype=dtype).reshape(tuple(tensor.shape))
+
+
+def decode_all(tensors: Sequence[pb.Tensor]) -> dict[str, np.ndarray]:
+    return {t.name: decode(t) for t in tensors}
+
+
+def predict_request(
+    model: str,
+    inputs: Mapping[str, np.ndarray],
+    outputs: Sequence[str] = (),
+    request_id: str = "",
+) -> pb.PredictRequest:
+    return pb.PredictRequest(
+        model=model,
+        id=request_id,
+        inputs=[encode(name, array) for name, array in inputs.items()],
+        requested_outputs=list(outputs),
+    )
+
+
+def submit_request(
+    model: str,
+    inputs: Mapping[str, np.ndarray],
+    outputs: Sequence[str] = (),
+    idempotency_key: str = "",
+    request_id: str = "",
+) -> pb.SubmitRequest:
+    return pb.SubmitRequest(
+        request=predict_request(model, inputs, outputs, request_id),
+        idempotency_key=idempotency_key,
+    )
+
+
+def submitted(response: pb.SubmitResponse) -> Submitted:
+    return Submitted(
+        job_id=response.job_id,
+        status=pb.JobStatus.Name(response.status),
+        estimated_wait_s=response.estimated_wait_seconds,
+        deduplicated=response.deduplicated,
+    )
+
+
+def job_result(response: pb.GetResultResponse) -> JobResult:
+    has_error = response.HasField("error")
+    return JobResult(
+        job_id=response.job_id,
+        status=pb.JobStatus.Name(response.status),
+        outputs=decode_all(response.result.outputs) if response.HasField("result") else None,
+        error_code=_status_code(response.error.code) if has_error else None,
+        error_message=response.error.message,
+        expires_in_s=response.expires_in_seconds,
+    )
+
+
+def stream_request(item: StreamItem) -> pb.PredictRequest:
+    return predict_request(item.model, item.inputs, item.outputs, item.id)
+
+
+def stream_result(response: pb.StreamPredictResponse) -> StreamResult:
+    if response.HasField("error"):
+        return StreamResult(
+            id=response.id,
+            error_code=_status_code(response.error.code),
+            error_message=response.error.message,
+        )
+    return StreamResult(id=response.id, outputs=decode_all(response.response.outputs))
+
+
+def _status_code(number: int) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code
+    return grpc.StatusCode.UNKNOWN

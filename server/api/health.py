@@ -1,0 +1,37 @@
+"""The standard grpc.health.v1 service, reporting the server and each model.
+
+Service names: "" and "tensorgate.v1.Inference" for the server as a whole; each model under its own
+name. Everything starts NOT_SERVING (the library's default for "" is SERVING) and turns SERVING only
+once the models are loaded and warm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from grpc_health.v1 import health, health_pb2
+
+SERVER_SERVICES = ("", "tensorgate.v1.Inference")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class HealthReporter:
+    def __init__(self) -> None:
+        self.servicer = health.aio.HealthServicer()
+
+    async def starting(self, models: Iterable[str]) -> None:
+        for service in (*SERVER_SERVICES, *models):
+            await self.servicer.set(service, NOT_SERVING)
+
+    async def set_model(self, model: str, serving: bool) -> None:
+        await self.servicer.set(model, SERVING if serving else NOT_SERVING)
+
+    async def set_server(self, serving: bool) -> None:
+        for service in SERVER_SERVICES:
+            await self.servicer.set(service, SERVING if serving else NOT_SERVING)
+
+    async def shutting_down(self) -> None:
+        """Every service NOT_SERVING, for good."""
+        await self.servicer.enter_graceful_shutdown()

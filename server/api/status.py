@@ -1,0 +1,65 @@
+"""The one table from domain errors to gRPC status codes, and helpers to report them."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+import grpc
+
+from server.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    TensorgateError,
+    Unavailable,
+)
+from tensorgate.v1 import inference_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: dict[type[TensorgateError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Cancelled: grpc.StatusCode.CANCELLED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Internal: grpc.StatusCode.INTERNAL,
+}
+
+# Trailing metadata key telling a refused caller when to retry.
+RETRY_AFTER_MS_KEY = "retry-after-ms"
+
+
+def status_of(error: BaseException) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        code = STATUS_BY_ERROR.get(cls)  # type: ignore[call-overload]
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def as_domain_error(error: BaseException) -> TensorgateError:
+    """A domain error as is; anything else becomes Internal with a logged reference."""
+    if isinstance(error, TensorgateError):
+        return error
+    reference = secrets.token_hex(4)
+    log.error("unexpected error (ref %s)", reference, exc_info=error)
+    return Internal(f"internal error (ref {reference}): {type(error).__name__}")
+
+
+async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
+    """Ends the call with the error's status; always raises."""
+    error = as_domain_error(error)
+    if isinstance(error, ResourceExhausted):
+        context.set_trailing_metadata(((RETRY_AFTER_MS_KEY, str(int(error.retry_after_s * 1000))),))
+    await context.abort(status_of(error), str(error))
+
+
+def error_message(error: BaseException) -> pb.Error:
+    error = as_domain_error(error)
+    return pb.Error(code=status_of(error).value[0], message=str(error))

@@ -1,0 +1,30 @@
+"""Backends, chosen by name from a model's config and imported only when a model uses them,
+so a machine without TensorRT never imports it."""
+
+from __future__ import annotations
+
+import importlib
+
+from server.backends.base import BackendInstance
+from server.config import ConfigError, ModelConfig
+
+# name -> module that defines `load(config: ModelConfig, instance_index: int) -> BackendInstance`
+BACKEND_MODULES = {
+    "onnxruntime": "server.backends.onnxruntime",
+}
+
+
+def load_instance(config: ModelConfig, instance_index: int) -> BackendInstance:
+    """Loads one instance of the model with the backend its config names."""
+    module_name = BACKEND_MODULES.get(config.backend)
+    if module_name is None:
+        known = ", ".join(sorted(BACKEND_MODULES))
+        raise ConfigError(
+            f"model '{config.name}': unknown backend '{config.backend}'; known: {known}"
+        )
+    module = importlib.import_module(module_name)
+    instance: BackendInstance = module.load(config, instance_index)
+    return instance
+
+
+__all__ = ["BACKEND_MODULES", "BackendInstance", "load_instance"]

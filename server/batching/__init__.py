@@ -1,0 +1,1 @@
+"""One bounded queue per model and the dynamic batcher that turns it into batches."""

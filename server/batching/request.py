@@ -1,0 +1,33 @@
+"""The record one request is while it waits for and passes through a batch."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+Outputs = dict[str, np.ndarray]
+
+
+@dataclass(slots=True, eq=False)
+class InferenceRequest:
+    """A validated request: numpy views of its inputs and the future its caller awaits.
+
+    The future is created before the request is queued and settles exactly once: with the
+    outputs, with a domain error, or by cancellation from the caller's side.
+    """
+
+    inputs: Mapping[str, np.ndarray]
+    rows: int
+    output_names: tuple[str, ...]
+    future: asyncio.Future[Outputs]
+    # time.monotonic() after which the request is not worth running; None = no deadline.
+    deadline: float | None = None
+    id: str = ""
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    enqueued_at: float = 0.0
+    # Called on the loop when the request is taken into a batch (a job turns RUNNING).
+    on_start: Callable[[], None] | None = None

@@ -1,0 +1,129 @@
+"""`tensorgate`: `serve` runs the server; predict/submit/result/cancel/stream/models call one."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from server.config import ConfigError, ServerConfig
+
+log = logging.getLogger("tensorgate")
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"TENSORGATE_{name}", default)
+
+
+def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    defaults = ServerConfig()
+    serve = commands.add_parser(
+        "serve",
+        help="serve the models of a repository over gRPC",
+        description="Each flag also reads TENSORGATE_<FLAG> from the environment "
+        "(e.g. TENSORGATE_PORT=50052).",
+    )
+    serve.add_argument("--host", default=_env("HOST", defaults.host))
+    serve.add_argument("--port", type=int, default=int(_env("PORT", str(defaults.port))))
+    serve.add_argument(
+        "--model-repository",
+        type=Path,
+        default=Path(_env("MODEL_REPOSITORY", str(defaults.model_repository))),
+        help="folder with one sub-folder per model (default: engines)",
+    )
+    serve.add_argument(
+        "--models",
+        default=_env("MODELS", ""),
+        help="comma-separated model names to serve (default: all in the repository)",
+    )
+    serve.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=int(_env("MAX_MESSAGE_BYTES", str(defaults.max_message_bytes))),
+    )
+    serve.add_argument(
+        "--max-inflight-per-stream",
+        type=int,
+        default=int(_env("MAX_INFLIGHT_PER_STREAM", str(defaults.max_inflight_per_stream))),
+    )
+    serve.add_argument(
+        "--max-pending-jobs",
+        type=int,
+        default=int(_env("MAX_PENDING_JOBS", str(defaults.max_pending_jobs))),
+    )
+    serve.add_argument(
+        "--job-ttl-s",
+        type=float,
+        default=float(_env("JOB_TTL_S", str(defaults.job_ttl_s))),
+        help="how long a finished job's result is kept",
+    )
+    serve.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        default=float(_env("SHUTDOWN_GRACE_S", str(defaults.shutdown_grace_s))),
+    )
+    serve.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    serve.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        model_repository=args.model_repository,
+        models=tuple(name for name in args.models.split(",") if name),
+        max_message_bytes=args.max_message_bytes,
+        max_inflight_per_stream=args.max_inflight_per_stream,
+        max_pending_jobs=args.max_pending_jobs,
+        job_ttl_s=args.job_ttl_s,
+        shutdown_grace_s=args.shutdown_grace_s,
+    )
+    try:
+        asyncio.run(_run(config))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+async def _run(config: ServerConfig) -> None:
+    from server.app import TensorgateServer  # imports grpc and the backends' registry
+
+    server = TensorgateServer(config)
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+
+    def on_signal(signum: int) -> None:
+        if not stopping:
+            log.info("%s: shutting down (grace %.1f s)", signal.Signals(signum).name, config.shutdown_grace_s)
+            stopping.append(asyncio.create_task(server.stop()))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await server.start()
+    await server.wait_stopped()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from client.cli import add_client_commands
+
+    parser = argparse.ArgumentParser(prog="tensorgate", description="gRPC inference server")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_serve_command(commands)
+    add_client_commands(commands)
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

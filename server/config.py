@@ -1,0 +1,98 @@
+"""Server settings (flags with TENSORGATE_* environment equivalents) and per-model config files."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_CONFIG_FILE = "config.toml"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or out of range; the message names it."""
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """Process-wide settings. Each field is a `tensorgate serve` flag (see server/cli.py)."""
+
+    host: str = "0.0.0.0"
+    port: int = 50051
+    model_repository: Path = Path("engines")
+    # Names of the models to serve; empty serves every model in the repository.
+    models: tuple[str, ...] = ()
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_inflight_per_stream: int = 128
+    max_pending_jobs: int = 100_000
+    job_ttl_s: float = 600.0
+    max_result_wait_s: float = 60.0
+    shutdown_grace_s: float = 10.0
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """engines/<model>/config.toml: how one model is run and batched."""
+
+    name: str
+    path: Path
+    backend: str
+    max_batch_size: int = 32
+    max_queue_delay_s: float = 0.002
+    # A batch that reaches one of these sizes goes out without waiting for max_queue_delay_s.
+    preferred_batch_sizes: tuple[int, ...] = ()
+    # Most requests waiting in the model's queue; more are refused with RESOURCE_EXHAUSTED.
+    queue_capacity: int = 1024
+    instance_count: int = 1
+    # The backend's own table, e.g. [onnxruntime] intra_op_threads = 1.
+    backend_options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, model_dir: Path) -> ModelConfig:
+        """Reads and checks model_dir/config.toml."""
+        path = model_dir / MODEL_CONFIG_FILE
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        backend = raw.pop("backend", None)
+        if not isinstance(backend, str):
+            raise ConfigError(f"{path}: 'backend' must name a backend, e.g. \"onnxruntime\"")
+        delay_ms = raw.pop("max_queue_delay_ms", 2.0)
+        config = cls(
+            name=model_dir.name,
+            path=model_dir,
+            backend=backend,
+            max_batch_size=_int(raw.pop("max_batch_size", 32), "max_batch_size", path, low=1),
+            max_queue_delay_s=_number(delay_ms, "max_queue_delay_ms", path) / 1000.0,
+            preferred_batch_sizes=tuple(
+                sorted(
+                    _int(v, "preferred_batch_sizes", path, low=1)
+                    for v in raw.pop("preferred_batch_sizes", [])
+                )
+            ),
+            queue_capacity=_int(raw.pop("queue_capacity", 1024), "queue_capacity", path, low=1),
+            instance_count=_int(raw.pop("instance_count", 1), "instance_count", path, low=1),
+            backend_options=dict(raw.pop(backend, {})),
+        )
+        if raw:
+            raise ConfigError(f"{path}: unknown keys {sorted(raw)}")
+        too_big = [s for s in config.preferred_batch_sizes if s > config.max_batch_size]
+        if too_big:
+            raise ConfigError(f"{path}: preferred_batch_sizes {too_big} exceed max_batch_size")
+        return config
+
+
+def _int(value: Any, key: str, path: Path, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{path}: '{key}' must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _number(value: Any, key: str, path: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"{path}: '{key}' must be a number >= 0, got {value!r}")
+    return float(value)

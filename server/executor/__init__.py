@@ -1,0 +1,1 @@
+"""Instance pools: where batches run, off the event loop."""

@@ -1,0 +1,219 @@
+"""Runs submitted jobs through the same model queues as unary and stream traffic.
+
+Accepted jobs wait in a per-model backlog (bounded by max_pending_jobs over all models); a feeder
+moves them into the model's queue while keeping only a few batches' worth in it, so a burst of
+jobs neither fills the queue that interactive callers share nor gets refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from server.batching.request import InferenceRequest, Outputs
+from server.errors import (
+    Cancelled,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    TensorgateError,
+    Unavailable,
+)
+from server.jobs.job import Job, JobStatus
+from server.jobs.store import MemoryJobStore
+from server.model import ServedModel
+
+log = logging.getLogger(__name__)
+
+# Pause before retrying when a model queue is full.
+_REQUEUE_PAUSE_S = 0.005
+
+
+@dataclass(slots=True, eq=False)
+class _Backlog:
+    """Accepted jobs of one model not yet handed to its queue."""
+
+    model: ServedModel
+    # Jobs of this model allowed in its queue or on its instances at once.
+    slots: asyncio.Semaphore
+    jobs: collections.deque[Job] = field(default_factory=collections.deque)
+    rows: int = 0
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class JobRunner:
+    """Submit, GetResult (long-poll), CancelJob, and expiry of finished jobs."""
+
+    def __init__(
+        self,
+        models: Mapping[str, ServedModel],
+        max_pending_jobs: int,
+        ttl_s: float,
+        max_wait_s: float,
+    ) -> None:
+        self._models = models
+        self._max_pending = max_pending_jobs
+        self._ttl_s = ttl_s
+        self._max_wait_s = max_wait_s
+        self.store = MemoryJobStore()
+        self.unfinished = 0
+        self._backlogs: dict[str, _Backlog] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        """Starts a feeder for every ready model, and the sweeper of expired jobs."""
+        for name, model in self._models.items():
+            slots = 2 * model.max_batch_size * model.config.instance_count
+            backlog = _Backlog(model, asyncio.Semaphore(slots))
+            self._backlogs[name] = backlog
+            self._spawn(self._feed(backlog), f"job-feeder-{name}")
+        self._spawn(self._sweep(), "job-sweeper")
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for backlog in self._backlogs.values():
+            while backlog.jobs:
+                job = backlog.jobs.popleft()
+                if not job.request.future.done():
+                    job.request.future.set_exception(
+                        Unavailable("the server shut down before the job ran")
+                    )
+
+    def submit(
+        self, model: ServedModel, request: InferenceRequest, idempotency_key: str = ""
+    ) -> tuple[Job, bool, float]:
+        """Accepts a validated request as a job; returns (job, deduplicated, estimated wait s)."""
+        backlog = self._backlogs.get(model.name)
+        if backlog is None:
+            raise Unavailable(f"model '{model.name}' does not take jobs now")
+        if idempotency_key:
+            existing = self.store.by_key(idempotency_key)
+            if existing is not None:
+                request.future.cancel()
+                return existing, True, self._estimate(self._backlogs.get(existing.model))
+        if self.unfinished >= self._max_pending:
+            raise ResourceExhausted(
+                f"{self.unfinished} jobs are pending, the limit is {self._max_pending}; "
+                "retry later",
+                retry_after_s=1.0,
+            )
+        job = Job(
+            id=secrets.token_hex(16),
+            model=model.name,
+            request=request,
+            idempotency_key=idempotency_key,
+            created_at=time.monotonic(),
+        )
+        request.on_start = lambda: _mark_running(job)
+        request.future.add_done_callback(lambda future: self._finish(job, future))
+        estimate = self._estimate(backlog)
+        self.store.add(job)
+        self.unfinished += 1
+        backlog.jobs.append(job)
+        backlog.rows += request.rows
+        backlog.arrived.set()
+        return job, False, estimate
+
+    async def get(self, job_id: str, wait_s: float = 0.0) -> Job:
+        """The job; with wait_s > 0, waits (up to max_result_wait_s) for it to finish first."""
+        job = self._find(job_id)
+        wait_s = min(wait_s, self._max_wait_s)
+        if wait_s > 0 and not job.status.finished:
+            try:
+                async with asyncio.timeout(wait_s):
+                    await job.finished.wait()
+            except TimeoutError:
+                pass
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancels an unfinished job (its queued request is dropped); a finished one is unchanged."""
+        job = self._find(job_id)
+        job.request.future.cancel()
+        return job
+
+    def _find(self, job_id: str) -> Job:
+        if len(job_id) != 32 or not all(c in "0123456789abcdef" for c in job_id):
+            raise InvalidArgument(f"job id '{job_id[:64]}' is malformed: expected 32 hex digits")
+        job = self.store.get(job_id)
+        if job is None:
+            raise NotFound(f"job '{job_id}' is unknown or its result has expired")
+        return job
+
+    def _estimate(self, backlog: _Backlog | None) -> float:
+        if backlog is None:
+            return 0.0
+        return backlog.model.estimated_wait_s(extra_rows=backlog.rows)
+
+    def _finish(self, job: Job, future: asyncio.Future[Outputs]) -> None:
+        if future.cancelled():
+            job.status = JobStatus.CANCELLED
+            job.error = Cancelled("the job was cancelled")
+        elif (error := future.exception()) is not None:
+            job.status = JobStatus.FAILED
+            job.error = error if isinstance(error, TensorgateError) else Internal(str(error))
+        else:
+            job.status = JobStatus.SUCCEEDED
+            # Copies, so a kept result does not pin the whole batch's output arrays.
+            job.outputs = {name: array.copy() for name, array in future.result().items()}
+        job.expires_at = time.monotonic() + self._ttl_s
+        self.unfinished -= 1
+        job.finished.set()
+
+    async def _feed(self, backlog: _Backlog) -> None:
+        model = backlog.model
+        while True:
+            while not backlog.jobs:
+                backlog.arrived.clear()
+                await backlog.arrived.wait()
+            await backlog.slots.acquire()
+            job = backlog.jobs.popleft()
+            request: InferenceRequest = job.request
+            backlog.rows -= request.rows
+            if request.future.done():
+                backlog.slots.release()
+                continue
+            try:
+                model.enqueue(request)
+            except ResourceExhausted:
+                backlog.jobs.appendleft(job)
+                backlog.rows += request.rows
+                backlog.slots.release()
+                await asyncio.sleep(_REQUEUE_PAUSE_S)
+                continue
+            except TensorgateError as exc:
+                backlog.slots.release()
+                request.future.set_exception(exc)
+                continue
+            request.future.add_done_callback(lambda _: backlog.slots.release())
+
+    async def _sweep(self) -> None:
+        interval_s = min(max(self._ttl_s / 10, 0.05), 10.0)
+        while True:
+            await asyncio.sleep(interval_s)
+            removed = self.store.sweep()
+            if removed:
+                log.debug("removed %d expired jobs", removed)
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        task.add_done_callback(_log_failure)
+        self._tasks.append(task)
+
+
+def _mark_running(job: Job) -> None:
+    if job.status is JobStatus.PENDING:
+        job.status = JobStatus.RUNNING
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("task %s failed", task.get_name(), exc_info=task.exception())

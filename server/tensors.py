@@ -1,0 +1,132 @@
+"""Tensor descriptions and the validation of request inputs against a model's inputs.
+
+Transport-independent: a front end turns its wire tensors into TensorInput and gets numpy views of
+the request bytes back, or an InvalidArgument naming what was wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.datatypes import NUMPY_BY_DATATYPE
+from server.errors import InvalidArgument
+
+
+@dataclass(slots=True, frozen=True)
+class TensorSpec:
+    """A model input or output. shape includes the batch dimension first; -1 marks a dynamic dim."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def describe(self) -> str:
+        return f"{self.datatype} {format_shape(self.shape)}"
+
+
+@dataclass(slots=True)
+class TensorInput:
+    """A tensor as a request carries it: raw little-endian row-major bytes."""
+
+    name: str
+    datatype: str
+    shape: Sequence[int]
+    contents: bytes | memoryview
+
+
+def format_shape(shape: Iterable[int]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def decode_inputs(
+    model: str,
+    specs: Sequence[TensorSpec],
+    inputs: Sequence[TensorInput],
+    max_batch_size: int,
+) -> tuple[dict[str, np.ndarray], int]:
+    """Checks inputs against the model's specs; returns zero-copy arrays and the batch size.
+
+    Every problem raises InvalidArgument naming the input and what the model expects.
+    """
+    by_name = {spec.name: spec for spec in specs}
+    arrays: dict[str, np.ndarray] = {}
+    rows: int | None = None
+    rows_from = ""
+    for tensor in inputs:
+        spec = by_name.get(tensor.name)
+        if spec is None:
+            expected = ", ".join(by_name) or "none"
+            raise InvalidArgument(
+                f"model '{model}' has no input '{tensor.name}'; its inputs are: {expected}"
+            )
+        if tensor.name in arrays:
+            raise InvalidArgument(f"input '{tensor.name}' is given more than once")
+        array = _decode_one(tensor, spec)
+        batch = array.shape[0]
+        if rows is None:
+            rows, rows_from = batch, tensor.name
+        elif batch != rows:
+            raise InvalidArgument(
+                f"input '{tensor.name}' has batch size {batch} but input '{rows_from}' has {rows}; "
+                "all inputs must share the first dimension"
+            )
+        arrays[tensor.name] = array
+    missing = [spec for spec in specs if spec.name not in arrays]
+    if missing:
+        raise InvalidArgument(
+            f"model '{model}' is missing input "
+            + ", ".join(f"'{s.name}' ({s.describe()})" for s in missing)
+        )
+    assert rows is not None  # a model has at least one input
+    if rows > max_batch_size:
+        raise InvalidArgument(
+            f"batch of {rows} rows exceeds model '{model}' max_batch_size {max_batch_size}; "
+            "split the request"
+        )
+    return arrays, rows
+
+
+def _decode_one(tensor: TensorInput, spec: TensorSpec) -> np.ndarray:
+    name = tensor.name
+    dtype = NUMPY_BY_DATATYPE.get(tensor.datatype)
+    if dtype is None:
+        supported = ", ".join(NUMPY_BY_DATATYPE)
+        raise InvalidArgument(
+            f"input '{name}' has unsupported datatype '{tensor.datatype}'; supported: {supported}"
+        )
+    if tensor.datatype != spec.datatype:
+        raise InvalidArgument(
+            f"input '{name}' has datatype {tensor.datatype}, model expects {spec.datatype}"
+        )
+    shape = tuple(int(d) for d in tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(
+            f"input '{name}' has shape {format_shape(shape)} with a negative dimension"
+        )
+    if len(shape) != len(spec.shape) or any(
+        want != -1 and got != want for got, want in zip(shape, spec.shape)
+    ):
+        raise InvalidArgument(
+            f"input '{name}' has shape {format_shape(shape)}, model expects "
+            f"{format_shape(spec.shape)} (-1 = any size)"
+        )
+    if shape[0] == 0:
+        raise InvalidArgument(f"input '{name}' has an empty batch (first dimension is 0)")
+    # Python ints do not overflow, so a huge claimed shape simply fails this comparison.
+    needed = dtype.itemsize * _product(shape)
+    if len(tensor.contents) != needed:
+        raise InvalidArgument(
+            f"input '{name}' has {len(tensor.contents)} bytes of contents; shape "
+            f"{format_shape(shape)} of {tensor.datatype} needs {needed}"
+        )
+    return np.frombuffer(tensor.contents, dtype=dtype).reshape(shape)
+
+
+def _product(shape: Iterable[int]) -> int:
+    result = 1
+    for d in shape:
+        result *= d
+    return result
