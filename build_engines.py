@@ -25,10 +25,14 @@ OPSET = 17
 IR_VERSION = 9  # read by every ONNX Runtime release of the last years
 
 
-def mlp(in_features: int = 256, hidden: int = 1024, classes: int = 16, seed: int = 0) -> onnx.ModelProto:
+def mlp(
+    in_features: int = 256, hidden: int = 1024, classes: int = 16, seed: int = 0
+) -> onnx.ModelProto:
     """The default model: in_features → hidden (ReLU) → classes, with logits and probabilities."""
     rng = np.random.default_rng(seed)
-    w1 = (rng.standard_normal((in_features, hidden)) * np.sqrt(2.0 / in_features)).astype(np.float32)
+    w1 = (rng.standard_normal((in_features, hidden)) * np.sqrt(2.0 / in_features)).astype(
+        np.float32
+    )
     b1 = (rng.standard_normal(hidden) * 0.01).astype(np.float32)
     w2 = (rng.standard_normal((hidden, classes)) * np.sqrt(1.0 / hidden)).astype(np.float32)
     b2 = (rng.standard_normal(classes) * 0.01).astype(np.float32)

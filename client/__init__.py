@@ -1,8 +1,8 @@
 """Python clients for tensorgate: numpy arrays in, numpy arrays out.
 
-    from client import TensorgateClient
-    with TensorgateClient("localhost:50051") as c:
-        outputs = c.predict("mlp", {"input": x})
+from client import TensorgateClient
+with TensorgateClient("localhost:50051") as c:
+    outputs = c.predict("mlp", {"input": x})
 """
 
 from client.aio import AsyncTensorgateClient

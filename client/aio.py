@@ -7,12 +7,12 @@ from types import TracebackType
 
 import grpc
 import numpy as np
+from tensorgate.v1 import inference_pb2 as pb
+from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 
 from client import codec
 from client.codec import JobResult, StreamItem, StreamResult, Submitted
 from client.sync import DEFAULT_MAX_MESSAGE_BYTES, channel_options
-from tensorgate.v1 import inference_pb2 as pb
-from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 
 
 class AsyncTensorgateClient:
@@ -25,7 +25,9 @@ class AsyncTensorgateClient:
         timeout_s: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._channel = grpc.aio.insecure_channel(
+            target, options=channel_options(max_message_bytes)
+        )
         self._stub = pb_grpc.InferenceStub(self._channel)
         self._timeout_s = timeout_s
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import grpc
 import numpy as np
+from tensorgate.v1 import inference_pb2 as pb
 
 from client.codec import JobResult, StreamItem
 from client.sync import TensorgateClient
-from tensorgate.v1 import inference_pb2 as pb
 
 _NUMPY_BY_DATATYPE = {
     "BOOL": "?", "UINT8": "u1", "UINT16": "u2", "UINT32": "u4", "UINT64": "u8",
@@ -94,7 +94,9 @@ def _inputs(client: TensorgateClient, args: argparse.Namespace) -> dict[str, np.
             if dtype.kind == "f":
                 inputs[spec.name] = rng.standard_normal(shape).astype(dtype)
             else:
-                inputs[spec.name] = rng.integers(0, 2 if dtype.kind == "b" else 10, shape).astype(dtype)
+                inputs[spec.name] = rng.integers(0, 2 if dtype.kind == "b" else 10, shape).astype(
+                    dtype
+                )
     for item in args.input:
         name, sep, value = item.partition("=")
         if not sep:
@@ -103,8 +105,8 @@ def _inputs(client: TensorgateClient, args: argparse.Namespace) -> dict[str, np.
             inputs[name] = np.load(value[1:])
         else:
             spec = specs.get(name)
-            dtype = _NUMPY_BY_DATATYPE[spec.datatype] if spec else None
-            inputs[name] = np.asarray(json.loads(value), dtype=dtype)
+            typed = _NUMPY_BY_DATATYPE[spec.datatype] if spec else None
+            inputs[name] = np.asarray(json.loads(value), dtype=typed)
     if not inputs:
         raise ValueError("no inputs: give --input NAME=... or --random-rows N")
     return inputs

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-
 from tensorgate.v1 import inference_pb2 as pb
 
 # KServe v2 datatype <-> numpy kind and size; little-endian on the wire.
@@ -17,7 +16,10 @@ _DATATYPES = {
     ("i", 1): "INT8", ("i", 2): "INT16", ("i", 4): "INT32", ("i", 8): "INT64",
     ("f", 2): "FP16", ("f", 4): "FP32", ("f", 8): "FP64",
 }  # fmt: skip
-_NUMPY = {name: np.dtype(f"<{kind}{size}" if kind != "b" else "?") for (kind, size), name in _DATATYPES.items()}
+_NUMPY = {
+    name: np.dtype(f"<{kind}{size}" if kind != "b" else "?")
+    for (kind, size), name in _DATATYPES.items()
+}
 
 
 @dataclass(slots=True, frozen=True)

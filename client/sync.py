@@ -7,11 +7,11 @@ from types import TracebackType
 
 import grpc
 import numpy as np
+from tensorgate.v1 import inference_pb2 as pb
+from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 
 from client import codec
 from client.codec import JobResult, StreamItem, StreamResult, Submitted
-from tensorgate.v1 import inference_pb2 as pb
-from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 

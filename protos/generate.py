@@ -58,7 +58,9 @@ def main() -> int:
             if not committed.exists() or not filecmp.cmp(fresh, committed, shallow=False):
                 stale.append(str(committed.relative_to(PROTO_ROOT.parent)))
     if stale:
-        print("stubs out of date with protos/ (run: python protos/generate.py):", *stale, sep="\n  ")
+        print(
+            "stubs out of date with protos/ (run: python protos/generate.py):", *stale, sep="\n  "
+        )
         return 1
     print("stubs up to date")
     return 0

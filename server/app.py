@@ -14,6 +14,7 @@ import logging
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from tensorgate.v1 import inference_pb2, inference_pb2_grpc
 
 from server.api.health import HealthReporter
 from server.api.servicer import InferenceServicer
@@ -22,7 +23,6 @@ from server.dataplane import DataPlane
 from server.jobs.runner import JobRunner
 from server.model import ModelState, ServedModel
 from server.repository import discover
-from tensorgate.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,9 @@ class TensorgateServer:
         self._grpc = server
         await self.health.starting(self.models)
         await server.start()
-        log.info("listening on %s:%d; loading %d model(s)", config.host, self.port, len(self.models))
+        log.info(
+            "listening on %s:%d; loading %d model(s)", config.host, self.port, len(self.models)
+        )
 
         await asyncio.gather(*(self._load(model) for model in self.models.values()))
         ready = [m for m in self.models.values() if m.state is ModelState.READY]

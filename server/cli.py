@@ -104,7 +104,11 @@ async def _run(config: ServerConfig) -> None:
 
     def on_signal(signum: int) -> None:
         if not stopping:
-            log.info("%s: shutting down (grace %.1f s)", signal.Signals(signum).name, config.shutdown_grace_s)
+            log.info(
+                "%s: shutting down (grace %.1f s)",
+                signal.Signals(signum).name,
+                config.shutdown_grace_s,
+            )
             stopping.append(asyncio.create_task(server.stop()))
 
     for signum in (signal.SIGTERM, signal.SIGINT):

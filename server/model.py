@@ -6,8 +6,8 @@ import asyncio
 import enum
 import logging
 import time
-from dataclasses import replace
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,10 @@ class ModelState(enum.Enum):
 
 
 class ServedModel:
-    """One model of the repository. load() is blocking (run it off the loop); start() needs a loop."""
+    """One model of the repository.
+
+    load() blocks (run it off the loop); start() needs the running loop.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
@@ -67,14 +70,19 @@ class ServedModel:
         if artifact_limit is not None and artifact_limit < config.max_batch_size:
             log.info(
                 "model %s: max_batch_size %d lowered to the artifact's limit %d",
-                self.name, config.max_batch_size, artifact_limit,
+                self.name,
+                config.max_batch_size,
+                artifact_limit,
             )
             self.max_batch_size = artifact_limit
         for backend in backends:
             self._warm_up(backend)
         log.info(
             "model %s loaded: backend %s, %d instance(s), max batch %d, in %.2f s",
-            self.name, config.backend, len(backends), self.max_batch_size,
+            self.name,
+            config.backend,
+            len(backends),
+            self.max_batch_size,
             time.perf_counter() - started,
         )
 

@@ -13,8 +13,7 @@ def discover(repository: Path, names: Sequence[str] = ()) -> list[ModelConfig]:
     if not repository.is_dir():
         raise ConfigError(f"model repository {repository} is not a directory")
     found = {
-        path.parent.name: path.parent
-        for path in sorted(repository.glob(f"*/{MODEL_CONFIG_FILE}"))
+        path.parent.name: path.parent for path in sorted(repository.glob(f"*/{MODEL_CONFIG_FILE}"))
     }
     if names:
         missing = [name for name in names if name not in found]
@@ -25,5 +24,7 @@ def discover(repository: Path, names: Sequence[str] = ()) -> list[ModelConfig]:
             )
         found = {name: found[name] for name in names}
     if not found:
-        raise ConfigError(f"no models in {repository} (a model is a folder with {MODEL_CONFIG_FILE})")
+        raise ConfigError(
+            f"no models in {repository} (a model is a folder with {MODEL_CONFIG_FILE})"
+        )
     return [ModelConfig.load(path) for path in found.values()]

@@ -107,7 +107,7 @@ def _decode_one(tensor: TensorInput, spec: TensorSpec) -> np.ndarray:
             f"input '{name}' has shape {format_shape(shape)} with a negative dimension"
         )
     if len(shape) != len(spec.shape) or any(
-        want != -1 and got != want for got, want in zip(shape, spec.shape)
+        want != -1 and got != want for got, want in zip(shape, spec.shape, strict=True)
     ):
         raise InvalidArgument(
             f"input '{name}' has shape {format_shape(shape)}, model expects "

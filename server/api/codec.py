@@ -6,10 +6,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+from tensorgate.v1 import inference_pb2 as pb
 
 from server.datatypes import datatype_of
 from server.tensors import TensorInput
-from tensorgate.v1 import inference_pb2 as pb
 
 
 def tensor_inputs(tensors: Iterable[pb.Tensor]) -> list[TensorInput]:
@@ -33,4 +33,7 @@ def encode_tensors(arrays: Mapping[str, np.ndarray]) -> list[pb.Tensor]:
 
 
 def parameters(params: Mapping[str, pb.Parameter]) -> dict[str, Any]:
-    return {key: getattr(value, value.WhichOneof("choice") or "string_param") for key, value in params.items()}
+    return {
+        key: getattr(value, value.WhichOneof("choice") or "string_param")
+        for key, value in params.items()
+    }

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from tensorgate.v1 import inference_pb2 as pb
+from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 
 from server.api import codec
 from server.api.status import abort, error_message
@@ -18,8 +20,6 @@ from server.dataplane import DataPlane
 from server.errors import Cancelled
 from server.jobs.job import Job, JobStatus
 from server.model import ModelState
-from tensorgate.v1 import inference_pb2 as pb
-from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,14 @@ def _unary(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
             raise
         except Exception as exc:
             await abort(context, exc)
-            raise AssertionError("unreachable: abort raises")  # pragma: no cover
+            raise AssertionError("unreachable: abort raises") from exc
 
     return handler
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     """The caller's deadline on the monotonic clock, or None."""
-    remaining = context.time_remaining()
+    remaining: float | None = context.time_remaining()
     if remaining is None or remaining > _NO_DEADLINE_S:
         return None
     return time.monotonic() + remaining
@@ -198,8 +198,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return pb.GetModelMetadataResponse(
             name=model.name,
             backend=model.config.backend,
-            inputs=[pb.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.inputs],
-            outputs=[pb.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.outputs],
+            inputs=[
+                pb.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape)
+                for s in model.inputs
+            ],
+            outputs=[
+                pb.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape)
+                for s in model.outputs
+            ],
             max_batch_size=model.max_batch_size,
             instance_count=model.config.instance_count,
         )
@@ -213,8 +219,9 @@ def _stream_error(request_id: str, error: BaseException) -> pb.StreamPredictResp
     return pb.StreamPredictResponse(id=request_id, error=error_message(error))
 
 
-def _job_status(status: JobStatus) -> pb.JobStatus.ValueType:
-    return pb.JobStatus.Value(status.value)
+def _job_status(status: JobStatus) -> str:
+    """The proto enum value of the same name (protobuf takes enum values by name)."""
+    return status.value
 
 
 def _job_result(job: Job) -> pb.GetResultResponse:

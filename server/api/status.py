@@ -6,6 +6,7 @@ import logging
 import secrets
 
 import grpc
+from tensorgate.v1 import inference_pb2 as pb
 
 from server.errors import (
     Cancelled,
@@ -17,7 +18,6 @@ from server.errors import (
     TensorgateError,
     Unavailable,
 )
-from tensorgate.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
 

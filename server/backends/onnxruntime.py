@@ -52,7 +52,7 @@ class OnnxRuntimeInstance:
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]
     ) -> dict[str, np.ndarray]:
         results = self._session.run(list(output_names), dict(inputs))
-        return dict(zip(output_names, results))
+        return dict(zip(output_names, results, strict=True))
 
     def close(self) -> None:
         del self._session

@@ -26,9 +26,7 @@ class Batch:
         first = self.requests[0].inputs
         if len(self.requests) == 1:
             return dict(first)
-        return {
-            name: np.concatenate([r.inputs[name] for r in self.requests]) for name in first
-        }
+        return {name: np.concatenate([r.inputs[name] for r in self.requests]) for name in first}
 
     def split(self, outputs: Mapping[str, np.ndarray]) -> list[Outputs]:
         """Per-request views of the batch outputs, each with only the outputs it asked for."""

@@ -184,7 +184,7 @@ class DynamicBatcher:
             self._fail(batch, Internal(f"model '{self._config.name}' failed: {exc}"))
         else:
             self._record(batch, time.perf_counter() - started)
-            for request, outputs in zip(batch.requests, results):
+            for request, outputs in zip(batch.requests, results, strict=True):
                 if not request.future.done():
                     request.future.set_result(outputs)
         finally:

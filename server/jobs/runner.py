@@ -12,8 +12,9 @@ import collections
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from server.batching.request import InferenceRequest, Outputs
 from server.errors import (
@@ -114,13 +115,13 @@ class JobRunner:
         )
         request.on_start = lambda: _mark_running(job)
         request.future.add_done_callback(lambda future: self._finish(job, future))
-        estimate = self._estimate(backlog)
         self.store.add(job)
         self.unfinished += 1
         backlog.jobs.append(job)
         backlog.rows += request.rows
         backlog.arrived.set()
-        return job, False, estimate
+        # The wait includes the rows queued ahead of the job, and its own.
+        return job, False, self._estimate(backlog)
 
     async def get(self, job_id: str, wait_s: float = 0.0) -> Job:
         """The job; with wait_s > 0, waits (up to max_result_wait_s) for it to finish first."""
@@ -135,9 +136,11 @@ class JobRunner:
         return job
 
     def cancel(self, job_id: str) -> Job:
-        """Cancels an unfinished job (its queued request is dropped); a finished one is unchanged."""
+        """Cancels an unfinished job, dropping its queued request; a finished job is unchanged."""
         job = self._find(job_id)
-        job.request.future.cancel()
+        if job.request.future.cancel():
+            # Done-callbacks run on the next loop turn; the caller should see CANCELLED now.
+            self._finish(job, job.request.future)
         return job
 
     def _find(self, job_id: str) -> Job:
@@ -154,6 +157,8 @@ class JobRunner:
         return backlog.model.estimated_wait_s(extra_rows=backlog.rows)
 
     def _finish(self, job: Job, future: asyncio.Future[Outputs]) -> None:
+        if job.status.finished:
+            return
         if future.cancelled():
             job.status = JobStatus.CANCELLED
             job.error = Cancelled("the job was cancelled")
@@ -203,8 +208,8 @@ class JobRunner:
             if removed:
                 log.debug("removed %d expired jobs", removed)
 
-    def _spawn(self, coro: object, name: str) -> None:
-        task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
         task.add_done_callback(_log_failure)
         self._tasks.append(task)
 

@@ -1,0 +1,35 @@
+# The two commands a new machine needs:
+#   make serve   set up, build the bundled model, serve it on 0.0.0.0:50051
+#   make test    set up, lint, type-check and run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test lint engines protos clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+engines: $(STAMP)
+	$(BIN)/python build_engines.py
+
+serve: engines
+	$(BIN)/tensorgate serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint engines
+	$(BIN)/python -m pytest
+
+protos: $(STAMP)
+	$(BIN)/python protos/generate.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache engines/*/model.onnx

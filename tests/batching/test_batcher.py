@@ -1,0 +1,116 @@
+"""The dynamic batcher, observed through a real server: batches form across unary, job and stream
+callers; they go out when full or when the oldest request has waited max_queue_delay; requests
+whose deadline passed or whose caller left are dropped before compute.
+
+mlp_wide batches up to 8 rows with a 300 ms window on one instance (tests/harness.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from client import AsyncTensorgateClient, StreamItem, codec
+from tests.harness import MlpReference, ServerThread
+
+WINDOW_S = 0.3
+
+
+async def test_one_batch_is_formed_from_unary_job_and_stream_callers(
+    server: ServerThread, reference: MlpReference, rng: np.random.Generator
+) -> None:
+    before = server.stats("mlp_wide")
+    xs = [rng.standard_normal((1, 256)).astype(np.float32) for _ in range(8)]
+    async with AsyncTensorgateClient(server.target, timeout_s=30) as unary, \
+            AsyncTensorgateClient(server.target, timeout_s=30) as jobs, \
+            AsyncTensorgateClient(server.target, timeout_s=30) as streams:  # fmt: skip
+
+        async def via_job(x: np.ndarray) -> dict[str, np.ndarray]:
+            submitted = await jobs.submit("mlp_wide", {"input": x})
+            result = await jobs.get_result(submitted.job_id, wait_timeout_s=10)
+            assert result.status == "SUCCEEDED", result
+            assert result.outputs is not None
+            return result.outputs
+
+        async def via_stream(batch: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+            items = [StreamItem(str(i), "mlp_wide", {"input": x}) for i, x in enumerate(batch)]
+            answers = {r.id: r async for r in streams.stream(items)}
+            return [answers[str(i)].outputs for i in range(len(batch))]  # type: ignore[misc]
+
+        results = await asyncio.gather(
+            unary.predict("mlp_wide", {"input": xs[0]}),
+            unary.predict("mlp_wide", {"input": xs[1]}),
+            unary.predict("mlp_wide", {"input": xs[2]}),
+            via_job(xs[3]),
+            via_job(xs[4]),
+            via_stream(xs[5:8]),
+        )
+    outputs = [*results[:5], *results[5]]
+    for x, out in zip(xs, outputs, strict=True):
+        np.testing.assert_allclose(out["logits"], reference.logits(x), rtol=1e-4, atol=1e-4)
+    after = server.stats("mlp_wide")
+    # All 8 rows arrived within the 300 ms window of the first one: one full batch of 8.
+    assert after.batch_sizes[8] == before.batch_sizes[8] + 1
+    assert after.batches == before.batches + 1
+    assert after.requests == before.requests + 8
+
+
+async def test_batch_flushes_when_oldest_request_waited_max_delay(
+    server: ServerThread, aclient: AsyncTensorgateClient
+) -> None:
+    before = server.stats("mlp_wide")
+    started = time.monotonic()
+    await aclient.predict("mlp_wide", {"input": np.ones((1, 256), np.float32)})
+    elapsed = time.monotonic() - started
+    after = server.stats("mlp_wide")
+    assert elapsed >= WINDOW_S * 0.95  # it waited for company...
+    assert elapsed < WINDOW_S + 5  # ...then went out alone
+    assert after.batch_sizes[1] == before.batch_sizes[1] + 1
+
+
+async def test_batch_goes_out_without_waiting_once_it_is_full(
+    server: ServerThread, aclient: AsyncTensorgateClient
+) -> None:
+    """Two requests of 4 rows fill mlp_wide's max batch of 8, so nobody waits for the window."""
+    before = server.stats("mlp_wide")
+    x = np.ones((4, 256), np.float32)
+    started = time.monotonic()
+    await asyncio.gather(*(aclient.predict("mlp_wide", {"input": x}) for _ in range(2)))
+    assert time.monotonic() - started < WINDOW_S
+    assert server.stats("mlp_wide").batch_sizes[8] == before.batch_sizes[8] + 1
+
+
+async def test_request_whose_deadline_passes_in_the_queue_is_dropped_before_compute(
+    server: ServerThread, aclient: AsyncTensorgateClient
+) -> None:
+    before = server.stats("mlp_wide")
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await aclient.predict("mlp_wide", {"input": np.ones((1, 256), np.float32)}, timeout_s=0.1)
+    assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await asyncio.sleep(WINDOW_S + 0.2)  # the window closes; the batcher finds it expired
+    after = server.stats("mlp_wide")
+    assert (
+        after.dropped_expired + after.dropped_cancelled
+        > before.dropped_expired + before.dropped_cancelled
+    )
+    assert after.rows == before.rows  # it never reached an instance
+
+
+async def test_cancelled_caller_is_dropped_before_compute(
+    server: ServerThread, aclient: AsyncTensorgateClient
+) -> None:
+    before = server.stats("mlp_wide")
+    request = codec.predict_request("mlp_wide", {"input": np.ones((1, 256), np.float32)})
+    call = aclient._stub.Predict(request)
+    await asyncio.sleep(0.05)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await asyncio.sleep(WINDOW_S + 0.2)
+    after = server.stats("mlp_wide")
+    assert after.dropped_cancelled == before.dropped_cancelled + 1
+    assert after.rows == before.rows

@@ -1,0 +1,130 @@
+"""The `tensorgate` console script: serve in its own process, and the client commands."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+TENSORGATE = [sys.executable, "-m", "server.cli"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServeProcess:
+    def __init__(self, repository: Path) -> None:
+        self.process = subprocess.Popen(
+            [*TENSORGATE, "serve", "--host", "127.0.0.1", "--port", "0",
+             "--model-repository", str(repository), "--models", "mlp,pair"],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        self.log: list[str] = []
+        self.port = 0
+        deadline = time.monotonic() + 60
+        assert self.process.stderr is not None
+        while time.monotonic() < deadline:
+            line = self.process.stderr.readline()
+            if not line:
+                break
+            self.log.append(line)
+            if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+                self.port = int(match.group(1))
+            if "serving mlp, pair on port" in line:
+                return
+        raise AssertionError("server did not start:\n" + "".join(self.log))
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*TENSORGATE, *args, "--target", f"127.0.0.1:{self.port}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def terminate(self) -> tuple[int, str]:
+        self.process.send_signal(signal.SIGTERM)
+        _, rest = self.process.communicate(timeout=30)
+        return self.process.returncode, "".join(self.log) + rest
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    from tests.harness import build_repository
+
+    running = ServeProcess(build_repository(tmp_path_factory.mktemp("cli-engines")))
+    yield running
+    if running.process.poll() is None:
+        running.process.kill()
+
+
+def test_predict_prints_the_outputs(serve: ServeProcess) -> None:
+    result = serve.run("predict", "--model", "mlp", "--random-rows", "3", "--outputs", "logits")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["logits"]["shape"] == [3, 16] and len(shown["logits"]["data"]) == 3
+
+
+def test_predict_with_json_inputs_typed_from_the_metadata(serve: ServeProcess) -> None:
+    result = serve.run(
+        "predict", "--model", "pair", "--input", "a=[[1,2,3,4]]", "--input", "b=[[1,1,1,1]]"
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["out"]["data"] == [[3.0, 5.0, 7.0, 9.0]]
+
+
+def test_predict_reports_a_refusal_with_its_code(serve: ServeProcess) -> None:
+    result = serve.run("predict", "--model", "mlp", "--input", "input=[[1,2]]")
+    assert result.returncode == 1
+    assert (
+        "INVALID_ARGUMENT: input 'input' has shape [1,2], model expects [-1,256]" in result.stderr
+    )
+
+
+def test_submit_then_result(serve: ServeProcess) -> None:
+    submitted = serve.run("submit", "--model", "mlp", "--random-rows", "1")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads(submitted.stdout)["job_id"]
+    result = serve.run("result", job_id, "--wait-s", "10")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["status"] == "SUCCEEDED" and shown["outputs"]["probabilities"]["shape"] == [1, 16]
+    cancelled = serve.run("cancel", job_id)
+    assert json.loads(cancelled.stdout)["status"] == "SUCCEEDED"
+
+
+def test_stream_prints_one_answer_per_request(serve: ServeProcess) -> None:
+    result = serve.run("stream", "--model", "mlp", "--random-rows", "1", "--count", "5")
+    assert result.returncode == 0, result.stderr
+    ids = sorted(json.loads(line)["id"] for line in result.stdout.splitlines())
+    assert ids == [f"req-{i}" for i in range(5)]
+
+
+def test_models_lists_inputs_and_outputs(serve: ServeProcess) -> None:
+    result = serve.run("models")
+    models = {m["name"]: m for m in map(json.loads, result.stdout.splitlines())}
+    assert models["mlp"]["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 256]}]
+    assert models["pair"]["ready"]
+
+
+def test_sigterm_shuts_down_cleanly(serve: ServeProcess) -> None:
+    code, log = serve.terminate()
+    assert code == 0, log
+    assert "SIGTERM: shutting down" in log and "stopped" in log
+
+
+def test_serve_refuses_a_missing_repository_with_one_clear_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*TENSORGATE, "serve", "--port", "0", "--model-repository", str(tmp_path / "none")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "model repository" in result.stderr and "is not a directory" in result.stderr

@@ -1,0 +1,40 @@
+"""build_engines.py makes the bundled models reproducibly, and they load in ONNX Runtime."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _build(out: Path) -> str:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "build_engines.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "[1/1] mlp" in result.stdout
+    return hashlib.sha256((out / "mlp" / "model.onnx").read_bytes()).hexdigest()
+
+
+def test_build_is_byte_for_byte_reproducible(tmp_path: Path) -> None:
+    assert _build(tmp_path / "a") == _build(tmp_path / "b")
+    assert (tmp_path / "a" / "mlp" / "config.toml").read_text() == (
+        ROOT / "engines" / "mlp" / "config.toml"
+    ).read_text()
+
+
+def test_built_mlp_runs_in_onnxruntime(tmp_path: Path) -> None:
+    _build(tmp_path)
+    session = ort.InferenceSession(str(tmp_path / "mlp" / "model.onnx"))
+    logits, probabilities = session.run(None, {"input": np.ones((3, 256), np.float32)})
+    assert logits.shape == (3, 16)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
