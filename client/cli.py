@@ -1,4 +1,5 @@
-"""Shell commands that call a running server: predict, submit, result, cancel, stream, models.
+"""Shell commands that call a running server: predict, submit, result, cancel, stream, models,
+health.
 
 Inputs: --input NAME=@file.npy, --input 'NAME=[[1,2],[3,4]]' (JSON, typed from the model's
 metadata), or --random-rows N for random inputs shaped from the model's metadata.
@@ -15,6 +16,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorgate.v1 import inference_pb2 as pb
 
 from client.codec import JobResult, StreamItem
@@ -67,6 +69,12 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: 
 
     models = commands.add_parser("models", parents=[target], help="list models and their I/O")
     models.set_defaults(func=_models)
+
+    health = commands.add_parser(
+        "health", parents=[target], help="grpc.health.v1 status; exit 0 only when SERVING"
+    )
+    health.add_argument("--service", default="", help='"" (the server) or a model name')
+    health.set_defaults(func=_health)
 
 
 def _call(args: argparse.Namespace, action: Any) -> int:
@@ -211,6 +219,21 @@ def _models(args: argparse.Namespace) -> int:
             print(json.dumps(shown))
 
     return _call(args, action)
+
+
+def _health(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            response = stub.Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s
+            )
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(json.dumps({"service": args.service, "status": status}))
+    return 0 if status == "SERVING" else 1
 
 
 def _tensor_meta(tensor: pb.TensorMetadata) -> dict[str, Any]:

@@ -115,6 +115,14 @@ def test_models_lists_inputs_and_outputs(serve: ServeProcess) -> None:
     assert models["pair"]["ready"]
 
 
+def test_health_command_reports_serving(serve: ServeProcess) -> None:
+    result = serve.run("health")
+    assert result.returncode == 0 and json.loads(result.stdout)["status"] == "SERVING"
+    assert serve.run("health", "--service", "mlp").returncode == 0
+    unknown = serve.run("health", "--service", "nope")
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
+
+
 def test_sigterm_shuts_down_cleanly(serve: ServeProcess) -> None:
     code, log = serve.terminate()
     assert code == 0, log
