@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -19,13 +20,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 class ServeProcess:
     def __init__(self, repository: Path) -> None:
+        # Flags and their TENSORGATE_* environment equivalents, both exercised.
+        env = {**os.environ, "TENSORGATE_MODELS": "mlp,pair", "TENSORGATE_PORT": "0"}
         self.process = subprocess.Popen(
-            [*TENSORGATE, "serve", "--host", "127.0.0.1", "--port", "0",
-             "--model-repository", str(repository), "--models", "mlp,pair"],
+            [*TENSORGATE, "serve", "--host", "127.0.0.1", "--model-repository", str(repository)],
             cwd=ROOT,
+            env=env,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         self.log: list[str] = []
         self.port = 0
         deadline = time.monotonic() + 60
