@@ -1,20 +1,33 @@
 """Builds the model repository's artifacts from code, reproducibly (fixed seeds).
 
-    python build_engines.py                  # every bundled model into engines/
+    python build_engines.py                  # every bundled ONNX model into engines/
     python build_engines.py --only mlp       # one model
     python build_engines.py --out /tmp/repo  # another repository (configs are copied along)
+    python build_engines.py --tensorrt       # also a TensorRT plan of each: engines/<name>_trt/
 
 Each model folder keeps a hand-written config.toml; this script writes the artifact beside it
 (model.onnx). The same seed gives byte-identical files.
+
+--tensorrt needs the full TensorRT builder (`tensorrt`; the lean runtime cannot build) and a GPU.
+It writes engines/<name>_trt/ with model.plan, model.plan.json (TensorRT version, GPU, compute
+capability, profiles, flags) and a config.toml, using one optimization profile per instance
+(--instances) over the batch range --min-batch/--opt-batch/--max-batch. Precision: TensorRT 10
+builds FP16 from builder flags; TensorRT 11 networks are strongly typed, so for --precision fp16
+an FP16 ONNX variant is written first (model.fp16.onnx) and built. --version-compatible (the
+default) builds plans that run on the lean runtime, which is left out of the plan. A timing cache
+(engines/.timing_cache) is kept between builds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -89,15 +102,176 @@ def build(name: str, out: Path) -> Path:
     return artifact
 
 
+def float16_variant(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph computing in FP16: float initializers, I/O and casts become FLOAT16.
+
+    TensorRT 11 networks are strongly typed: the precision of each tensor is the ONNX model's.
+    """
+    variant = onnx.ModelProto()
+    variant.CopyFrom(model)
+    graph = variant.graph
+    for init in graph.initializer:
+        if init.data_type == TensorProto.FLOAT:
+            half = numpy_helper.to_array(init).astype(np.float16)
+            init.CopyFrom(numpy_helper.from_array(half, init.name))
+    for info in (*graph.input, *graph.output, *graph.value_info):
+        if info.type.tensor_type.elem_type == TensorProto.FLOAT:
+            info.type.tensor_type.elem_type = TensorProto.FLOAT16
+    for node in graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT:
+                attr.i = TensorProto.FLOAT16
+    onnx.checker.check_model(variant)
+    return variant
+
+
+class BuildError(RuntimeError):
+    """A TensorRT build cannot run here; the message says why in one line."""
+
+
+def tensorrt_builder() -> Any:
+    """The full TensorRT module, or BuildError when only the lean runtime (or nothing) is here."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise BuildError(
+            f"the TensorRT builder is not installed ({exc}); install the full 'tensorrt' package "
+            "on a GPU machine (the lean runtime can run plans but not build them)"
+        ) from None
+    if not hasattr(trt, "Builder"):
+        raise BuildError(f"the installed tensorrt {trt.__version__} has no Builder (lean runtime?)")
+    return trt
+
+
+def build_plan(
+    name: str,
+    out: Path,
+    *,
+    precision: str,
+    instances: int,
+    batch: tuple[int, int, int],
+    version_compatible: bool,
+) -> Path:
+    """Builds out/<name>_trt/model.plan from out/<name>/model.onnx; returns the plan path."""
+    trt = tensorrt_builder()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from server.executor import cuda
+
+    reason = cuda.gpu_unavailable_reason()
+    if reason is not None:
+        raise BuildError(f"building TensorRT plans needs a GPU: {reason}")
+    major = int(trt.__version__.split(".")[0])
+    folder = out / f"{name}_trt"
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx_path = out / name / "model.onnx"
+    flags: list[str] = []
+    if precision == "fp16" and major >= 11:
+        variant = float16_variant(onnx.load(str(onnx_path)))
+        onnx_path = folder / "model.fp16.onnx"
+        onnx.save(variant, onnx_path)
+        flags.append("fp16 via FP16 ONNX (strongly typed)")
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BuildError(f"{onnx_path}: the ONNX parser failed: {errors}")
+    config = builder.create_builder_config()
+    cache_path = out / ".timing_cache"
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    if precision != "fp32" and major < 11:
+        config.set_flag({"fp16": trt.BuilderFlag.FP16, "bf16": trt.BuilderFlag.BF16}[precision])
+        flags.append(f"BuilderFlag.{precision.upper()}")
+    if version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
+        flags += ["VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"]
+    low, opt, high = batch
+    profiles = []
+    for _ in range(instances):
+        profile = builder.create_optimization_profile()
+        shapes = {}
+        for i in range(network.num_inputs):
+            tensor = network.get_input(i)
+            rest = tuple(tensor.shape)[1:]
+            if any(d < 0 for d in rest):
+                raise BuildError(f"input '{tensor.name}' has dynamic non-batch dims {rest}")
+            shapes[tensor.name] = [(low, *rest), (opt, *rest), (high, *rest)]
+            profile.set_shape(tensor.name, *shapes[tensor.name])
+        config.add_optimization_profile(profile)
+        profiles.append(shapes)
+    started = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise BuildError(f"TensorRT could not build {name} (see the log above)")
+    plan_path = folder / "model.plan"
+    plan_path.write_bytes(bytes(plan))
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    gpu, capability = cuda.device_name()
+    (folder / "model.plan.json").write_text(
+        json.dumps(
+            {
+                "tensorrt_version": trt.__version__,
+                "gpu": gpu,
+                "compute_capability": capability,
+                "source": str(onnx_path.relative_to(out)),
+                "precision": precision,
+                "flags": flags,
+                "profiles": profiles,
+                "build_seconds": round(time.perf_counter() - started, 1),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    (folder / "config.toml").write_text(
+        f"# Built by build_engines.py --tensorrt from {name}; see model.plan.json.\n"
+        f'backend = "tensorrt"\nmax_batch_size = {high}\nmax_queue_delay_ms = 2.0\n'
+        f"instance_count = {instances}\n"
+    )
+    return plan_path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ENGINES, help="model repository to fill")
     parser.add_argument("--only", action="append", choices=sorted(MODELS), help="model to build")
+    parser.add_argument("--tensorrt", action="store_true", help="also build TensorRT plans")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp16")
+    parser.add_argument("--instances", type=int, default=2, help="optimization profiles")
+    parser.add_argument("--min-batch", type=int, default=1)
+    parser.add_argument("--opt-batch", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument(
+        "--no-version-compatible",
+        dest="version_compatible",
+        action="store_false",
+        help="plans only the same TensorRT version can run (not the lean runtime)",
+    )
     args = parser.parse_args()
     names = args.only or list(MODELS)
     for i, name in enumerate(names, 1):
         artifact = build(name, args.out)
         print(f"[{i}/{len(names)}] {name}: {artifact} ({artifact.stat().st_size / 1e6:.1f} MB)")
+    if not args.tensorrt:
+        return 0
+    for i, name in enumerate(names, 1):
+        try:
+            plan = build_plan(
+                name,
+                args.out,
+                precision=args.precision,
+                instances=args.instances,
+                batch=(args.min_batch, args.opt_batch, args.max_batch),
+                version_compatible=args.version_compatible,
+            )
+        except BuildError as exc:
+            print(f"build_engines: cannot build TensorRT plans: {exc}. The ONNX models were built.")
+            return 2
+        print(f"[{i}/{len(names)}] {name}_trt: {plan} ({plan.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 

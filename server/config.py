@@ -42,6 +42,9 @@ class ModelConfig:
     max_queue_delay_s: float = 0.002
     # A batch that reaches one of these sizes goes out without waiting for max_queue_delay_s.
     preferred_batch_sizes: tuple[int, ...] = ()
+    # GPU models: pad a batch with zero rows up to the next preferred size (engines tuned for
+    # those shapes run them faster than odd sizes).
+    pad_to_preferred: bool = False
     # Most requests waiting in the model's queue; more are refused with RESOURCE_EXHAUSTED.
     queue_capacity: int = 1024
     instance_count: int = 1
@@ -74,6 +77,7 @@ class ModelConfig:
                     for v in raw.pop("preferred_batch_sizes", [])
                 )
             ),
+            pad_to_preferred=_bool(raw.pop("pad_to_preferred", False), "pad_to_preferred", path),
             queue_capacity=_int(raw.pop("queue_capacity", 1024), "queue_capacity", path, low=1),
             instance_count=_int(raw.pop("instance_count", 1), "instance_count", path, low=1),
             backend_options=dict(raw.pop(backend, {})),
@@ -89,6 +93,12 @@ class ModelConfig:
 def _int(value: Any, key: str, path: Path, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{path}: '{key}' must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _bool(value: Any, key: str, path: Path) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}: '{key}' must be true or false, got {value!r}")
     return value
 
 

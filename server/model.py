@@ -12,13 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from server.backends import BackendInstance, load_instance
+from server.backends import load_instance
 from server.batching.batcher import DynamicBatcher
 from server.batching.request import InferenceRequest
 from server.config import ConfigError, ModelConfig
 from server.datatypes import NUMPY_BY_DATATYPE
 from server.errors import InvalidArgument, Unavailable
-from server.executor.pool import Instance, InstancePool
+from server.executor.instance import Instance
+from server.executor.pool import InstancePool, make_instance
 from server.tensors import TensorInput, TensorSpec, decode_inputs
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class ServedModel:
         self.inputs: Sequence[TensorSpec] = ()
         self.outputs: Sequence[TensorSpec] = ()
         self.max_batch_size = config.max_batch_size
-        self._backends: list[BackendInstance] = []
+        self._instances: list[Instance] = []
         self._pool: InstancePool | None = None
         self._batcher: DynamicBatcher | None = None
         self._task: asyncio.Task[None] | None = None
@@ -60,33 +61,38 @@ class ServedModel:
         """Loads every instance and runs a warm-up batch on each. Blocking."""
         started = time.perf_counter()
         config = self.config
-        backends = [load_instance(config, i) for i in range(config.instance_count)]
-        self._backends = backends
-        first = backends[0]
-        self.inputs, self.outputs = tuple(first.inputs), tuple(first.outputs)
-        if not self.inputs or not self.outputs:
-            raise ConfigError(f"model '{self.name}' has no inputs or no outputs")
-        artifact_limit = first.max_batch_size
-        if artifact_limit is not None and artifact_limit < config.max_batch_size:
-            log.info(
-                "model %s: max_batch_size %d lowered to the artifact's limit %d",
-                self.name,
-                config.max_batch_size,
-                artifact_limit,
-            )
-            self.max_batch_size = artifact_limit
-        for backend in backends:
-            self._warm_up(backend)
+        for index in range(config.instance_count):
+            backend = load_instance(config, index)
+            if index == 0:
+                self.inputs, self.outputs = tuple(backend.inputs), tuple(backend.outputs)
+                if not self.inputs or not self.outputs:
+                    raise ConfigError(f"model '{self.name}' has no inputs or no outputs")
+                limit = backend.max_batch_size
+                if limit is not None and limit < config.max_batch_size:
+                    log.info(
+                        "model %s: max_batch_size %d lowered to the artifact's limit %d",
+                        self.name,
+                        config.max_batch_size,
+                        limit,
+                    )
+                    self.max_batch_size = limit
+            try:
+                instance = make_instance(config, index, backend, self.max_batch_size)
+            except BaseException:
+                backend.close()
+                raise
+            self._instances.append(instance)
+            self._warm_up(instance)
         log.info(
             "model %s loaded: backend %s, %d instance(s), max batch %d, in %.2f s",
             self.name,
             config.backend,
-            len(backends),
+            len(self._instances),
             self.max_batch_size,
             time.perf_counter() - started,
         )
 
-    def _warm_up(self, backend: BackendInstance) -> None:
+    def _warm_up(self, instance: Instance) -> None:
         names = [spec.name for spec in self.outputs]
         for rows in sorted({1, self.max_batch_size}):
             inputs = {
@@ -96,12 +102,11 @@ class ServedModel:
                 )
                 for spec in self.inputs
             }
-            backend.execute(inputs, names)
+            instance.run(inputs, names)
 
     def start(self) -> None:
         """Starts the batcher on the running loop."""
-        instances = [Instance(self.name, i, b) for i, b in enumerate(self._backends)]
-        self._pool = InstancePool(instances)
+        self._pool = InstancePool(self._instances)
         config = self.config
         if self.max_batch_size != config.max_batch_size:
             config = _with_max_batch(config, self.max_batch_size)
@@ -173,13 +178,10 @@ class ServedModel:
 
     def close(self) -> None:
         """Releases the instances (blocking only while a batch is still on a thread)."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
-        else:
-            for backend in self._backends:
-                backend.close()
-        self._backends = []
+        for instance in self._instances:
+            instance.close()
+        self._instances = []
+        self._pool = None
 
     def _not_ready_message(self) -> str:
         if self.state is ModelState.FAILED:

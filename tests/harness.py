@@ -76,6 +76,8 @@ def write_config(folder: Path, **settings: Any) -> None:
 
 
 def _toml(value: Any) -> str:
+    if isinstance(value, str) and value.startswith("[{"):
+        return value  # an inline array of tables, written as TOML already
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

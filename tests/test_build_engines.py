@@ -38,3 +38,36 @@ def test_built_mlp_runs_in_onnxruntime(tmp_path: Path) -> None:
     logits, probabilities = session.run(None, {"input": np.ones((3, 256), np.float32)})
     assert logits.shape == (3, 16)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_tensorrt_build_without_the_builder_fails_in_one_clear_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "build_engines.py"), "--out", str(tmp_path), "--tensorrt"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stdout.splitlines() if line.startswith("build_engines:")]
+    assert len(lines) == 1
+    assert "cannot build TensorRT plans: the TensorRT builder is not installed" in lines[0]
+    assert "The ONNX models were built." in lines[0]
+    assert (tmp_path / "mlp" / "model.onnx").exists()  # the CPU default still builds
+
+
+def test_fp16_variant_for_strongly_typed_tensorrt_computes_the_same_model() -> None:
+    import onnx
+
+    from build_engines import float16_variant, mlp
+
+    variant = float16_variant(mlp())
+    assert {i.type.tensor_type.elem_type for i in variant.graph.input} == {
+        onnx.TensorProto.FLOAT16
+    }
+    x = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float16)
+    (half,) = ort.InferenceSession(variant.SerializeToString()).run(["logits"], {"input": x})
+    (full,) = ort.InferenceSession(mlp().SerializeToString()).run(
+        ["logits"], {"input": x.astype(np.float32)}
+    )
+    assert half.dtype == np.float16
+    np.testing.assert_allclose(half.astype(np.float32), full, atol=2e-2)

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import importlib
 
-from server.backends.base import BackendInstance
+from server.backends.base import AnyBackendInstance, BackendInstance, GpuBackendInstance
 from server.config import ConfigError, ModelConfig
 
-# name -> module that defines `load(config: ModelConfig, instance_index: int) -> BackendInstance`
+# name -> module that defines `load(config: ModelConfig, instance_index: int)`, returning a
+# BackendInstance (CPU) or a GpuBackendInstance.
 BACKEND_MODULES = {
     "onnxruntime": "server.backends.onnxruntime",
+    "tensorrt": "server.backends.tensorrt",
+    "python": "server.backends.python",
 }
 
 
-def load_instance(config: ModelConfig, instance_index: int) -> BackendInstance:
+def load_instance(config: ModelConfig, instance_index: int) -> AnyBackendInstance:
     """Loads one instance of the model with the backend its config names."""
     module_name = BACKEND_MODULES.get(config.backend)
     if module_name is None:
@@ -23,8 +26,14 @@ def load_instance(config: ModelConfig, instance_index: int) -> BackendInstance:
             f"model '{config.name}': unknown backend '{config.backend}'; known: {known}"
         )
     module = importlib.import_module(module_name)
-    instance: BackendInstance = module.load(config, instance_index)
+    instance: AnyBackendInstance = module.load(config, instance_index)
     return instance
 
 
-__all__ = ["BACKEND_MODULES", "BackendInstance", "load_instance"]
+__all__ = [
+    "BACKEND_MODULES",
+    "AnyBackendInstance",
+    "BackendInstance",
+    "GpuBackendInstance",
+    "load_instance",
+]

@@ -1,9 +1,15 @@
-"""The one interface every backend implements. The executor and batcher see nothing else."""
+"""The interfaces every backend implements. The executor and batcher see nothing else.
+
+A CPU backend takes numpy batches on its instance's worker thread. A GPU backend is handed
+device buffers and the instance's CUDA stream, and only enqueues work on that stream: the GPU
+instance owns copies, buffers and synchronization.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -11,11 +17,9 @@ from server.tensors import TensorSpec
 
 
 class BackendInstance(Protocol):
-    """One loaded copy of a model, driven by one executor instance at a time.
+    """One loaded copy of a model that runs numpy batches (first dimension = rows)."""
 
-    execute() runs on the instance's worker thread, never on the event loop; it takes whole
-    batches (first dimension = rows) and returns the requested outputs for every row.
-    """
+    placement: Literal["cpu"]
 
     @property
     def inputs(self) -> Sequence[TensorSpec]: ...
@@ -33,3 +37,72 @@ class BackendInstance(Protocol):
     ) -> dict[str, np.ndarray]: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(slots=True, frozen=True)
+class DeviceArray:
+    """A tensor in GPU memory. CuPy and PyTorch wrap it without a copy (cp.asarray(x),
+    torch.as_tensor(x, device="cuda")) through __cuda_array_interface__."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        return {
+            "shape": self.shape,
+            "typestr": self.dtype.str,
+            "data": (self.ptr, False),
+            "strides": None,
+            "version": 3,
+        }
+
+
+class GpuBackendInstance(Protocol):
+    """One loaded copy of a model that enqueues work on a CUDA stream."""
+
+    placement: Literal["gpu"]
+
+    @property
+    def inputs(self) -> Sequence[TensorSpec]: ...
+
+    @property
+    def outputs(self) -> Sequence[TensorSpec]: ...
+
+    @property
+    def max_batch_size(self) -> int | None: ...
+
+    @property
+    def min_batch_size(self) -> int:
+        """Fewest rows the artifact accepts (a TensorRT profile's min); smaller batches are
+        padded up to it."""
+        ...
+
+    def max_shape(self, name: str, rows: int) -> tuple[int, ...]:
+        """The largest shape tensor `name` takes or gives for a batch of `rows` rows, for sizing
+        the instance's buffers once at load."""
+        ...
+
+    def bind(self, stream: int) -> None:
+        """Called once by the GPU instance with the raw handle of its stream, before any enqueue."""
+        ...
+
+    def enqueue(
+        self,
+        inputs: Mapping[str, DeviceArray],
+        outputs: Mapping[str, DeviceArray],
+        stream: int,
+    ) -> dict[str, tuple[int, ...]]:
+        """Enqueues one batch on `stream`; outputs are buffers sized by max_shape. Returns the
+        shape of every output as computed."""
+        ...
+
+    def close(self) -> None: ...
+
+
+AnyBackendInstance = BackendInstance | GpuBackendInstance

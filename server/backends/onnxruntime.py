@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -30,6 +31,8 @@ _DATATYPE_BY_ORT_TYPE = {
 
 class OnnxRuntimeInstance:
     """One InferenceSession. Its run() releases the GIL, so instances run in parallel threads."""
+
+    placement: Literal["cpu"] = "cpu"
 
     def __init__(self, session: ort.InferenceSession, model: str) -> None:
         self._session = session

@@ -28,7 +28,8 @@ from server.errors import (
     TensorgateError,
     Unavailable,
 )
-from server.executor.pool import Instance, InstancePool
+from server.executor.instance import Instance
+from server.executor.pool import InstancePool
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,10 @@ class BatcherStats:
     dropped_expired: int = 0
     dropped_cancelled: int = 0
     failed_batches: int = 0
+    # Summed over requests: time from enqueue to being taken into a batch.
+    queue_s_total: float = 0.0
+    # Summed over batches: the instances' compute stage.
+    compute_s_total: float = 0.0
     # batch size (rows) -> number of batches of that size
     batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
     # Moving average of rows per second one instance computes; 0 until the first batch.
@@ -164,6 +169,7 @@ class DynamicBatcher:
                 continue
             taken.append(request)
             rows += request.rows
+            self.stats.queue_s_total += now - request.enqueued_at
         if not taken:
             return None
         wanted = set().union(*(r.output_names for r in taken))
@@ -176,22 +182,23 @@ class DynamicBatcher:
     async def _execute(self, instance: Instance, batch: Batch) -> None:
         started = time.perf_counter()
         try:
-            results = await self._pool.execute(instance, batch)
+            result = await instance.execute(batch)
         except TensorgateError as exc:
             self._fail(batch, exc)
         except Exception as exc:
             log.exception("model %s: batch of %d rows failed", self._config.name, batch.rows)
             self._fail(batch, Internal(f"model '{self._config.name}' failed: {exc}"))
         else:
-            self._record(batch, time.perf_counter() - started)
-            for request, outputs in zip(batch.requests, results, strict=True):
+            self._record(batch, time.perf_counter() - started, result.stage_s.get("compute", 0.0))
+            for request, outputs in zip(batch.requests, result.outputs, strict=True):
                 if not request.future.done():
                     request.future.set_result(outputs)
         finally:
             self._pool.release(instance)
 
-    def _record(self, batch: Batch, elapsed_s: float) -> None:
+    def _record(self, batch: Batch, elapsed_s: float, compute_s: float) -> None:
         stats = self.stats
+        stats.compute_s_total += compute_s
         stats.batches += 1
         stats.rows += batch.rows
         stats.requests += len(batch.requests)

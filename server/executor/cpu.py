@@ -1,0 +1,32 @@
+"""A CPU instance: a backend that takes numpy batches, driven by its own worker thread."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from server.backends.base import BackendInstance
+from server.batching.batch import Batch
+from server.batching.request import Outputs
+from server.executor.instance import BatchResult, Instance
+
+
+class CpuInstance(Instance):
+    def __init__(self, model: str, index: int, backend: BackendInstance) -> None:
+        super().__init__(model, index)
+        self.backend = backend
+
+    def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> Outputs:
+        return self.backend.execute(inputs, output_names)
+
+    def run_batch(self, batch: Batch) -> BatchResult:
+        started = time.perf_counter()
+        outputs = self.backend.execute(batch.pack(), batch.output_names)
+        compute_s = time.perf_counter() - started
+        return BatchResult(batch.split(outputs), {"compute": compute_s})
+
+    def close(self) -> None:
+        super().close()
+        self.backend.close()
