@@ -61,9 +61,7 @@ def test_fp16_variant_for_strongly_typed_tensorrt_computes_the_same_model() -> N
     from build_engines import float16_variant, mlp
 
     variant = float16_variant(mlp())
-    assert {i.type.tensor_type.elem_type for i in variant.graph.input} == {
-        onnx.TensorProto.FLOAT16
-    }
+    assert {i.type.tensor_type.elem_type for i in variant.graph.input} == {onnx.TensorProto.FLOAT16}
     x = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float16)
     (half,) = ort.InferenceSession(variant.SerializeToString()).run(["logits"], {"input": x})
     (full,) = ort.InferenceSession(mlp().SerializeToString()).run(
