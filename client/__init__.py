@@ -6,12 +6,13 @@ with TensorgateClient("localhost:50051") as c:
 """
 
 from client.aio import AsyncTensorgateClient
-from client.codec import JobResult, StreamItem, StreamResult, Submitted
+from client.codec import JobResult, JobSummary, StreamItem, StreamResult, Submitted
 from client.sync import TensorgateClient
 
 __all__ = [
     "AsyncTensorgateClient",
     "JobResult",
+    "JobSummary",
     "StreamItem",
     "StreamResult",
     "Submitted",

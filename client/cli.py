@@ -57,6 +57,13 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     result.add_argument("--wait-s", type=float, default=0.0, help="long-poll this long")
     result.set_defaults(func=_result)
 
+    jobs = commands.add_parser(
+        "jobs", parents=[target], help="list jobs; --status FAILED shows the dead letters"
+    )
+    jobs.add_argument("--status", default="", help="PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED")
+    jobs.add_argument("--limit", type=int, default=100)
+    jobs.set_defaults(func=_jobs)
+
     cancel = commands.add_parser("cancel", parents=[target], help="cancel a job")
     cancel.add_argument("job_id")
     cancel.set_defaults(func=_cancel)
@@ -171,6 +178,23 @@ def _job_json(result: JobResult) -> dict[str, Any]:
 def _result(args: argparse.Namespace) -> int:
     def action(client: TensorgateClient) -> None:
         print(json.dumps(_job_json(client.get_result(args.job_id, args.wait_s))))
+
+    return _call(args, action)
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    def action(client: TensorgateClient) -> None:
+        for job in client.list_jobs(args.status.upper(), args.limit):
+            shown: dict[str, Any] = {
+                "job_id": job.job_id,
+                "model": job.model,
+                "status": job.status,
+                "attempts": job.attempts,
+                "age_s": round(job.age_s, 1),
+            }
+            if job.error_code is not None:
+                shown["error"] = {"code": job.error_code.name, "message": job.error_message}
+            print(json.dumps(shown))
 
     return _call(args, action)
 

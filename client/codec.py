@@ -45,6 +45,18 @@ class JobResult:
 
 
 @dataclass(slots=True, frozen=True)
+class JobSummary:
+    job_id: str
+    model: str
+    status: str
+    attempts: int
+    age_s: float
+    request_id: str = ""
+    error_code: grpc.StatusCode | None = None
+    error_message: str = ""
+
+
+@dataclass(slots=True, frozen=True)
 class StreamItem:
     """One request to send on a stream."""
 
@@ -133,6 +145,20 @@ def job_result(response: pb.GetResultResponse) -> JobResult:
         error_code=_status_code(response.error.code) if has_error else None,
         error_message=response.error.message,
         expires_in_s=response.expires_in_seconds,
+    )
+
+
+def job_summary(job: pb.JobSummary) -> JobSummary:
+    has_error = job.HasField("error")
+    return JobSummary(
+        job_id=job.job_id,
+        model=job.model,
+        status=pb.JobStatus.Name(job.status),
+        attempts=job.attempts,
+        age_s=job.age_seconds,
+        request_id=job.request_id,
+        error_code=_status_code(job.error.code) if has_error else None,
+        error_message=job.error.message,
     )
 
 

@@ -11,7 +11,7 @@ from tensorgate.v1 import inference_pb2 as pb
 from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 
 from client import codec
-from client.codec import JobResult, StreamItem, StreamResult, Submitted
+from client.codec import JobResult, JobSummary, StreamItem, StreamResult, Submitted
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -78,6 +78,12 @@ class TensorgateClient:
         requests = (codec.stream_request(item) for item in items)
         for response in self._stub.StreamPredict(requests, timeout=self._timeout_s):
             yield codec.stream_result(response)
+
+    def list_jobs(self, status: str = "", limit: int = 100) -> list[JobSummary]:
+        """Jobs, newest first; status "FAILED" lists the dead letters."""
+        request = pb.ListJobsRequest(status=status or "JOB_STATUS_UNSPECIFIED", limit=limit)
+        response = self._stub.ListJobs(request, timeout=self._timeout_s)
+        return [codec.job_summary(job) for job in response.jobs]
 
     def list_models(self) -> pb.ListModelsResponse:
         return self._stub.ListModels(pb.ListModelsRequest(), timeout=self._timeout_s)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -39,22 +40,27 @@ class TensorgateServer:
         self._jobs: JobRunner | None = None
         self.plane: DataPlane | None = None
         self._stopped = asyncio.Event()
+        self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         config = self.config
         model_configs = await asyncio.to_thread(discover, config.model_repository, config.models)
         self.models = {c.name: ServedModel(c) for c in model_configs}
         self._jobs = JobRunner(
-            self.models, config.max_pending_jobs, config.job_ttl_s, config.max_result_wait_s
+            self.models,
+            config.max_pending_jobs,
+            config.job_ttl_s,
+            config.max_result_wait_s,
+            config.job_max_attempts,
+            config.job_retry_base_s,
+            config.max_finished_jobs,
         )
         self.plane = DataPlane(self.models, self._jobs)
 
         server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ]
+            options=config.grpc_options(),
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(
             InferenceServicer(self.plane, config.max_inflight_per_stream), server
@@ -96,19 +102,50 @@ class TensorgateServer:
             model.fail(str(exc))
             await asyncio.to_thread(model.close)
             return
-        model.start()
+        model.start(on_health=lambda healthy: self._model_health(model, healthy))
         await self.health.set_model(model.name, True)
 
+    def _model_health(self, model: ServedModel, healthy: bool) -> None:
+        if healthy:
+            log.info("model %s works again: SERVING", model.name)
+        else:
+            log.error("model %s: its engine keeps failing: NOT_SERVING", model.name)
+        task = asyncio.create_task(self.health.set_model(model.name, healthy))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def stop(self, grace_s: float | None = None) -> None:
-        """Graceful shutdown; safe to call more than once."""
-        if self._stopped.is_set():
+        """Graceful shutdown; safe to call more than once (later calls wait for the first).
+
+        Health turns NOT_SERVING and new work is refused with UNAVAILABLE at once, while the
+        server still answers: in-flight calls and accepted jobs get the grace period to finish,
+        and GetResult keeps working so callers collect their results. Jobs still unfinished then
+        turn FAILED (UNAVAILABLE), so none vanishes without a final status. Only then does gRPC
+        stop, and the batchers and backends after it.
+        """
+        if self._stopping:
+            await self._stopped.wait()
             return
+        self._stopping = True
         grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace_s
         await self.health.shutting_down()
         if self.plane is not None:
             self.plane.accepting = False
+            drained = await self.plane.drain(deadline)
+            assert self._jobs is not None
+            left = self._jobs.fail_unfinished("the server shut down before the job finished")
+            if not drained:
+                log.warning(
+                    "grace period over: %d request(s) still in flight, %d job(s) failed "
+                    "unfinished%s",
+                    self.plane.inflight,
+                    len(left),
+                    ": " + ", ".join(job.id for job in left[:20]) if left else "",
+                )
         if self._grpc is not None:
-            await self._grpc.stop(grace_s)
+            # Long-polls see the final statuses set above before the transport goes.
+            await self._grpc.stop(max(deadline - time.monotonic(), 0.5))
         if self._jobs is not None:
             await self._jobs.stop()
         for model in self.models.values():

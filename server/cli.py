@@ -62,11 +62,27 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ig
         default=float(_env("JOB_TTL_S", str(defaults.job_ttl_s))),
         help="how long a finished job's result is kept",
     )
-    serve.add_argument(
-        "--shutdown-grace-s",
-        type=float,
-        default=float(_env("SHUTDOWN_GRACE_S", str(defaults.shutdown_grace_s))),
-    )
+    for flag, kind, help_text in (
+        ("max_finished_jobs", int, "finished job results kept; the oldest go first beyond it"),
+        (
+            "job_max_attempts",
+            int,
+            "attempts of a job whose engine call fails (INTERNAL/UNAVAILABLE)",
+        ),
+        ("job_retry_base_s", float, "first retry delay of a failed job; doubles, with jitter"),
+        ("shutdown_grace_s", float, "time to drain in-flight calls and jobs on SIGTERM"),
+        ("max_concurrent_rpcs", int, "gRPC's limit on calls in progress (0 = none)"),
+        ("keepalive_time_s", float, "ping idle connections this often"),
+        ("keepalive_timeout_s", float, "drop a connection whose ping is not answered in this"),
+        ("max_connection_idle_s", float, "close connections idle this long"),
+        ("max_connection_age_s", float, "recycle connections this old (lets balancers rebalance)"),
+    ):
+        serve.add_argument(
+            "--" + flag.replace("_", "-"),
+            type=kind,
+            default=kind(_env(flag.upper(), str(getattr(defaults, flag)))),
+            help=help_text,
+        )
     serve.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     serve.set_defaults(func=_serve)
 
@@ -85,7 +101,15 @@ def _serve(args: argparse.Namespace) -> int:
         max_inflight_per_stream=args.max_inflight_per_stream,
         max_pending_jobs=args.max_pending_jobs,
         job_ttl_s=args.job_ttl_s,
+        max_finished_jobs=args.max_finished_jobs,
+        job_max_attempts=args.job_max_attempts,
+        job_retry_base_s=args.job_retry_base_s,
         shutdown_grace_s=args.shutdown_grace_s,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        keepalive_time_s=args.keepalive_time_s,
+        keepalive_timeout_s=args.keepalive_timeout_s,
+        max_connection_idle_s=args.max_connection_idle_s,
+        max_connection_age_s=args.max_connection_age_s,
     )
     try:
         asyncio.run(_run(config))

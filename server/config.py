@@ -27,8 +27,41 @@ class ServerConfig:
     max_inflight_per_stream: int = 128
     max_pending_jobs: int = 100_000
     job_ttl_s: float = 600.0
+    # Finished results kept at most; beyond it the oldest go first, even before their TTL.
+    max_finished_jobs: int = 100_000
+    # A job whose engine call fails with INTERNAL or UNAVAILABLE runs again, up to this many
+    # attempts in all, after exponential backoff with jitter from job_retry_base_s.
+    job_max_attempts: int = 3
+    job_retry_base_s: float = 0.1
     max_result_wait_s: float = 60.0
     shutdown_grace_s: float = 10.0
+    # gRPC core's own limit on calls in progress (streams count as one each while open).
+    max_concurrent_rpcs: int = 10_000
+    # Ping idle connections this often; drop a peer that does not answer in keepalive_timeout_s.
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    # Close connections idle this long; recycle any connection after max_connection_age_s so
+    # clients re-resolve and load balancers can rebalance.
+    max_connection_idle_s: float = 300.0
+    max_connection_age_s: float = 1800.0
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """Channel arguments for the gRPC server (message sizes, keepalive, connection age)."""
+        ms = 1000
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", int(self.keepalive_time_s * ms)),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * ms)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            # Accept client keepalive pings down to every 10 s (clients' usual minimum).
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10 * ms),
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.max_connection_idle_ms", int(self.max_connection_idle_s * ms)),
+            ("grpc.max_connection_age_ms", int(self.max_connection_age_s * ms)),
+            ("grpc.max_connection_age_grace_ms", int(self.shutdown_grace_s * ms)),
+        ]
 
 
 @dataclass(slots=True)
@@ -48,6 +81,11 @@ class ModelConfig:
     # Most requests waiting in the model's queue; more are refused with RESOURCE_EXHAUSTED.
     queue_capacity: int = 1024
     instance_count: int = 1
+    # Watchdog: a batch still running after this long fails with UNAVAILABLE and its instance is
+    # replaced.
+    execution_timeout_s: float = 30.0
+    # Deadline for unary and stream requests whose caller set none; 0 = none.
+    default_timeout_s: float = 0.0
     # The backend's own table, e.g. [onnxruntime] intra_op_threads = 1.
     backend_options: dict[str, Any] = field(default_factory=dict)
 
@@ -80,6 +118,12 @@ class ModelConfig:
             pad_to_preferred=_bool(raw.pop("pad_to_preferred", False), "pad_to_preferred", path),
             queue_capacity=_int(raw.pop("queue_capacity", 1024), "queue_capacity", path, low=1),
             instance_count=_int(raw.pop("instance_count", 1), "instance_count", path, low=1),
+            execution_timeout_s=_number(
+                raw.pop("execution_timeout_ms", 30_000), "execution_timeout_ms", path
+            )
+            / 1000.0,
+            default_timeout_s=_number(raw.pop("default_timeout_ms", 0), "default_timeout_ms", path)
+            / 1000.0,
             backend_options=dict(raw.pop(backend, {})),
         )
         if raw:

@@ -6,12 +6,14 @@ once shutdown has begun.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from server.batching.request import InferenceRequest, Outputs
 from server.errors import NotFound, Unavailable
-from server.jobs.job import Job
+from server.jobs.job import Job, JobStatus
 from server.jobs.runner import JobRunner
 from server.model import ServedModel
 from server.tensors import TensorInput
@@ -22,6 +24,8 @@ class DataPlane:
         self.models = models
         self.jobs = jobs
         self.accepting = True
+        # Unary and stream requests queued or running (jobs are counted by the job runner).
+        self.inflight = 0
 
     def model(self, name: str) -> ServedModel:
         model = self.models.get(name)
@@ -38,17 +42,34 @@ class DataPlane:
         deadline: float | None = None,
         request_id: str = "",
         parameters: Mapping[str, Any] | None = None,
+        default_deadline: bool = True,
     ) -> tuple[ServedModel, InferenceRequest]:
         """Validates a request; InvalidArgument/NotFound/Unavailable say what is wrong."""
         if not self.accepting:
             raise Unavailable("the server is shutting down and takes no new requests")
         model = self.model(model_name)
-        request = model.new_request(inputs, requested_outputs, deadline, request_id, parameters)
+        request = model.new_request(
+            inputs, requested_outputs, deadline, request_id, parameters, default_deadline
+        )
         return model, request
 
     def enqueue(self, model: ServedModel, request: InferenceRequest) -> None:
         """Queues a validated request; its future settles with the outputs or the error."""
         model.enqueue(request)
+        self.inflight += 1
+        request.future.add_done_callback(self._settled)
+
+    def _settled(self, _: object) -> None:
+        self.inflight -= 1
+
+    async def drain(self, deadline: float) -> bool:
+        """After accepting turned off: waits (until the monotonic deadline) for in-flight requests
+        and accepted jobs to finish. True when everything finished."""
+        while self.inflight or self.jobs.unfinished:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     async def predict(
         self,
@@ -62,7 +83,7 @@ class DataPlane:
         model, request = self.new_request(
             model_name, inputs, requested_outputs, deadline, request_id, parameters
         )
-        model.enqueue(request)
+        self.enqueue(model, request)
         # If the caller goes away, this task is cancelled and so is the future: the batcher then
         # drops the request before it runs.
         return await request.future
@@ -77,7 +98,7 @@ class DataPlane:
         idempotency_key: str = "",
     ) -> tuple[Job, bool, float]:
         model, request = self.new_request(
-            model_name, inputs, requested_outputs, None, request_id, parameters
+            model_name, inputs, requested_outputs, None, request_id, parameters, False
         )
         return self.jobs.submit(model, request, idempotency_key)
 
@@ -86,3 +107,6 @@ class DataPlane:
 
     def cancel_job(self, job_id: str) -> Job:
         return self.jobs.cancel(job_id)
+
+    def list_jobs(self, status: JobStatus | None, limit: int) -> list[Job]:
+        return self.jobs.find(status, limit)

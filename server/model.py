@@ -6,13 +6,13 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from server.backends import load_instance
+from server.backends import AnyBackendInstance, load_instance
 from server.batching.batcher import DynamicBatcher
 from server.batching.request import InferenceRequest
 from server.config import ConfigError, ModelConfig
@@ -50,6 +50,7 @@ class ServedModel:
         self._pool: InstancePool | None = None
         self._batcher: DynamicBatcher | None = None
         self._task: asyncio.Task[None] | None = None
+        self._on_health: Callable[[bool], None] = lambda healthy: None
 
     @property
     def batcher(self) -> DynamicBatcher:
@@ -62,27 +63,7 @@ class ServedModel:
         started = time.perf_counter()
         config = self.config
         for index in range(config.instance_count):
-            backend = load_instance(config, index)
-            if index == 0:
-                self.inputs, self.outputs = tuple(backend.inputs), tuple(backend.outputs)
-                if not self.inputs or not self.outputs:
-                    raise ConfigError(f"model '{self.name}' has no inputs or no outputs")
-                limit = backend.max_batch_size
-                if limit is not None and limit < config.max_batch_size:
-                    log.info(
-                        "model %s: max_batch_size %d lowered to the artifact's limit %d",
-                        self.name,
-                        config.max_batch_size,
-                        limit,
-                    )
-                    self.max_batch_size = limit
-            try:
-                instance = make_instance(config, index, backend, self.max_batch_size)
-            except BaseException:
-                backend.close()
-                raise
-            self._instances.append(instance)
-            self._warm_up(instance)
+            self._instances.append(self._load_instance(index))
         log.info(
             "model %s loaded: backend %s, %d instance(s), max batch %d, in %.2f s",
             self.name,
@@ -91,6 +72,39 @@ class ServedModel:
             self.max_batch_size,
             time.perf_counter() - started,
         )
+
+    def _load_instance(self, index: int) -> Instance:
+        """Loads backend instance `index`, wraps it in an executor instance and warms it up."""
+        config = self.config
+        backend = load_instance(config, index)
+        try:
+            if not self.inputs:
+                self._describe(backend)
+            instance = make_instance(config, index, backend, self.max_batch_size)
+        except BaseException:
+            backend.close()
+            raise
+        try:
+            self._warm_up(instance)
+        except BaseException:
+            instance.close()
+            raise
+        return instance
+
+    def _describe(self, backend: AnyBackendInstance) -> None:
+        """Takes the model's I/O and batch limit from its first backend instance."""
+        self.inputs, self.outputs = tuple(backend.inputs), tuple(backend.outputs)
+        if not self.inputs or not self.outputs:
+            raise ConfigError(f"model '{self.name}' has no inputs or no outputs")
+        limit = backend.max_batch_size
+        if limit is not None and limit < self.config.max_batch_size:
+            log.info(
+                "model %s: max_batch_size %d lowered to the artifact's limit %d",
+                self.name,
+                self.config.max_batch_size,
+                limit,
+            )
+            self.max_batch_size = limit
 
     def _warm_up(self, instance: Instance) -> None:
         names = [spec.name for spec in self.outputs]
@@ -104,16 +118,39 @@ class ServedModel:
             }
             instance.run(inputs, names)
 
-    def start(self) -> None:
-        """Starts the batcher on the running loop."""
+    def start(self, on_health: Callable[[bool], None] = lambda healthy: None) -> None:
+        """Starts the batcher on the running loop. on_health hears when the engine stops (or
+        starts again) working."""
         self._pool = InstancePool(self._instances)
+        self._on_health = on_health
         config = self.config
         if self.max_batch_size != config.max_batch_size:
             config = _with_max_batch(config, self.max_batch_size)
-        self._batcher = DynamicBatcher(config, [s.name for s in self.outputs], self._pool)
+        self._batcher = DynamicBatcher(
+            config, [s.name for s in self.outputs], self._pool, self._replace, on_health
+        )
         self._task = asyncio.create_task(self._batcher.run(), name=f"batcher-{self.name}")
         self._task.add_done_callback(self._batcher_ended)
         self.state = ModelState.READY
+
+    @property
+    def healthy(self) -> bool:
+        return self.state is ModelState.READY and (self._batcher is None or self._batcher.healthy)
+
+    async def _replace(self, stuck: Instance) -> None:
+        """Retires an instance the watchdog gave up on and loads a fresh one in its place."""
+        assert self._pool is not None
+        stuck.abandon()
+        try:
+            fresh: Instance | None = await asyncio.to_thread(self._load_instance, stuck.index)
+        except Exception as exc:
+            log.error("model %s: could not replace instance %d: %s", self.name, stuck.index, exc)
+            fresh = None
+        self._pool.replace(stuck, fresh)
+        if fresh is not None:
+            log.info("model %s: instance %d replaced", self.name, stuck.index)
+        elif not self._pool.instances:
+            self._on_health(False)
 
     def fail(self, reason: str) -> None:
         self.state = ModelState.FAILED
@@ -126,10 +163,17 @@ class ServedModel:
         deadline: float | None = None,
         request_id: str = "",
         parameters: Mapping[str, Any] | None = None,
+        default_deadline: bool = True,
     ) -> InferenceRequest:
-        """Validates a request against this model and wraps it with a fresh future."""
+        """Validates a request against this model and wraps it with a fresh future.
+
+        Without a caller deadline the model's default_timeout applies, unless default_deadline
+        is False (jobs: nobody is waiting on the call).
+        """
         if self.state is not ModelState.READY:
             raise Unavailable(self._not_ready_message())
+        if deadline is None and default_deadline and self.config.default_timeout_s > 0:
+            deadline = time.monotonic() + self.config.default_timeout_s
         arrays, rows = decode_inputs(self.name, self.inputs, inputs, self.max_batch_size)
         known = [spec.name for spec in self.outputs]
         if requested_outputs:
@@ -178,7 +222,7 @@ class ServedModel:
 
     def close(self) -> None:
         """Releases the instances (blocking only while a batch is still on a thread)."""
-        for instance in self._instances:
+        for instance in self._pool.instances if self._pool is not None else self._instances:
             instance.close()
         self._instances = []
         self._pool = None

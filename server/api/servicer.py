@@ -17,7 +17,7 @@ from server.api import codec
 from server.api.status import abort, error_message
 from server.batching.request import Outputs
 from server.dataplane import DataPlane
-from server.errors import Cancelled
+from server.errors import Cancelled, InvalidArgument
 from server.jobs.job import Job, JobStatus
 from server.model import ModelState
 
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+
+_MAX_LISTED_JOBS = 1000
 
 # A deadline further away than this is treated as none (gRPC reports "infinite" as a huge number).
 _NO_DEADLINE_S = 10**8
@@ -176,6 +178,32 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> pb.CancelJobResponse:
         job = self._plane.cancel_job(request.job_id)
         return pb.CancelJobResponse(job_id=job.id, status=_job_status(job.status))
+
+    @_unary
+    async def ListJobs(
+        self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListJobsResponse:
+        if request.limit < 0 or request.limit > _MAX_LISTED_JOBS:
+            raise InvalidArgument(f"limit must be between 0 and {_MAX_LISTED_JOBS}")
+        status = None
+        if request.status != pb.JOB_STATUS_UNSPECIFIED:
+            status = JobStatus(pb.JobStatus.Name(request.status))
+        now = time.monotonic()
+        jobs = self._plane.list_jobs(status, request.limit or 100)
+        return pb.ListJobsResponse(
+            jobs=[
+                pb.JobSummary(
+                    job_id=job.id,
+                    model=job.model,
+                    status=_job_status(job.status),
+                    attempts=job.attempts,
+                    error=error_message(job.error) if job.error is not None else None,
+                    age_seconds=now - job.created_at,
+                    request_id=job.request.id,
+                )
+                for job in jobs
+            ]
+        )
 
     @_unary
     async def ListModels(

@@ -22,6 +22,17 @@ class Batch:
     # Union of what the requests asked for, in the model's output order.
     output_names: tuple[str, ...]
 
+    def halves(self) -> list[Batch]:
+        """The still-wanted requests in two batches (for isolating a failing request)."""
+        live = [r for r in self.requests if not r.future.done()]
+        middle = len(live) // 2
+        parts = [live[:middle], live[middle:]] if middle else [live]
+        return [
+            Batch(self.model, part, sum(r.rows for r in part), self.output_names)
+            for part in parts
+            if part
+        ]
+
     def pack(self) -> dict[str, np.ndarray]:
         first = self.requests[0].inputs
         if len(self.requests) == 1:

@@ -15,8 +15,9 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from server.batching.batch import Batch
 from server.batching.request import InferenceRequest
@@ -35,6 +36,12 @@ log = logging.getLogger(__name__)
 
 # Weight of the newest batch in the moving average of the service rate.
 _RATE_SMOOTHING = 0.2
+# Engine failures in a row, with no success between them, after which the model is unhealthy.
+_UNHEALTHY_AFTER_FAILURES = 5
+
+
+class _InstanceHung(Exception):
+    """The watchdog gave up on an instance; it must not take another batch."""
 
 
 @dataclass(slots=True)
@@ -47,6 +54,9 @@ class BatcherStats:
     dropped_expired: int = 0
     dropped_cancelled: int = 0
     failed_batches: int = 0
+    # Batches re-run in halves to isolate a failing request.
+    isolation_retries: int = 0
+    watchdog_timeouts: int = 0
     # Summed over requests: time from enqueue to being taken into a batch.
     queue_s_total: float = 0.0
     # Summed over batches: the instances' compute stage.
@@ -60,14 +70,25 @@ class BatcherStats:
 class DynamicBatcher:
     """Queues validated requests of one model and feeds batches to its instance pool."""
 
-    def __init__(self, config: ModelConfig, output_names: Sequence[str], pool: InstancePool):
+    def __init__(
+        self,
+        config: ModelConfig,
+        output_names: Sequence[str],
+        pool: InstancePool,
+        replace_instance: Callable[[Instance], Coroutine[Any, Any, None]],
+        on_health: Callable[[bool], None] = lambda healthy: None,
+    ) -> None:
         self._config = config
         self._model_outputs = tuple(output_names)
         self._pool = pool
+        self._replace_instance = replace_instance
+        self._on_health = on_health
+        self.healthy = True
+        self._consecutive_failures = 0
         self._queue: collections.deque[InferenceRequest] = collections.deque()
         self._queued_rows = 0
         self._arrived = asyncio.Event()
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: set[asyncio.Task[None]] = set()  # batches and instance replacements
         self.stats = BatcherStats()
 
     @property
@@ -180,21 +201,86 @@ class DynamicBatcher:
         return Batch(self._config.name, taken, rows, names)
 
     async def _execute(self, instance: Instance, batch: Batch) -> None:
+        try:
+            await self._run_isolating(instance, batch)
+        except _InstanceHung:
+            task = asyncio.create_task(self._replace_instance(instance))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+        except BaseException:
+            self._pool.release(instance)
+            raise
+        else:
+            self._pool.release(instance)
+
+    async def _run_isolating(self, instance: Instance, batch: Batch) -> None:
+        """Runs the batch under the watchdog. When the engine fails on it, each half runs again,
+        down to single requests, so only the requests that cause the failure fail."""
+        config = self._config
         started = time.perf_counter()
         try:
-            result = await instance.execute(batch)
-        except TensorgateError as exc:
-            self._fail(batch, exc)
+            async with asyncio.timeout(config.execution_timeout_s or None):
+                result = await instance.execute(batch)
+        except TimeoutError:
+            self.stats.watchdog_timeouts += 1
+            log.error(
+                "model %s: instance %d did not finish a batch of %d rows within %.1f s; "
+                "replacing it",
+                config.name, instance.index, batch.rows, config.execution_timeout_s,
+            )  # fmt: skip
+            self._fail(
+                batch,
+                Unavailable(
+                    f"model '{config.name}' instance {instance.index} did not finish within "
+                    f"{config.execution_timeout_s:g} s (watchdog); it is being replaced, retry"
+                ),
+            )
+            self._note_engine(ok=False)
+            raise _InstanceHung from None
         except Exception as exc:
-            log.exception("model %s: batch of %d rows failed", self._config.name, batch.rows)
-            self._fail(batch, Internal(f"model '{self._config.name}' failed: {exc}"))
+            if len(batch.requests) > 1:
+                self.stats.isolation_retries += 1
+                await self._run_halves(instance, batch)
+                return
+            if not isinstance(exc, TensorgateError):
+                log.warning(
+                    "model %s failed on request %r: %r", config.name, batch.requests[0].id, exc
+                )
+                exc = Internal(
+                    f"model '{config.name}' failed on this request: {type(exc).__name__}: {exc}"
+                )
+            self._fail(batch, exc)
+            self._note_engine(ok=False)
         else:
             self._record(batch, time.perf_counter() - started, result.stage_s.get("compute", 0.0))
             for request, outputs in zip(batch.requests, result.outputs, strict=True):
                 if not request.future.done():
                     request.future.set_result(outputs)
-        finally:
-            self._pool.release(instance)
+            self._note_engine(ok=True)
+
+    async def _run_halves(self, instance: Instance, batch: Batch) -> None:
+        halves = batch.halves()
+        for i, half in enumerate(halves):
+            try:
+                await self._run_isolating(instance, half)
+            except _InstanceHung:
+                for rest in halves[i + 1 :]:
+                    self._fail(rest, Unavailable(f"model '{self._config.name}' instance hung"))
+                raise
+
+    def _note_engine(self, ok: bool) -> None:
+        """Tracks whether the engine works at all: a run of failures with no success in between
+        marks the model unhealthy until its next success."""
+        if ok:
+            self._consecutive_failures = 0
+            if not self.healthy:
+                self.healthy = True
+                self._on_health(True)
+            return
+        self._consecutive_failures += 1
+        if self.healthy and self._consecutive_failures >= _UNHEALTHY_AFTER_FAILURES:
+            self.healthy = False
+            self._on_health(False)
 
     def _record(self, batch: Batch, elapsed_s: float, compute_s: float) -> None:
         stats = self.stats

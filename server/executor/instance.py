@@ -45,5 +45,10 @@ class Instance(ABC):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, self.run_batch, batch)
 
+    def abandon(self) -> None:
+        """Gives up on an instance whose thread is stuck in the engine: the thread cannot be
+        killed, so it is left to finish (or not) on its own and the backend is not closed."""
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
     def close(self) -> None:
         self._thread.shutdown(wait=True)

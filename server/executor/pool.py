@@ -42,6 +42,13 @@ class InstancePool:
     def release(self, instance: Instance) -> None:
         self._idle.put_nowait(instance)
 
+    def replace(self, old: Instance, new: Instance | None) -> None:
+        """Swaps a retired instance for a fresh one (or just drops it when none could be made)."""
+        self.instances.remove(old)
+        if new is not None:
+            self.instances.append(new)
+            self._idle.put_nowait(new)
+
     def close(self) -> None:
         for instance in self.instances:
             instance.close()

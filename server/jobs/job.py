@@ -37,5 +37,8 @@ class Job:
     outputs: Outputs | None = None
     error: TensorgateError | None = None
     created_at: float = 0.0
+    finished_at: float | None = None
     expires_at: float | None = None  # set when the job finishes
+    # Engine runs so far; a retryable failure runs the job again (see JobRunner).
+    attempts: int = 1
     finished: asyncio.Event = field(default_factory=asyncio.Event)

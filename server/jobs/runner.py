@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import random
 import secrets
 import time
 from collections.abc import Coroutine, Mapping
@@ -57,12 +58,18 @@ class JobRunner:
         max_pending_jobs: int,
         ttl_s: float,
         max_wait_s: float,
+        max_attempts: int = 3,
+        retry_base_s: float = 0.1,
+        max_finished_jobs: int = 100_000,
     ) -> None:
         self._models = models
         self._max_pending = max_pending_jobs
         self._ttl_s = ttl_s
         self._max_wait_s = max_wait_s
-        self.store = MemoryJobStore()
+        self._max_attempts = max_attempts
+        self._retry_base_s = retry_base_s
+        self._retrying = True  # off while shutting down
+        self.store = MemoryJobStore(max_finished_jobs)
         self.unfinished = 0
         self._backlogs: dict[str, _Backlog] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -113,8 +120,7 @@ class JobRunner:
             idempotency_key=idempotency_key,
             created_at=time.monotonic(),
         )
-        request.on_start = lambda: _mark_running(job)
-        request.future.add_done_callback(lambda future: self._finish(job, future))
+        self._watch(job, request)
         self.store.add(job)
         self.unfinished += 1
         backlog.jobs.append(job)
@@ -156,20 +162,91 @@ class JobRunner:
             return 0.0
         return backlog.model.estimated_wait_s(extra_rows=backlog.rows)
 
+    def find(self, status: JobStatus | None = None, limit: int = 100) -> list[Job]:
+        """Jobs for operators: status FAILED lists the dead letters (retries exhausted)."""
+        return self.store.find(status, limit)
+
+    def fail_unfinished(self, reason: str) -> list[Job]:
+        """At shutdown: every job not finished yet turns FAILED (UNAVAILABLE) with the reason, so
+        none vanishes without a final status. Returns them."""
+        self._retrying = False
+        jobs = self.store.unfinished()
+        for job in jobs:
+            if not job.request.future.done():
+                job.request.future.set_exception(Unavailable(reason))
+            self._finish(job, job.request.future)
+        return jobs
+
+    def _watch(self, job: Job, request: InferenceRequest) -> None:
+        request.on_start = lambda: _mark_running(job)
+        request.future.add_done_callback(
+            lambda future: None if future is not job.request.future else self._finish(job, future)
+        )
+
+    def _retry_later(self, job: Job, error: BaseException) -> bool:
+        """Schedules another run of a job whose engine call failed, if it may have one."""
+        if not (
+            self._retrying
+            and isinstance(error, (Internal, Unavailable))
+            and job.attempts < self._max_attempts
+        ):
+            return False
+        backlog = self._backlogs.get(job.model)
+        if backlog is None:
+            return False
+        old = job.request
+        job.request = InferenceRequest(
+            inputs=old.inputs,
+            rows=old.rows,
+            output_names=old.output_names,
+            future=asyncio.get_running_loop().create_future(),
+            id=old.id,
+            parameters=old.parameters,
+        )
+        self._watch(job, job.request)
+        job.attempts += 1
+        job.status = JobStatus.PENDING
+        # Exponential backoff with full jitter on the upper half, so retries of a batch that
+        # failed together do not arrive together.
+        delay_s = self._retry_base_s * 2 ** (job.attempts - 2) * random.uniform(0.5, 1.0)
+        log.info(
+            "job %s: attempt %d failed (%s); retrying in %.3f s",
+            job.id,
+            job.attempts - 1,
+            error,
+            delay_s,
+        )
+
+        def requeue() -> None:
+            if not job.request.future.done():
+                backlog.jobs.append(job)
+                backlog.rows += job.request.rows
+                backlog.arrived.set()
+
+        asyncio.get_running_loop().call_later(delay_s, requeue)
+        return True
+
     def _finish(self, job: Job, future: asyncio.Future[Outputs]) -> None:
         if job.status.finished:
+            return
+        error = None if future.cancelled() else future.exception()
+        if error is not None and self._retry_later(job, error):
             return
         if future.cancelled():
             job.status = JobStatus.CANCELLED
             job.error = Cancelled("the job was cancelled")
-        elif (error := future.exception()) is not None:
+        elif error is not None:
             job.status = JobStatus.FAILED
             job.error = error if isinstance(error, TensorgateError) else Internal(str(error))
         else:
             job.status = JobStatus.SUCCEEDED
             # Copies, so a kept result does not pin the whole batch's output arrays.
             job.outputs = {name: array.copy() for name, array in future.result().items()}
-        job.expires_at = time.monotonic() + self._ttl_s
+        job.finished_at = time.monotonic()
+        job.expires_at = job.finished_at + self._ttl_s
+        # A finished job no longer needs its inputs; its outputs were copied above.
+        job.request.inputs = {}
+        self.store.finished(job)
         self.unfinished -= 1
         job.finished.set()
 

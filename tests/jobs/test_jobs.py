@@ -118,3 +118,23 @@ def test_many_jobs_all_finish(client: TensorgateClient) -> None:
     jobs = [client.submit("mlp", {"input": X}).job_id for _ in range(300)]
     statuses = {client.get_result(job_id, wait_timeout_s=20).status for job_id in jobs}
     assert statuses == {"SUCCEEDED"}
+
+
+def test_finished_results_are_bounded_oldest_evicted_first(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    running = start_server(models=("mlp",), max_finished_jobs=5)
+    with TensorgateClient(running.target, timeout_s=10) as c:
+        ids = []
+        for _ in range(8):
+            job = c.submit("mlp", {"input": X})
+            assert c.get_result(job.job_id, wait_timeout_s=5).status == "SUCCEEDED"
+            ids.append(job.job_id)
+        for old in ids[:3]:
+            with pytest.raises(grpc.RpcError) as evicted:
+                c.get_result(old)
+            assert evicted.value.code() == grpc.StatusCode.NOT_FOUND
+        assert all(c.get_result(kept).status == "SUCCEEDED" for kept in ids[3:])
+    store = running.server._jobs.store  # type: ignore[union-attr]
+    assert len(store) == 5
+    assert all(job.request.inputs == {} for job in store.find())  # inputs released when finished

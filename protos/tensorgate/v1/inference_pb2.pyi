@@ -151,6 +151,38 @@ class CancelJobResponse(_message.Message):
     status: JobStatus
     def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ...) -> None: ...
 
+class ListJobsRequest(_message.Message):
+    __slots__ = ("status", "limit")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    status: JobStatus
+    limit: int
+    def __init__(self, status: _Optional[_Union[JobStatus, str]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class JobSummary(_message.Message):
+    __slots__ = ("job_id", "model", "status", "attempts", "error", "age_seconds", "request_id")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    model: str
+    status: JobStatus
+    attempts: int
+    error: Error
+    age_seconds: float
+    request_id: str
+    def __init__(self, job_id: _Optional[str] = ..., model: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., attempts: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., age_seconds: _Optional[float] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobSummary]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobSummary, _Mapping]]] = ...) -> None: ...
+
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

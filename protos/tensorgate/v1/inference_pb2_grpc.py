@@ -59,6 +59,11 @@ class InferenceStub:
                 request_serializer=tensorgate_dot_v1_dot_inference__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=tensorgate_dot_v1_dot_inference__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/tensorgate.v1.Inference/ListJobs',
+                request_serializer=tensorgate_dot_v1_dot_inference__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_v1_dot_inference__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/tensorgate.v1.Inference/ListModels',
                 request_serializer=tensorgate_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
@@ -112,6 +117,14 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobs(self, request, context):
+        """Jobs for operators, newest first. Status FAILED lists the dead letters: jobs whose retries
+        are exhausted, kept with their error until their TTL.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -151,6 +164,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=tensorgate_dot_v1_dot_inference__pb2.CancelJobRequest.FromString,
                     response_serializer=tensorgate_dot_v1_dot_inference__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=tensorgate_dot_v1_dot_inference__pb2.ListJobsRequest.FromString,
+                    response_serializer=tensorgate_dot_v1_dot_inference__pb2.ListJobsResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -298,6 +316,33 @@ class Inference:
             '/tensorgate.v1.Inference/CancelJob',
             tensorgate_dot_v1_dot_inference__pb2.CancelJobRequest.SerializeToString,
             tensorgate_dot_v1_dot_inference__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.v1.Inference/ListJobs',
+            tensorgate_dot_v1_dot_inference__pb2.ListJobsRequest.SerializeToString,
+            tensorgate_dot_v1_dot_inference__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

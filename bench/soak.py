@@ -1,0 +1,143 @@
+"""Soak: mixed unary, stream, job and bad-input traffic against a `tensorgate serve` process for
+a bounded time; reports requests served, errors by code, and the server's RSS at start and end.
+
+    python -m bench.soak --minutes 3
+
+Progress every 10 s; writes bench/results/soak.json. Traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
+
+from build_engines import build  # noqa: E402
+from client import AsyncTensorgateClient, StreamItem  # noqa: E402
+
+
+def rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"VmRSS:\s+(\d+) kB", status)
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def start_server(repository: Path) -> tuple[subprocess.Popen[str], int]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+         "--model-repository", str(repository)],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stderr is not None
+    while line := process.stderr.readline():
+        if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+            port = int(match.group(1))
+        if "serving" in line:
+            # Nobody reads the log from here on: send it nowhere so the pipe cannot fill.
+            threading.Thread(target=process.stderr.read, daemon=True).start()
+            return process, port
+    raise SystemExit("server did not start")
+
+
+async def soak(target: str, seconds: float, pid: int) -> dict[str, int]:
+    counts: collections.Counter[str] = collections.Counter()
+    stop = time.monotonic() + seconds
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 256)).astype(np.float32)
+    bad = np.zeros((1, 3), np.float32)
+
+    async def unary(c: AsyncTensorgateClient, i: int) -> None:
+        while time.monotonic() < stop:
+            inputs = {"input": bad if i == 0 and counts["unary"] % 50 == 0 else x[: 1 + i % 4]}
+            try:
+                await c.predict("mlp", inputs)
+                counts["unary OK"] += 1
+            except grpc.aio.AioRpcError as exc:
+                counts[f"unary {exc.code().name}"] += 1
+            counts["unary"] += 1
+
+    async def jobs(c: AsyncTensorgateClient) -> None:
+        while time.monotonic() < stop:
+            try:
+                job = await c.submit("mlp", {"input": x[:2]})
+                result = await c.get_result(job.job_id, wait_timeout_s=30)
+                counts[f"job {result.status}"] += 1
+            except grpc.aio.AioRpcError as exc:
+                counts[f"job {exc.code().name}"] += 1
+
+    async def stream(c: AsyncTensorgateClient) -> None:
+        while time.monotonic() < stop:
+            items = [StreamItem(str(i), "mlp", {"input": x[:1]}) for i in range(500)]
+            async for result in c.stream(items):
+                counts["stream OK" if result.ok else f"stream {result.error_code.name}"] += 1  # type: ignore[union-attr]
+
+    async def progress() -> None:
+        started = time.monotonic()
+        while time.monotonic() < stop:
+            await asyncio.sleep(10)
+            served = sum(v for k, v in counts.items() if k.endswith((" OK", "SUCCEEDED")))
+            print(f"  {time.monotonic() - started:5.0f} s  served {served:>8}  "
+                  f"rss {rss_mib(pid):6.1f} MiB", flush=True)  # fmt: skip
+
+    async with AsyncTensorgateClient(target, timeout_s=60) as c:
+        workers = [unary(c, i) for i in range(16)] + [jobs(c) for _ in range(8)]
+        workers += [stream(c) for _ in range(2)] + [progress()]
+        await asyncio.gather(*workers)
+    counts.pop("unary")
+    return dict(counts)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=3.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        repository = Path(tmp)
+        build("mlp", repository)
+        process, port = start_server(repository)
+        try:
+            time.sleep(0.5)
+            rss_start = rss_mib(process.pid)
+            print(
+                f"soak for {args.minutes:g} min; server RSS at start {rss_start:.1f} MiB",
+                flush=True,
+            )
+            counts = asyncio.run(soak(f"127.0.0.1:{port}", args.minutes * 60, process.pid))
+            rss_end = rss_mib(process.pid)
+        finally:
+            process.terminate()
+            code = process.wait(30)
+    served = sum(v for k, v in counts.items() if k.endswith((" OK", "SUCCEEDED")))
+    errors = {k: v for k, v in counts.items() if not k.endswith((" OK", "SUCCEEDED"))}
+    report = {
+        "minutes": args.minutes,
+        "served": served,
+        "by_outcome": counts,
+        "errors": errors,
+        "rss_mib_start": round(rss_start, 1),
+        "rss_mib_end": round(rss_end, 1),
+        "exit_code": code,
+    }
+    print(json.dumps(report, indent=2))
+    out = ROOT / "bench" / "results" / "soak.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
