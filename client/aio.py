@@ -7,12 +7,12 @@ from types import TracebackType
 
 import grpc
 import numpy as np
-from tensorgate.v1 import inference_pb2 as pb
-from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 
 from client import codec
 from client.codec import JobResult, JobSummary, StreamItem, StreamResult, Submitted
 from client.sync import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from tensorgate.v1 import inference_pb2 as pb
+from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 
 
 class AsyncTensorgateClient:
@@ -41,7 +41,9 @@ class AsyncTensorgateClient:
         timeout_s: float | None = None,
     ) -> dict[str, np.ndarray]:
         request = codec.predict_request(model, inputs, outputs, request_id)
-        response = await self._stub.Predict(request, timeout=timeout_s or self._timeout_s)
+        response = await self._stub.Predict(
+            request, timeout=timeout_s or self._timeout_s, metadata=codec.trace_metadata()
+        )
         return codec.decode_all(response.outputs)
 
     async def submit(
@@ -54,16 +56,24 @@ class AsyncTensorgateClient:
         request_id: str = "",
     ) -> Submitted:
         request = codec.submit_request(model, inputs, outputs, idempotency_key, request_id)
-        return codec.submitted(await self._stub.Submit(request, timeout=self._timeout_s))
+        return codec.submitted(
+            await self._stub.Submit(
+                request, timeout=self._timeout_s, metadata=codec.trace_metadata()
+            )
+        )
 
     async def get_result(self, job_id: str, wait_timeout_s: float = 0.0) -> JobResult:
         request = pb.GetResultRequest(job_id=job_id, wait_timeout_seconds=wait_timeout_s)
         timeout = None if self._timeout_s is None else self._timeout_s + wait_timeout_s
-        return codec.job_result(await self._stub.GetResult(request, timeout=timeout))
+        return codec.job_result(
+            await self._stub.GetResult(request, timeout=timeout, metadata=codec.trace_metadata())
+        )
 
     async def cancel(self, job_id: str) -> str:
         request = pb.CancelJobRequest(job_id=job_id)
-        response = await self._stub.CancelJob(request, timeout=self._timeout_s)
+        response = await self._stub.CancelJob(
+            request, timeout=self._timeout_s, metadata=codec.trace_metadata()
+        )
         return pb.JobStatus.Name(response.status)
 
     async def stream(
@@ -79,22 +89,30 @@ class AsyncTensorgateClient:
                 for item in items:
                     yield codec.stream_request(item)
 
-        call = self._stub.StreamPredict(requests(), timeout=self._timeout_s)
+        call = self._stub.StreamPredict(
+            requests(), timeout=self._timeout_s, metadata=codec.trace_metadata()
+        )
         async for response in call:
             yield codec.stream_result(response)
 
     async def list_jobs(self, status: str = "", limit: int = 100) -> list[JobSummary]:
         """Jobs, newest first; status "FAILED" lists the dead letters."""
         request = pb.ListJobsRequest(status=status or "JOB_STATUS_UNSPECIFIED", limit=limit)
-        response = await self._stub.ListJobs(request, timeout=self._timeout_s)
+        response = await self._stub.ListJobs(
+            request, timeout=self._timeout_s, metadata=codec.trace_metadata()
+        )
         return [codec.job_summary(job) for job in response.jobs]
 
     async def list_models(self) -> pb.ListModelsResponse:
-        return await self._stub.ListModels(pb.ListModelsRequest(), timeout=self._timeout_s)
+        return await self._stub.ListModels(
+            pb.ListModelsRequest(), timeout=self._timeout_s, metadata=codec.trace_metadata()
+        )
 
     async def model_metadata(self, model: str) -> pb.GetModelMetadataResponse:
         request = pb.GetModelMetadataRequest(model=model)
-        return await self._stub.GetModelMetadata(request, timeout=self._timeout_s)
+        return await self._stub.GetModelMetadata(
+            request, timeout=self._timeout_s, metadata=codec.trace_metadata()
+        )
 
     async def close(self) -> None:
         await self._channel.close()

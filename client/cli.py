@@ -17,10 +17,10 @@ from typing import Any
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tensorgate.v1 import inference_pb2 as pb
 
 from client.codec import JobResult, StreamItem
 from client.sync import TensorgateClient
+from tensorgate.v1 import inference_pb2 as pb
 
 _NUMPY_BY_DATATYPE = {
     "BOOL": "?", "UINT8": "u1", "UINT16": "u2", "UINT32": "u4", "UINT64": "u8",

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+from opentelemetry import propagate
+
 from tensorgate.v1 import inference_pb2 as pb
 
 # KServe v2 datatype <-> numpy kind and size; little-endian on the wire.
@@ -78,6 +80,14 @@ class StreamResult:
     @property
     def ok(self) -> bool:
         return self.error_code is None
+
+
+def trace_metadata() -> tuple[tuple[str, str], ...] | None:
+    """W3C trace context (traceparent, tracestate) of the caller's current OpenTelemetry span,
+    so the server's spans continue the caller's trace; None when there is no active span."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple(carrier.items()) or None
 
 
 def encode(name: str, array: np.ndarray) -> pb.Tensor:

@@ -7,11 +7,11 @@ from types import TracebackType
 
 import grpc
 import numpy as np
-from tensorgate.v1 import inference_pb2 as pb
-from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 
 from client import codec
 from client.codec import JobResult, JobSummary, StreamItem, StreamResult, Submitted
+from tensorgate.v1 import inference_pb2 as pb
+from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -47,7 +47,9 @@ class TensorgateClient:
         timeout_s: float | None = None,
     ) -> dict[str, np.ndarray]:
         request = codec.predict_request(model, inputs, outputs, request_id)
-        response = self._stub.Predict(request, timeout=timeout_s or self._timeout_s)
+        response = self._stub.Predict(
+            request, timeout=timeout_s or self._timeout_s, metadata=codec.trace_metadata()
+        )
         return codec.decode_all(response.outputs)
 
     def submit(
@@ -60,37 +62,53 @@ class TensorgateClient:
         request_id: str = "",
     ) -> Submitted:
         request = codec.submit_request(model, inputs, outputs, idempotency_key, request_id)
-        return codec.submitted(self._stub.Submit(request, timeout=self._timeout_s))
+        return codec.submitted(
+            self._stub.Submit(request, timeout=self._timeout_s, metadata=codec.trace_metadata())
+        )
 
     def get_result(self, job_id: str, wait_timeout_s: float = 0.0) -> JobResult:
         """The job's state; with wait_timeout_s it returns as soon as the job finishes."""
         request = pb.GetResultRequest(job_id=job_id, wait_timeout_seconds=wait_timeout_s)
         timeout = None if self._timeout_s is None else self._timeout_s + wait_timeout_s
-        return codec.job_result(self._stub.GetResult(request, timeout=timeout))
+        return codec.job_result(
+            self._stub.GetResult(request, timeout=timeout, metadata=codec.trace_metadata())
+        )
 
     def cancel(self, job_id: str) -> str:
         """Cancels a job; returns its status afterwards."""
-        response = self._stub.CancelJob(pb.CancelJobRequest(job_id=job_id), timeout=self._timeout_s)
+        response = self._stub.CancelJob(
+            pb.CancelJobRequest(job_id=job_id),
+            timeout=self._timeout_s,
+            metadata=codec.trace_metadata(),
+        )
         return pb.JobStatus.Name(response.status)
 
     def stream(self, items: Iterable[StreamItem]) -> Iterator[StreamResult]:
         """Sends items on one stream; yields each answer as it comes (not in send order)."""
         requests = (codec.stream_request(item) for item in items)
-        for response in self._stub.StreamPredict(requests, timeout=self._timeout_s):
+        for response in self._stub.StreamPredict(
+            requests, timeout=self._timeout_s, metadata=codec.trace_metadata()
+        ):
             yield codec.stream_result(response)
 
     def list_jobs(self, status: str = "", limit: int = 100) -> list[JobSummary]:
         """Jobs, newest first; status "FAILED" lists the dead letters."""
         request = pb.ListJobsRequest(status=status or "JOB_STATUS_UNSPECIFIED", limit=limit)
-        response = self._stub.ListJobs(request, timeout=self._timeout_s)
+        response = self._stub.ListJobs(
+            request, timeout=self._timeout_s, metadata=codec.trace_metadata()
+        )
         return [codec.job_summary(job) for job in response.jobs]
 
     def list_models(self) -> pb.ListModelsResponse:
-        return self._stub.ListModels(pb.ListModelsRequest(), timeout=self._timeout_s)
+        return self._stub.ListModels(
+            pb.ListModelsRequest(), timeout=self._timeout_s, metadata=codec.trace_metadata()
+        )
 
     def model_metadata(self, model: str) -> pb.GetModelMetadataResponse:
         request = pb.GetModelMetadataRequest(model=model)
-        return self._stub.GetModelMetadata(request, timeout=self._timeout_s)
+        return self._stub.GetModelMetadata(
+            request, timeout=self._timeout_s, metadata=codec.trace_metadata()
+        )
 
     def close(self) -> None:
         self._channel.close()

@@ -15,7 +15,6 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from tensorgate.v1 import inference_pb2, inference_pb2_grpc
 
 from server.api.health import HealthReporter
 from server.api.servicer import InferenceServicer
@@ -24,6 +23,8 @@ from server.dataplane import DataPlane
 from server.jobs.runner import JobRunner
 from server.model import ModelState, ServedModel
 from server.repository import discover
+from server.telemetry import Metrics, Telemetry, Tracing
+from tensorgate.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,12 @@ log = logging.getLogger(__name__)
 class TensorgateServer:
     """One gRPC server over one data plane. Construction does no I/O; call start()."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, tracing: Tracing | None = None) -> None:
+        """tracing: defaults to the standard OTEL_* environment (off unless configured)."""
         self.config = config
+        self._tracing = tracing
+        self.telemetry: Telemetry | None = None
+        self.metrics_port = 0
         self.models: dict[str, ServedModel] = {}
         self.port = 0
         self.health = HealthReporter()
@@ -47,6 +52,9 @@ class TensorgateServer:
         config = self.config
         model_configs = await asyncio.to_thread(discover, config.model_repository, config.models)
         self.models = {c.name: ServedModel(c) for c in model_configs}
+        tracing = self._tracing if self._tracing is not None else Tracing.from_env()
+        self.telemetry = Telemetry(tracing, Metrics())
+        self.telemetry.metrics.watch(self._state)
         self._jobs = JobRunner(
             self.models,
             config.max_pending_jobs,
@@ -55,8 +63,9 @@ class TensorgateServer:
             config.job_max_attempts,
             config.job_retry_base_s,
             config.max_finished_jobs,
+            self.telemetry,
         )
-        self.plane = DataPlane(self.models, self._jobs)
+        self.plane = DataPlane(self.models, self._jobs, self.telemetry)
 
         server = grpc.aio.server(
             options=config.grpc_options(),
@@ -91,6 +100,9 @@ class TensorgateServer:
             failures = "; ".join(m.failure for m in self.models.values())
             raise ConfigError(f"no model could be loaded: {failures}")
         self._jobs.start()
+        if config.metrics_port >= 0:
+            self.metrics_port = self.telemetry.metrics.serve(config.metrics_port, config.host)
+            log.info("metrics on http://%s:%d/metrics", config.host, self.metrics_port)
         await self.health.set_server(True)
         log.info("serving %s on port %d", ", ".join(m.name for m in ready), self.port)
 
@@ -102,7 +114,7 @@ class TensorgateServer:
             model.fail(str(exc))
             await asyncio.to_thread(model.close)
             return
-        model.start(on_health=lambda healthy: self._model_health(model, healthy))
+        model.start(lambda healthy: self._model_health(model, healthy), self.telemetry)
         await self.health.set_model(model.name, True)
 
     def _model_health(self, model: ServedModel, healthy: bool) -> None:
@@ -151,8 +163,28 @@ class TensorgateServer:
         for model in self.models.values():
             if model.state is ModelState.READY:
                 await model.stop()
+        if self.telemetry is not None:
+            self.telemetry.metrics.close()
+            await asyncio.to_thread(self.telemetry.tracing.shutdown)  # flushes pending spans
         self._stopped.set()
         log.info("stopped")
+
+    def _state(self) -> dict[str, dict[str, int]]:
+        """Current state for the metrics scrape (runs on the scrape thread: reads only)."""
+        queue_depth, busy, instances = {}, {}, {}
+        for name, model in list(self.models.items()):
+            if model.state is ModelState.READY:
+                batcher = model.batcher
+                queue_depth[name] = batcher.queued_requests
+                busy[name] = model.busy_instances
+                instances[name] = model.instance_total
+        jobs = self._jobs.store.count_by_status() if self._jobs is not None else {}
+        return {
+            "queue_depth": queue_depth,
+            "busy_instances": busy,
+            "instances": instances,
+            "jobs": jobs,
+        }
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

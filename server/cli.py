@@ -83,6 +83,12 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ig
             default=kind(_env(flag.upper(), str(getattr(defaults, flag)))),
             help=help_text,
         )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(_env("METRICS_PORT", "8002")),
+        help="Prometheus scrape endpoint (-1 = off)",
+    )
     serve.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     serve.set_defaults(func=_serve)
 
@@ -102,6 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_pending_jobs=args.max_pending_jobs,
         job_ttl_s=args.job_ttl_s,
         max_finished_jobs=args.max_finished_jobs,
+        metrics_port=args.metrics_port,
         job_max_attempts=args.job_max_attempts,
         job_retry_base_s=args.job_retry_base_s,
         shutdown_grace_s=args.shutdown_grace_s,

@@ -35,6 +35,8 @@ class ServerConfig:
     job_retry_base_s: float = 0.1
     max_result_wait_s: float = 60.0
     shutdown_grace_s: float = 10.0
+    # Prometheus scrape endpoint; -1 = off, 0 = any free port (the CLI defaults to 8002).
+    metrics_port: int = -1
     # gRPC core's own limit on calls in progress (streams count as one each while open).
     max_concurrent_rpcs: int = 10_000
     # Ping idle connections this often; drop a peer that does not answer in keepalive_timeout_s.

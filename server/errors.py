@@ -8,19 +8,31 @@ from __future__ import annotations
 
 
 class TensorgateError(Exception):
-    """Base of every error that is reported to the caller with its message."""
+    """Base of every error that is reported to the caller with its message.
+
+    `code` is the canonical status name (as in google.rpc.Code), used for metric labels; the
+    transport's own mapping lives in server/api/status.py.
+    """
+
+    code = "INTERNAL"
 
 
 class InvalidArgument(TensorgateError):
     """The request is malformed or does not fit the model."""
 
+    code = "INVALID_ARGUMENT"
+
 
 class NotFound(TensorgateError):
     """An unknown model, or an unknown or expired job."""
 
+    code = "NOT_FOUND"
+
 
 class ResourceExhausted(TensorgateError):
     """A bounded queue or limit is full; the caller may retry later."""
+
+    code = "RESOURCE_EXHAUSTED"
 
     def __init__(self, message: str, retry_after_s: float = 0.1) -> None:
         super().__init__(message)
@@ -30,14 +42,22 @@ class ResourceExhausted(TensorgateError):
 class DeadlineExceeded(TensorgateError):
     """The request's deadline passed before it ran."""
 
+    code = "DEADLINE_EXCEEDED"
+
 
 class Cancelled(TensorgateError):
     """The caller, or an operator, cancelled the request."""
+
+    code = "CANCELLED"
 
 
 class Unavailable(TensorgateError):
     """The server or the model cannot take work now (shutting down, not loaded)."""
 
+    code = "UNAVAILABLE"
+
 
 class Internal(TensorgateError):
     """The engine failed while running the request."""
+
+    code = "INTERNAL"

@@ -20,6 +20,7 @@ from server.datatypes import NUMPY_BY_DATATYPE
 from server.errors import InvalidArgument, Unavailable
 from server.executor.instance import Instance
 from server.executor.pool import InstancePool, make_instance
+from server.telemetry import Telemetry
 from server.tensors import TensorInput, TensorSpec, decode_inputs
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,11 @@ class ServedModel:
             }
             instance.run(inputs, names)
 
-    def start(self, on_health: Callable[[bool], None] = lambda healthy: None) -> None:
+    def start(
+        self,
+        on_health: Callable[[bool], None] = lambda healthy: None,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         """Starts the batcher on the running loop. on_health hears when the engine stops (or
         starts again) working."""
         self._pool = InstancePool(self._instances)
@@ -127,11 +132,19 @@ class ServedModel:
         if self.max_batch_size != config.max_batch_size:
             config = _with_max_batch(config, self.max_batch_size)
         self._batcher = DynamicBatcher(
-            config, [s.name for s in self.outputs], self._pool, self._replace, on_health
+            config, [s.name for s in self.outputs], self._pool, self._replace, on_health, telemetry
         )
         self._task = asyncio.create_task(self._batcher.run(), name=f"batcher-{self.name}")
         self._task.add_done_callback(self._batcher_ended)
         self.state = ModelState.READY
+
+    @property
+    def busy_instances(self) -> int:
+        return self._pool.busy if self._pool is not None else 0
+
+    @property
+    def instance_total(self) -> int:
+        return len(self._pool.instances) if self._pool is not None else 0
 
     @property
     def healthy(self) -> bool:

@@ -41,8 +41,8 @@ def start_server(repository: Path) -> Iterator[Callable[..., ServerThread]]:
     """Starts a dedicated server with ServerConfig overrides; stopped after the test."""
     started: list[ServerThread] = []
 
-    def start(**overrides: Any) -> ServerThread:
-        running = ServerThread(_config(repository, **overrides)).start()
+    def start(tracing: Any = None, **overrides: Any) -> ServerThread:
+        running = ServerThread(_config(repository, **overrides), tracing).start()
         started.append(running)
         return running
 

@@ -23,9 +23,9 @@ T = TypeVar("T")
 class ServerThread:
     """Starts TensorgateServer in a thread; `target` is its 127.0.0.1 address."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, tracing: Any = None) -> None:
         self.config = config
-        self.server = TensorgateServer(config)
+        self.server = TensorgateServer(config, tracing)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 

@@ -6,10 +6,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from tensorgate.v1 import inference_pb2 as pb
 
 from server.datatypes import datatype_of
 from server.tensors import TensorInput
+from tensorgate.v1 import inference_pb2 as pb
 
 
 def tensor_inputs(tensors: Iterable[pb.Tensor]) -> list[TensorInput]:

@@ -10,22 +10,24 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from tensorgate.v1 import inference_pb2 as pb
-from tensorgate.v1 import inference_pb2_grpc as pb_grpc
+from opentelemetry.trace import Span
 
 from server.api import codec
-from server.api.status import abort, error_message
+from server.api.status import abort, as_domain_error, error_message, status_of
 from server.batching.request import Outputs
 from server.dataplane import DataPlane
 from server.errors import Cancelled, InvalidArgument
 from server.jobs.job import Job, JobStatus
 from server.model import ModelState
+from server.telemetry import Tracing
+from tensorgate.v1 import inference_pb2 as pb
+from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext, Span | None], Awaitable[Resp]]
 
 _MAX_LISTED_JOBS = 1000
 
@@ -33,20 +35,40 @@ _MAX_LISTED_JOBS = 1000
 _NO_DEADLINE_S = 10**8
 
 
-def _unary(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Maps every failure of a unary handler to its status code in one place."""
+def _rpc(
+    method: Handler[Req, Resp],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
+    """A unary handler with its span (passed in as `span`) and every failure mapped to its
+    status code in one place."""
+    name = method.__name__
 
     @functools.wraps(method)
     async def handler(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        tracing: Tracing = self._tracing
+        span = tracing.start_rpc(name, context.invocation_metadata(), **_span_attributes(request))
         try:
-            return await method(self, request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+            response = await method(self, request, context, span)
+        except asyncio.CancelledError:
+            tracing.end_rpc(span, grpc.StatusCode.CANCELLED.value[0], "the caller cancelled")
             raise
         except Exception as exc:
-            await abort(context, exc)
+            error = as_domain_error(exc)
+            tracing.end_rpc(span, status_of(error).value[0], str(error))
+            await abort(context, error)
             raise AssertionError("unreachable: abort raises") from exc
+        tracing.end_rpc(span, 0)
+        return response
 
     return handler
+
+
+def _span_attributes(request: Any) -> dict[str, str]:
+    inner = getattr(request, "request", request)  # SubmitRequest wraps a PredictRequest
+    return {
+        "model": getattr(inner, "model", ""),
+        "request_id": getattr(inner, "id", ""),
+        "job.id": getattr(request, "job_id", ""),
+    }
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -61,20 +83,41 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, plane: DataPlane, max_inflight_per_stream: int) -> None:
         self._plane = plane
         self._max_inflight = max_inflight_per_stream
+        self._tracing = plane.tracing
+        self._metrics = plane.telemetry.metrics
 
-    @_unary
+    def _count(self, model: str, kind: str, error: BaseException | None, started: float) -> None:
+        label = self._plane.metric_model(model)
+        code = "OK" if error is None else as_domain_error(error).code
+        self._metrics.requests.labels(label, kind, code).inc()
+        self._metrics.request_seconds.labels(label, kind).observe(time.perf_counter() - started)
+
+    @_rpc
     async def Predict(
-        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext, span: Span | None
     ) -> pb.PredictResponse:
-        outputs = await self._plane.predict(
-            request.model,
-            codec.tensor_inputs(request.inputs),
-            request.requested_outputs,
-            deadline_of(context),
-            request.id,
-            codec.parameters(request.parameters),
-        )
-        return _response(request.model, request.id, outputs)
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            outputs = await self._plane.predict(
+                request.model,
+                codec.tensor_inputs(request.inputs),
+                request.requested_outputs,
+                deadline_of(context),
+                request.id,
+                codec.parameters(request.parameters),
+                span,
+            )
+            encoding_ns = time.time_ns() if span is not None else 0
+            response = _response(request.model, request.id, outputs)
+            if span is not None:
+                self._tracing.stage(span, "encode", encoding_ns, time.time_ns())
+            return response
+        except BaseException as exc:
+            error = exc if not isinstance(exc, asyncio.CancelledError) else Cancelled("cancelled")
+            raise
+        finally:
+            self._count(request.model, "unary", error, started)
 
     async def StreamPredict(
         self,
@@ -91,16 +134,40 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         futures: set[asyncio.Future[Outputs]] = set()
         outstanding = 0
         deadline = deadline_of(context)
+        tracing = self._tracing
+        call_span = tracing.start_rpc("StreamPredict", context.invocation_metadata())
+        self._metrics.open_streams.inc()
 
-        def answered(message: pb.PredictRequest, future: asyncio.Future[Outputs]) -> None:
+        def respond(
+            message: pb.PredictRequest,
+            span: Span | None,
+            started: float,
+            outputs: Outputs | None,
+            error: BaseException | None,
+        ) -> None:
+            encoding_ns = time.time_ns() if span is not None else 0
+            if error is None and outputs is not None:
+                response = _response(message.model, message.id, outputs)
+                outbox.put_nowait(pb.StreamPredictResponse(id=message.id, response=response))
+                tracing.stage(span, "encode", encoding_ns, time.time_ns())
+            else:
+                outbox.put_nowait(_stream_error(message.id, error or Cancelled("cancelled")))
+            tracing.end(span, error)
+            self._count(message.model, "stream", error, started)
+
+        def answered(
+            message: pb.PredictRequest,
+            span: Span | None,
+            started: float,
+            future: asyncio.Future[Outputs],
+        ) -> None:
             futures.discard(future)
             if future.cancelled():
-                outbox.put_nowait(_stream_error(message.id, Cancelled("request cancelled")))
+                respond(message, span, started, None, Cancelled("request cancelled"))
             elif (exc := future.exception()) is not None:
-                outbox.put_nowait(_stream_error(message.id, exc))
+                respond(message, span, started, None, exc)
             else:
-                response = _response(message.model, message.id, future.result())
-                outbox.put_nowait(pb.StreamPredictResponse(id=message.id, response=response))
+                respond(message, span, started, future.result(), None)
 
         async def read() -> None:
             nonlocal outstanding
@@ -108,25 +175,32 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 async for message in request_iterator:
                     await slots.acquire()
                     outstanding += 1
+                    started = time.perf_counter()
+                    span = tracing.start_child(
+                        call_span, "request", model=message.model, request_id=message.id
+                    )
                     try:
-                        model, request = self._plane.new_request(
+                        request = self._plane.start(
                             message.model,
                             codec.tensor_inputs(message.inputs),
                             message.requested_outputs,
                             deadline,
                             message.id,
                             codec.parameters(message.parameters),
+                            span,
                         )
-                        self._plane.enqueue(model, request)
                     except Exception as exc:
-                        outbox.put_nowait(_stream_error(message.id, exc))
+                        respond(message, span, started, None, exc)
                         continue
                     futures.add(request.future)
-                    request.future.add_done_callback(functools.partial(answered, message))
+                    request.future.add_done_callback(
+                        functools.partial(answered, message, span, started)
+                    )
             finally:
                 outbox.put_nowait(None)  # the client half-closed (or the read failed)
 
         reader = asyncio.create_task(read(), name="stream-reader")
+        cancelled = False
         try:
             reader_done = False
             while not reader_done or outstanding:
@@ -139,15 +213,21 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 outstanding -= 1
                 slots.release()
                 yield item
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
         finally:
             # The client went away or everything is answered; either way nothing should run on.
             reader.cancel()
             for future in list(futures):
                 future.cancel()
+            self._metrics.open_streams.dec()
+            code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.OK
+            tracing.end_rpc(call_span, code.value[0])
 
-    @_unary
+    @_rpc
     async def Submit(
-        self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext
+        self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext, span: Span | None
     ) -> pb.SubmitResponse:
         inner = request.request
         job, deduplicated, estimate_s = self._plane.submit(
@@ -157,6 +237,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             inner.id,
             codec.parameters(inner.parameters),
             request.idempotency_key,
+            span,
         )
         return pb.SubmitResponse(
             job_id=job.id,
@@ -165,23 +246,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             deduplicated=deduplicated,
         )
 
-    @_unary
+    @_rpc
     async def GetResult(
-        self, request: pb.GetResultRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetResultRequest, context: grpc.aio.ServicerContext, span: Span | None
     ) -> pb.GetResultResponse:
         job = await self._plane.get_result(request.job_id, max(request.wait_timeout_seconds, 0.0))
+        self._tracing.link_to(span, job.span)  # the trace of the job's run
         return _job_result(job)
 
-    @_unary
+    @_rpc
     async def CancelJob(
-        self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext, span: Span | None
     ) -> pb.CancelJobResponse:
         job = self._plane.cancel_job(request.job_id)
         return pb.CancelJobResponse(job_id=job.id, status=_job_status(job.status))
 
-    @_unary
+    @_rpc
     async def ListJobs(
-        self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext, span: Span | None
     ) -> pb.ListJobsResponse:
         if request.limit < 0 or request.limit > _MAX_LISTED_JOBS:
             raise InvalidArgument(f"limit must be between 0 and {_MAX_LISTED_JOBS}")
@@ -205,9 +287,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             ]
         )
 
-    @_unary
+    @_rpc
     async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext, span: Span | None
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
             models=[
@@ -218,9 +300,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             ]
         )
 
-    @_unary
+    @_rpc
     async def GetModelMetadata(
-        self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.GetModelMetadataRequest,
+        context: grpc.aio.ServicerContext,
+        span: Span | None,
     ) -> pb.GetModelMetadataResponse:
         model = self._plane.model(request.model)
         return pb.GetModelMetadataResponse(

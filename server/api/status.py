@@ -1,4 +1,5 @@
-"""The one table from domain errors to gRPC status codes, and helpers to report them."""
+"""Domain errors as gRPC statuses (each error class names its canonical code), and helpers to
+report them."""
 
 from __future__ import annotations
 
@@ -6,40 +7,19 @@ import logging
 import secrets
 
 import grpc
+
+from server.errors import Internal, ResourceExhausted, TensorgateError
 from tensorgate.v1 import inference_pb2 as pb
 
-from server.errors import (
-    Cancelled,
-    DeadlineExceeded,
-    Internal,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    TensorgateError,
-    Unavailable,
-)
-
 log = logging.getLogger(__name__)
-
-STATUS_BY_ERROR: dict[type[TensorgateError], grpc.StatusCode] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Cancelled: grpc.StatusCode.CANCELLED,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-    Internal: grpc.StatusCode.INTERNAL,
-}
 
 # Trailing metadata key telling a refused caller when to retry.
 RETRY_AFTER_MS_KEY = "retry-after-ms"
 
 
 def status_of(error: BaseException) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
-        code = STATUS_BY_ERROR.get(cls)  # type: ignore[call-overload]
-        if code is not None:
-            return code
+    if isinstance(error, TensorgateError):
+        return grpc.StatusCode[error.code]
     return grpc.StatusCode.INTERNAL
 
 

@@ -31,6 +31,7 @@ from server.errors import (
 )
 from server.executor.instance import Instance
 from server.executor.pool import InstancePool
+from server.telemetry import Metrics, Telemetry, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,20 @@ class DynamicBatcher:
         pool: InstancePool,
         replace_instance: Callable[[Instance], Coroutine[Any, Any, None]],
         on_health: Callable[[bool], None] = lambda healthy: None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._config = config
         self._model_outputs = tuple(output_names)
         self._pool = pool
         self._replace_instance = replace_instance
         self._on_health = on_health
+        telemetry = telemetry or Telemetry(Tracing(None), Metrics())
+        self._tracing = telemetry.tracing
+        metrics, model = telemetry.metrics, config.name
+        self._m_queue = metrics.queue_seconds.labels(model)
+        self._m_compute = metrics.compute_seconds.labels(model)
+        self._m_rows = metrics.batch_rows.labels(model)
+        self._m_busy = metrics.instance_busy_seconds
         self.healthy = True
         self._consecutive_failures = 0
         self._queue: collections.deque[InferenceRequest] = collections.deque()
@@ -112,6 +121,9 @@ class DynamicBatcher:
                 f"({self._config.queue_capacity} requests waiting); retry later"
             )
         request.enqueued_at = time.monotonic()
+        if request.trace is not None:
+            request.trace.enqueued_ns = time.time_ns()
+            request.trace.queue_depth = len(self._queue)
         self._queue.append(request)
         self._queued_rows += request.rows
         self._arrived.set()
@@ -190,7 +202,11 @@ class DynamicBatcher:
                 continue
             taken.append(request)
             rows += request.rows
-            self.stats.queue_s_total += now - request.enqueued_at
+            waited_s = now - request.enqueued_at
+            self.stats.queue_s_total += waited_s
+            self._m_queue.observe(waited_s)
+            if request.trace is not None:
+                request.trace.taken_ns = time.time_ns()
         if not taken:
             return None
         wanted = set().union(*(r.output_names for r in taken))
@@ -218,6 +234,7 @@ class DynamicBatcher:
         down to single requests, so only the requests that cause the failure fail."""
         config = self._config
         started = time.perf_counter()
+        started_ns = time.time_ns() if self._tracing.enabled else 0
         try:
             async with asyncio.timeout(config.execution_timeout_s or None):
                 result = await instance.execute(batch)
@@ -251,12 +268,35 @@ class DynamicBatcher:
                 )
             self._fail(batch, exc)
             self._note_engine(ok=False)
+            self._trace(batch, instance, started_ns, {}, exc)
         else:
-            self._record(batch, time.perf_counter() - started, result.stage_s.get("compute", 0.0))
+            elapsed_s = time.perf_counter() - started
+            compute_s = result.stage_s.get("compute", 0.0)
+            self._record(batch, elapsed_s, compute_s)
+            self._m_rows.observe(batch.rows)
+            self._m_compute.observe(compute_s)
+            self._m_busy.labels(config.name, str(instance.index)).inc(elapsed_s)
+            self._trace(batch, instance, started_ns, result.stage_s)
             for request, outputs in zip(batch.requests, result.outputs, strict=True):
                 if not request.future.done():
                     request.future.set_result(outputs)
             self._note_engine(ok=True)
+
+    def _trace(
+        self,
+        batch: Batch,
+        instance: Instance,
+        started_ns: int,
+        stage_s: dict[str, float],
+        error: BaseException | None = None,
+    ) -> None:
+        if not self._tracing.enabled:
+            return
+        traces = [r.trace for r in batch.requests if r.trace is not None]
+        self._tracing.batch_done(
+            self._config.name, traces, batch.rows, instance.index, started_ns, time.time_ns(),
+            stage_s, error,
+        )  # fmt: skip
 
     async def _run_halves(self, instance: Instance, batch: Batch) -> None:
         halves = batch.halves()

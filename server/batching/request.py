@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from server.telemetry.tracing import RequestTrace
+
 Outputs = dict[str, np.ndarray]
 
 
@@ -31,3 +33,5 @@ class InferenceRequest:
     enqueued_at: float = 0.0
     # Called on the loop when the request is taken into a batch (a job turns RUNNING).
     on_start: Callable[[], None] | None = None
+    # Set when the request is traced (sampled): its span and stage times.
+    trace: RequestTrace | None = None

@@ -6,6 +6,8 @@ import asyncio
 import enum
 from dataclasses import dataclass, field
 
+from opentelemetry.trace import Span
+
 from server.batching.request import InferenceRequest, Outputs
 from server.errors import TensorgateError
 
@@ -41,4 +43,6 @@ class Job:
     expires_at: float | None = None  # set when the job finishes
     # Engine runs so far; a retryable failure runs the job again (see JobRunner).
     attempts: int = 1
+    # The `job` span (child of the Submit call's span) while tracing.
+    span: Span | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import random
 import secrets
@@ -16,6 +17,8 @@ import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from opentelemetry.trace import Span
 
 from server.batching.request import InferenceRequest, Outputs
 from server.errors import (
@@ -30,6 +33,7 @@ from server.errors import (
 from server.jobs.job import Job, JobStatus
 from server.jobs.store import MemoryJobStore
 from server.model import ServedModel
+from server.telemetry import Metrics, Telemetry, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,7 @@ class JobRunner:
         max_attempts: int = 3,
         retry_base_s: float = 0.1,
         max_finished_jobs: int = 100_000,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._models = models
         self._max_pending = max_pending_jobs
@@ -69,13 +74,20 @@ class JobRunner:
         self._max_attempts = max_attempts
         self._retry_base_s = retry_base_s
         self._retrying = True  # off while shutting down
+        telemetry = telemetry or Telemetry(Tracing(None), Metrics())
+        self._tracing = telemetry.tracing
+        self._metrics = telemetry.metrics
         self.store = MemoryJobStore(max_finished_jobs)
         self.unfinished = 0
         self._backlogs: dict[str, _Backlog] = {}
+        # The future a finished job's request keeps: done, holding nothing.
+        self._settled: asyncio.Future[Outputs] | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
         """Starts a feeder for every ready model, and the sweeper of expired jobs."""
+        self._settled = asyncio.get_running_loop().create_future()
+        self._settled.set_result({})
         for name, model in self._models.items():
             slots = 2 * model.max_batch_size * model.config.instance_count
             backlog = _Backlog(model, asyncio.Semaphore(slots))
@@ -96,7 +108,11 @@ class JobRunner:
                     )
 
     def submit(
-        self, model: ServedModel, request: InferenceRequest, idempotency_key: str = ""
+        self,
+        model: ServedModel,
+        request: InferenceRequest,
+        idempotency_key: str = "",
+        span: Span | None = None,
     ) -> tuple[Job, bool, float]:
         """Accepts a validated request as a job; returns (job, deduplicated, estimated wait s)."""
         backlog = self._backlogs.get(model.name)
@@ -120,6 +136,8 @@ class JobRunner:
             idempotency_key=idempotency_key,
             created_at=time.monotonic(),
         )
+        job.span = self._tracing.start_child(span, "job", model=model.name, **{"job.id": job.id})
+        request.trace = self._tracing.request_trace(job.span, 0)
         self._watch(job, request)
         self.store.add(job)
         self.unfinished += 1
@@ -202,6 +220,7 @@ class JobRunner:
             future=asyncio.get_running_loop().create_future(),
             id=old.id,
             parameters=old.parameters,
+            trace=self._tracing.request_trace(job.span, 0),
         )
         self._watch(job, job.request)
         job.attempts += 1
@@ -244,8 +263,21 @@ class JobRunner:
             job.outputs = {name: array.copy() for name, array in future.result().items()}
         job.finished_at = time.monotonic()
         job.expires_at = job.finished_at + self._ttl_s
-        # A finished job no longer needs its inputs; its outputs were copied above.
-        job.request.inputs = {}
+        code = job.error.code if job.error is not None else "OK"
+        self._metrics.requests.labels(job.model, "job", code).inc()
+        self._metrics.request_seconds.labels(job.model, "job").observe(
+            job.finished_at - job.created_at
+        )
+        if job.span is not None:
+            job.span.set_attribute("tensorgate.job.status", job.status.value)
+            job.span.set_attribute("tensorgate.job.attempts", job.attempts)
+            self._tracing.end(job.span, job.error if job.status is JobStatus.FAILED else None)
+        # A finished job keeps only what GetResult shows: not its inputs, and not the future,
+        # whose result holds views that would keep the whole batch's outputs alive.
+        settled = self._settled if self._settled is not None else job.request.future
+        job.request = dataclasses.replace(
+            job.request, inputs={}, future=settled, on_start=None, trace=None
+        )
         self.store.finished(job)
         self.unfinished -= 1
         job.finished.set()

@@ -56,6 +56,13 @@ class MemoryJobStore:
         found.sort(key=lambda job: job.created_at, reverse=True)
         return found[:limit]
 
+    def count_by_status(self) -> dict[str, int]:
+        """Jobs kept, by status name (read by the metrics scrape, from another thread)."""
+        counts = dict.fromkeys((s.value for s in JobStatus), 0)
+        for job in list(self._jobs.values()):
+            counts[job.status.value] += 1
+        return counts
+
     def unfinished(self) -> list[Job]:
         return [job for job in self._jobs.values() if not job.status.finished]
 

@@ -10,9 +10,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from tensorgate.v1 import inference_pb2 as pb
 
 from client import TensorgateClient
+from tensorgate.v1 import inference_pb2 as pb
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,16 @@
+"""Observability: OpenTelemetry spans for every stage of a request, and Prometheus metrics.
+
+Both are reached through one Telemetry object that the app builds and hands to the servicer and
+the batchers; with tracing off, the tracing hooks return at their first line.
+"""
+
+from server.telemetry.metrics import Metrics
+from server.telemetry.tracing import RequestTrace, Tracing
+
+__all__ = ["Metrics", "RequestTrace", "Telemetry", "Tracing"]
+
+
+class Telemetry:
+    def __init__(self, tracing: Tracing, metrics: Metrics) -> None:
+        self.tracing = tracing
+        self.metrics = metrics

@@ -1,0 +1,114 @@
+"""Prometheus metrics on a scrape endpoint (--metrics-port), in a registry of their own.
+
+Counters and histograms are updated where things happen; gauges that describe current state
+(queue depth, busy instances, jobs by status) are read from the live objects at scrape time, so
+the request path pays nothing for them.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+_LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+)  # fmt: skip
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """The server's metrics. Constructing it does no I/O; serve() starts the HTTP endpoint."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "tensorgate_requests",
+            "Inference requests answered, by model, RPC kind and gRPC status code",
+            ["model", "kind", "code"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "tensorgate_request_duration_seconds",
+            "Time from a request's arrival to its answer",
+            ["model", "kind"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "tensorgate_queue_wait_seconds",
+            "Time a request waited in its model's queue before joining a batch",
+            ["model"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.compute_seconds = Histogram(
+            "tensorgate_batch_compute_seconds",
+            "Engine time of one batch (CUDA-event time on GPU instances)",
+            ["model"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "tensorgate_batch_size_rows",
+            "Rows per batch sent to an instance",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.instance_busy_seconds = Counter(
+            "tensorgate_instance_busy_seconds",
+            "Time instances spent running batches; rate() over it is utilization",
+            ["model", "instance"],
+            registry=r,
+        )
+        self.open_streams = Gauge(
+            "tensorgate_open_streams", "StreamPredict calls open now", registry=r
+        )
+        self._server: Any = None
+        self._lock = threading.Lock()
+
+    def watch(self, state: Callable[[], Mapping[str, Any]]) -> None:
+        """Reads current state at scrape time: state() returns {"queue_depth": {model: n},
+        "busy_instances": {model: n}, "instances": {model: n}, "jobs": {status: n}}."""
+        self.registry.register(_StateCollector(state))
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Starts the scrape endpoint on a thread; returns the port (useful with port 0)."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class _StateCollector(Collector):
+    def __init__(self, state: Callable[[], Mapping[str, Any]]) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        state = self._state()
+        for key, name, text, label in (
+            ("queue_depth", "tensorgate_queue_depth", "Requests waiting in a model queue", "model"),
+            ("busy_instances", "tensorgate_instances_busy", "Instances running a batch", "model"),
+            ("instances", "tensorgate_instances", "Instances loaded", "model"),
+            ("jobs", "tensorgate_jobs", "Jobs kept by the server, by status", "status"),
+        ):
+            family = GaugeMetricFamily(name, text, labels=[label])
+            for value_label, value in sorted(state.get(key, {}).items()):
+                family.add_metric([value_label], value)
+            yield family
+
+
+def count_by(items: Any, key: Callable[[Any], str]) -> dict[str, int]:
+    return dict(collections.Counter(key(item) for item in items))
