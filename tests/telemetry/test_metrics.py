@@ -52,7 +52,10 @@ def test_scraped_counts_match_the_traffic(start_server: Callable[..., ServerThre
     assert requests("_unknown", "unary", "NOT_FOUND") == 1  # unknown names do not become labels
     assert requests("mlp", "job", "OK") == 3
     assert requests("mlp", "stream", "OK") == 4
-    assert during[("tensorgate_request_duration_seconds_count", (("kind", "unary"), ("model", "mlp")))] == 7
+    assert (
+        during[("tensorgate_request_duration_seconds_count", (("kind", "unary"), ("model", "mlp")))]
+        == 7
+    )
     rows = during[("tensorgate_batch_size_rows_sum", (("model", "mlp"),))]
     assert rows == 5 + 3 + 4  # every accepted row ran in some batch
     batches = during[("tensorgate_batch_size_rows_count", (("model", "mlp"),))]

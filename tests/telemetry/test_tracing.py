@@ -24,7 +24,9 @@ X = np.ones((1, 256), np.float32)
 
 
 @pytest.fixture
-def traced(start_server: Callable[..., ServerThread]) -> Iterator[tuple[ServerThread, InMemorySpanExporter, Any]]:
+def traced(
+    start_server: Callable[..., ServerThread],
+) -> Iterator[tuple[ServerThread, InMemorySpanExporter, Any]]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -143,7 +145,9 @@ def test_a_failed_call_carries_the_error_status(traced: Any) -> None:
             c.predict("mlp", {"input": np.ones((1, 3), np.float32)})
     [rpc] = _wait_for(exporter, "tensorgate.v1.Inference/Predict")
     assert rpc.status.status_code == StatusCode.ERROR
-    assert (rpc.attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert (rpc.attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[
+        0
+    ]
     assert "has shape [1,3]" in (rpc.status.description or "")
 
 

@@ -1,0 +1,62 @@
+"""Start and stop `tensorgate serve` processes for benchmarks (127.0.0.1 only)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ServeProcess:
+    def __init__(
+        self,
+        repository: Path,
+        models: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        args = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+                "--metrics-port", "-1", "--model-repository", str(repository), *extra_args]  # fmt: skip
+        if models:
+            args += ["--models", ",".join(models)]
+        self.process = subprocess.Popen(
+            args, cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+        )
+        assert self.process.stderr is not None
+        self.port = 0
+        self.log: list[str] = []
+        while line := self.process.stderr.readline():
+            self.log.append(line)
+            if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+                self.port = int(match.group(1))
+            if " INFO server.app: serving " in line:
+                break
+        else:
+            raise RuntimeError("server did not start:\n" + "".join(self.log))
+        # Keep draining the log so the pipe never fills.
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log.append(line)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    def stop(self) -> int:
+        self.process.terminate()
+        return self.process.wait(60)
