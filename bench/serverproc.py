@@ -21,8 +21,10 @@ class ServeProcess:
         env: Mapping[str, str] | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
-        args = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-                "--metrics-port", "-1", "--model-repository", str(repository), *extra_args]  # fmt: skip
+        args = [
+            sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+            "--metrics-port", "-1", "--model-repository", str(repository), *extra_args,
+        ]  # fmt: skip
         if models:
             args += ["--models", ",".join(models)]
         self.process = subprocess.Popen(

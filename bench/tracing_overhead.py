@@ -80,8 +80,11 @@ def main() -> int:
                 step += 1
                 server = ServeProcess(Path(tmp), ("mlp",), traced_env if mode == "on" else {})
                 try:
-                    result = run(LoadSpec(server.target, "mlp", concurrency=args.concurrency,
-                                          seconds=args.seconds, processes=args.processes))  # fmt: skip
+                    spec = LoadSpec(
+                        server.target, "mlp", concurrency=args.concurrency,
+                        seconds=args.seconds, processes=args.processes,
+                    )  # fmt: skip
+                    result = run(spec)
                 finally:
                     server.stop()
                 results[mode].append(result.as_dict())

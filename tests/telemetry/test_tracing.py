@@ -5,6 +5,7 @@ carry the error status."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -78,7 +79,7 @@ def test_unary_span_tree_continues_the_callers_trace(traced: Any) -> None:
     stages = _children(spans, rpc)
     assert set(stages) == {"validate", "queue", "execute", "encode"}
     order = [stages[n] for n in ("validate", "queue", "execute", "encode")]
-    for earlier, later in zip(order, order[1:], strict=False):
+    for earlier, later in itertools.pairwise(order):
         assert earlier.start_time <= later.start_time
         assert earlier.end_time <= later.end_time
     assert rpc.start_time <= order[0].start_time and order[-1].end_time <= rpc.end_time
