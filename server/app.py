@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server.api.health import HealthReporter
+from server.api.rpc import Frontend
 from server.api.servicer import InferenceServicer
 from server.config import ConfigError, ServerConfig
 from server.dataplane import DataPlane
@@ -71,9 +72,8 @@ class TensorgateServer:
             options=config.grpc_options(),
             maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
         )
-        inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.plane, config.max_inflight_per_stream), server
-        )
+        frontend = Frontend(self.plane, config.max_inflight_per_stream)
+        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(frontend), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(
             (

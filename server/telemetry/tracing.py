@@ -90,7 +90,11 @@ class Tracing:
     # --- RPC spans -------------------------------------------------------------------------
 
     def start_rpc(
-        self, method: str, metadata: Iterable[tuple[str, Any]] | None, **attributes: Any
+        self,
+        method: str,
+        metadata: Iterable[tuple[str, Any]] | None,
+        service: str = RPC_SERVICE,
+        **attributes: Any,
     ) -> Span | None:
         """A SERVER span for one call, continuing the caller's W3C trace context if it sent one."""
         if self._tracer is None:
@@ -99,12 +103,12 @@ class Tracing:
         context = _PROPAGATOR.extract(carrier)
         attrs = {
             "rpc.system": "grpc",
-            "rpc.service": RPC_SERVICE,
+            "rpc.service": service,
             "rpc.method": method,
             **{f"tensorgate.{k}": v for k, v in attributes.items() if v not in (None, "")},
         }
         return self._tracer.start_span(
-            f"{RPC_SERVICE}/{method}", context=context, kind=SpanKind.SERVER, attributes=attrs
+            f"{service}/{method}", context=context, kind=SpanKind.SERVER, attributes=attrs
         )
 
     def end_rpc(self, span: Span | None, status_code: int, message: str = "") -> None:

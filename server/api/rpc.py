@@ -1,0 +1,254 @@
+"""What every gRPC front end shares: the unary call wrapper (span, error → status), the caller's
+deadline, request counting, and the pump that runs a bidirectional stream's requests through the
+data plane. tensorgate.v1 (servicer.py) and KServe v2 (kserve.py) are thin adapters over these."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+from opentelemetry.trace import Span
+
+from server.api.status import abort, as_domain_error, status_of
+from server.batching.request import Outputs
+from server.dataplane import DataPlane
+from server.errors import Cancelled
+from server.tensors import TensorInput
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Msg = TypeVar("Msg")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext, Span | None], Awaitable[Resp]]
+
+# A deadline further away than this is treated as none (gRPC reports "infinite" as a huge number).
+_NO_DEADLINE_S = 10**8
+
+
+def rpc(
+    method: Handler[Req, Resp],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
+    """A unary handler with its span (passed in as `span`) and every failure mapped to its
+    status code in one place. The servicer names its service in SERVICE and holds a Frontend in
+    `frontend`."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def handler(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        tracing = self.frontend.tracing
+        span = tracing.start_rpc(
+            name, context.invocation_metadata(), service=self.SERVICE, **_span_attributes(request)
+        )
+        try:
+            response = await method(self, request, context, span)
+        except asyncio.CancelledError:
+            tracing.end_rpc(span, grpc.StatusCode.CANCELLED.value[0], "the caller cancelled")
+            raise
+        except Exception as exc:
+            error = as_domain_error(exc)
+            tracing.end_rpc(span, status_of(error).value[0], str(error))
+            await abort(context, error)
+            raise AssertionError("unreachable: abort raises") from exc
+        tracing.end_rpc(span, 0)
+        return response
+
+    return handler
+
+
+def _span_attributes(request: Any) -> dict[str, str]:
+    inner = getattr(request, "request", request)  # SubmitRequest wraps a PredictRequest
+    return {
+        "model": getattr(inner, "model", "") or getattr(inner, "model_name", ""),
+        "request_id": getattr(inner, "id", ""),
+        "job.id": getattr(request, "job_id", ""),
+    }
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's deadline on the monotonic clock, or None."""
+    remaining: float | None = context.time_remaining()
+    if remaining is None or remaining > _NO_DEADLINE_S:
+        return None
+    return time.monotonic() + remaining
+
+
+@dataclass(slots=True)
+class Call:
+    """One inference request as a front end decoded it."""
+
+    model: str
+    inputs: Sequence[TensorInput]
+    requested_outputs: Sequence[str] = ()
+    request_id: str = ""
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Frontend:
+    """The data plane plus the telemetry a front end reports to."""
+
+    def __init__(self, plane: DataPlane, max_inflight_per_stream: int) -> None:
+        self.plane = plane
+        self.tracing = plane.tracing
+        self.metrics = plane.telemetry.metrics
+        self.max_inflight_per_stream = max_inflight_per_stream
+
+    def count(self, model: str, kind: str, error: BaseException | None, started: float) -> None:
+        label = self.plane.metric_model(model)
+        code = "OK" if error is None else as_domain_error(error).code
+        self.metrics.requests.labels(label, kind, code).inc()
+        self.metrics.request_seconds.labels(label, kind).observe(time.perf_counter() - started)
+
+    async def infer(
+        self, call: Call, context: grpc.aio.ServicerContext, span: Span | None
+    ) -> Outputs:
+        """One unary inference, counted; its span gets the stage children."""
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            return await self.plane.predict(
+                call.model,
+                call.inputs,
+                call.requested_outputs,
+                deadline_of(context),
+                call.request_id,
+                call.parameters,
+                span,
+            )
+        except BaseException as exc:
+            error = exc if not isinstance(exc, asyncio.CancelledError) else Cancelled("cancelled")
+            raise
+        finally:
+            self.count(call.model, "unary", error, started)
+
+    def encode(self, span: Span | None, build: Callable[[], Resp]) -> Resp:
+        """Builds a response, timed as the request's `encode` stage."""
+        if span is None:
+            return build()
+        started_ns = time.time_ns()
+        response = build()
+        self.tracing.stage(span, "encode", started_ns, time.time_ns())
+        return response
+
+    async def pump(
+        self,
+        service: str,
+        method: str,
+        request_iterator: AsyncIterator[Msg],
+        context: grpc.aio.ServicerContext,
+        decode: Callable[[Msg], Call],
+        answer: Callable[[Msg, Outputs], Resp],
+        fail: Callable[[Msg, BaseException], Resp],
+    ) -> AsyncIterator[Resp]:
+        """Runs a bidirectional stream: every request goes through the shared queue and is
+        answered as soon as it is done; a failed one is answered with fail() and the stream goes
+        on; on half-close what is in flight finishes, then the stream ends.
+
+        The reader reads only while fewer than max_inflight_per_stream requests await their
+        answer, and a request's slot frees when its answer is handed to gRPC, so a client that
+        stops reading also stops the server from reading: memory stays bounded.
+        """
+        slots = asyncio.Semaphore(self.max_inflight_per_stream)
+        outbox: asyncio.Queue[Resp | None] = asyncio.Queue()
+        futures: set[asyncio.Future[Outputs]] = set()
+        outstanding = 0
+        deadline = deadline_of(context)
+        tracing = self.tracing
+        call_span = tracing.start_rpc(method, context.invocation_metadata(), service=service)
+        self.metrics.open_streams.inc()
+
+        def respond(
+            message: Msg,
+            model: str,
+            span: Span | None,
+            started: float,
+            outputs: Outputs | None,
+            error: BaseException | None,
+        ) -> None:
+            if error is None and outputs is not None:
+                outbox.put_nowait(self.encode(span, lambda: answer(message, outputs)))
+            else:
+                outbox.put_nowait(fail(message, error or Cancelled("cancelled")))
+            tracing.end(span, error)
+            self.count(model, "stream", error, started)
+
+        def answered(
+            message: Msg,
+            model: str,
+            span: Span | None,
+            started: float,
+            future: asyncio.Future[Outputs],
+        ) -> None:
+            futures.discard(future)
+            if future.cancelled():
+                respond(message, model, span, started, None, Cancelled("request cancelled"))
+            elif (exc := future.exception()) is not None:
+                respond(message, model, span, started, None, exc)
+            else:
+                respond(message, model, span, started, future.result(), None)
+
+        async def read() -> None:
+            nonlocal outstanding
+            try:
+                async for message in request_iterator:
+                    await slots.acquire()
+                    outstanding += 1
+                    started = time.perf_counter()
+                    model = ""
+                    span = None
+                    try:
+                        call = decode(message)
+                        model = call.model
+                        span = tracing.start_child(
+                            call_span, "request", model=call.model, request_id=call.request_id
+                        )
+                        request = self.plane.start(
+                            call.model,
+                            call.inputs,
+                            call.requested_outputs,
+                            deadline,
+                            call.request_id,
+                            call.parameters,
+                            span,
+                        )
+                    except Exception as exc:
+                        respond(message, model, span, started, None, exc)
+                        continue
+                    futures.add(request.future)
+                    request.future.add_done_callback(
+                        functools.partial(answered, message, model, span, started)
+                    )
+            finally:
+                outbox.put_nowait(None)  # the client half-closed (or the read failed)
+
+        reader = asyncio.create_task(read(), name="stream-reader")
+        cancelled = False
+        try:
+            reader_done = False
+            while not reader_done or outstanding:
+                item = await outbox.get()
+                if item is None:
+                    reader_done = True
+                    if reader.done() and not reader.cancelled() and reader.exception():
+                        log.warning("stream read failed: %s", reader.exception())
+                    continue
+                outstanding -= 1
+                slots.release()
+                yield item
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        finally:
+            # The client went away or everything is answered; either way nothing should run on.
+            reader.cancel()
+            for future in list(futures):
+                future.cancel()
+            self.metrics.open_streams.dec()
+            code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.OK
+            tracing.end_rpc(call_span, code.value[0])
