@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server.api.health import HealthReporter
+from server.api.kserve import KServeServicer
 from server.api.rpc import Frontend
 from server.api.servicer import InferenceServicer
 from server.config import ConfigError, ServerConfig
@@ -25,6 +26,7 @@ from server.jobs.runner import JobRunner
 from server.model import ModelState, ServedModel
 from server.repository import discover
 from server.telemetry import Metrics, Telemetry, Tracing
+from tensorgate.kserve import grpc_service_pb2, grpc_service_pb2_grpc
 from tensorgate.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -74,10 +76,14 @@ class TensorgateServer:
         )
         frontend = Frontend(self.plane, config.max_inflight_per_stream)
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(frontend), server)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            KServeServicer(frontend), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(
             (
                 inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+                grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
                 "grpc.health.v1.Health",
                 reflection.SERVICE_NAME,
             ),

@@ -56,7 +56,7 @@ class ServedModel:
     @property
     def batcher(self) -> DynamicBatcher:
         if self._batcher is None:
-            raise Unavailable(self._not_ready_message())
+            raise Unavailable(self.not_ready_message())
         return self._batcher
 
     def load(self) -> None:
@@ -184,7 +184,7 @@ class ServedModel:
         is False (jobs: nobody is waiting on the call).
         """
         if self.state is not ModelState.READY:
-            raise Unavailable(self._not_ready_message())
+            raise Unavailable(self.not_ready_message())
         if deadline is None and default_deadline and self.config.default_timeout_s > 0:
             deadline = time.monotonic() + self.config.default_timeout_s
         arrays, rows = decode_inputs(self.name, self.inputs, inputs, self.max_batch_size)
@@ -240,7 +240,7 @@ class ServedModel:
         self._instances = []
         self._pool = None
 
-    def _not_ready_message(self) -> str:
+    def not_ready_message(self) -> str:
         if self.state is ModelState.FAILED:
             return f"model '{self.name}' failed to load: {self.failure}"
         return f"model '{self.name}' is {self.state.value.lower()}, not ready"

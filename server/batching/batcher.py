@@ -62,6 +62,16 @@ class BatcherStats:
     queue_s_total: float = 0.0
     # Summed over batches: the instances' compute stage.
     compute_s_total: float = 0.0
+    # Requests answered with outputs / with an error, and their time from enqueue to answer.
+    success_s_total: float = 0.0
+    failed_requests: int = 0
+    failed_s_total: float = 0.0
+    # Wall clock (ms since the epoch) of the last batch that ran.
+    last_inference_ms: int = 0
+    # batch size (rows) -> compute seconds summed over batches of that size
+    compute_s_by_size: dict[int, float] = field(
+        default_factory=lambda: collections.defaultdict(float)
+    )
     # batch size (rows) -> number of batches of that size
     batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
     # Moving average of rows per second one instance computes; 0 until the first batch.
@@ -277,9 +287,11 @@ class DynamicBatcher:
             self._m_compute.observe(compute_s)
             self._m_busy.labels(config.name, str(instance.index)).inc(elapsed_s)
             self._trace(batch, instance, started_ns, result.stage_s)
+            now = time.monotonic()
             for request, outputs in zip(batch.requests, result.outputs, strict=True):
                 if not request.future.done():
                     request.future.set_result(outputs)
+                    self.stats.success_s_total += now - request.enqueued_at
             self._note_engine(ok=True)
 
     def _trace(
@@ -325,6 +337,8 @@ class DynamicBatcher:
     def _record(self, batch: Batch, elapsed_s: float, compute_s: float) -> None:
         stats = self.stats
         stats.compute_s_total += compute_s
+        stats.compute_s_by_size[batch.rows] += compute_s
+        stats.last_inference_ms = time.time_ns() // 1_000_000
         stats.batches += 1
         stats.rows += batch.rows
         stats.requests += len(batch.requests)
@@ -337,9 +351,12 @@ class DynamicBatcher:
 
     def _fail(self, batch: Batch, error: TensorgateError) -> None:
         self.stats.failed_batches += 1
+        now = time.monotonic()
         for request in batch.requests:
             if not request.future.done():
                 request.future.set_exception(error)
+                self.stats.failed_requests += 1
+                self.stats.failed_s_total += now - request.enqueued_at
 
     def _fail_queued(self, message: str) -> None:
         while self._queue:

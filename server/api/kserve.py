@@ -1,0 +1,218 @@
+"""The KServe v2 / Open Inference Protocol front end (inference.GRPCInferenceService): a thin
+adapter over the same data plane, queue and validation as tensorgate.v1, so Triton and KServe
+clients work unchanged. Errors on ModelStreamInfer go back as the response's error_message and
+the stream goes on, as those clients expect."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from opentelemetry.trace import Span
+
+from server.api import kserve_codec as codec
+from server.api.rpc import Call, Frontend, rpc
+from server.api.status import as_domain_error
+from server.errors import Unavailable
+from server.model import ModelState, ServedModel
+from tensorgate.kserve import grpc_service_pb2 as kpb
+from tensorgate.kserve import grpc_service_pb2_grpc as kpb_grpc
+
+SERVER_NAME = "tensorgate"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ("model_configuration", "statistics")
+
+# backend -> the platform name Triton reports for the same kind of model
+_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "python": "python"}
+
+
+class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
+    SERVICE = "inference.GRPCInferenceService"
+
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+        self._plane = frontend.plane
+
+    @rpc
+    async def ServerLive(
+        self, request: kpb.ServerLiveRequest, context: grpc.aio.ServicerContext, span: Span | None
+    ) -> kpb.ServerLiveResponse:
+        return kpb.ServerLiveResponse(live=True)
+
+    @rpc
+    async def ServerReady(
+        self, request: kpb.ServerReadyRequest, context: grpc.aio.ServicerContext, span: Span | None
+    ) -> kpb.ServerReadyResponse:
+        models = self._plane.models.values()
+        ready = self._plane.accepting and all(m.state is ModelState.READY for m in models)
+        return kpb.ServerReadyResponse(ready=ready)
+
+    @rpc
+    async def ModelReady(
+        self, request: kpb.ModelReadyRequest, context: grpc.aio.ServicerContext, span: Span | None
+    ) -> kpb.ModelReadyResponse:
+        model = self._plane.model(request.name)
+        return kpb.ModelReadyResponse(ready=self._plane.accepting and model.healthy)
+
+    @rpc
+    async def ServerMetadata(
+        self,
+        request: kpb.ServerMetadataRequest,
+        context: grpc.aio.ServicerContext,
+        span: Span | None,
+    ) -> kpb.ServerMetadataResponse:
+        return kpb.ServerMetadataResponse(
+            name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS
+        )
+
+    @rpc
+    async def ModelMetadata(
+        self,
+        request: kpb.ModelMetadataRequest,
+        context: grpc.aio.ServicerContext,
+        span: Span | None,
+    ) -> kpb.ModelMetadataResponse:
+        model = self._ready_model(request.name)
+        meta = kpb.ModelMetadataResponse.TensorMetadata
+        return kpb.ModelMetadataResponse(
+            name=model.name,
+            versions=["1"],
+            platform=_PLATFORMS.get(model.config.backend, model.config.backend),
+            inputs=[meta(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.inputs],
+            outputs=[meta(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.outputs],
+        )
+
+    @rpc
+    async def ModelInfer(
+        self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext, span: Span | None
+    ) -> kpb.ModelInferResponse:
+        outputs = await self.frontend.infer(_call(request), context, span)
+        return self.frontend.encode(
+            span, lambda: codec.infer_response(request.model_name, request.id, outputs)
+        )
+
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[kpb.ModelInferRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[kpb.ModelStreamInferResponse]:
+        async for response in self.frontend.pump(
+            self.SERVICE,
+            "ModelStreamInfer",
+            request_iterator,
+            context,
+            _call,
+            lambda message, outputs: kpb.ModelStreamInferResponse(
+                infer_response=codec.infer_response(message.model_name, message.id, outputs)
+            ),
+            _stream_error,
+        ):
+            yield response
+
+    @rpc
+    async def ModelConfig(
+        self, request: kpb.ModelConfigRequest, context: grpc.aio.ServicerContext, span: Span | None
+    ) -> kpb.ModelConfigResponse:
+        model = self._ready_model(request.name)
+        config = model.config
+        kind = (
+            kpb.ModelInstanceGroup.KIND_GPU
+            if config.backend == "tensorrt"
+            else (kpb.ModelInstanceGroup.KIND_CPU)
+        )
+        return kpb.ModelConfigResponse(
+            config=kpb.ModelConfig(
+                name=model.name,
+                platform=_PLATFORMS.get(config.backend, config.backend),
+                backend=config.backend,
+                max_batch_size=model.max_batch_size,
+                input=[
+                    kpb.ModelInput(
+                        name=s.name, data_type=codec.CONFIG_DATATYPE[s.datatype], dims=s.shape[1:]
+                    )
+                    for s in model.inputs
+                ],
+                output=[
+                    kpb.ModelOutput(
+                        name=s.name, data_type=codec.CONFIG_DATATYPE[s.datatype], dims=s.shape[1:]
+                    )
+                    for s in model.outputs
+                ],
+                dynamic_batching=kpb.ModelDynamicBatching(
+                    preferred_batch_size=config.preferred_batch_sizes,
+                    max_queue_delay_microseconds=round(config.max_queue_delay_s * 1e6),
+                ),
+                instance_group=[
+                    kpb.ModelInstanceGroup(
+                        name=f"{model.name}_0", kind=kind, count=config.instance_count
+                    )
+                ],
+            )
+        )
+
+    @rpc
+    async def ModelStatistics(
+        self,
+        request: kpb.ModelStatisticsRequest,
+        context: grpc.aio.ServicerContext,
+        span: Span | None,
+    ) -> kpb.ModelStatisticsResponse:
+        if request.name:
+            models = [self._ready_model(request.name)]
+        else:
+            models = [m for m in self._plane.models.values() if m.state is ModelState.READY]
+        return kpb.ModelStatisticsResponse(model_stats=[_statistics(m) for m in models])
+
+    def _ready_model(self, name: str) -> ServedModel:
+        model = self._plane.model(name)
+        if model.state is not ModelState.READY:
+            raise Unavailable(model.not_ready_message())
+        return model
+
+
+def _call(request: kpb.ModelInferRequest) -> Call:
+    return Call(
+        request.model_name,
+        codec.tensor_inputs(request),
+        [output.name for output in request.outputs],
+        request.id,
+        codec.parameters(request.parameters),
+    )
+
+
+def _stream_error(
+    message: kpb.ModelInferRequest, error: BaseException
+) -> kpb.ModelStreamInferResponse:
+    error = as_domain_error(error)
+    return kpb.ModelStreamInferResponse(
+        error_message=f"{error.code}: {error}",
+        infer_response=kpb.ModelInferResponse(model_name=message.model_name, id=message.id),
+    )
+
+
+def _duration(count: int, seconds: float) -> kpb.StatisticDuration:
+    return kpb.StatisticDuration(count=count, ns=int(seconds * 1e9))
+
+
+def _statistics(model: ServedModel) -> kpb.ModelStatistics:
+    stats = model.batcher.stats
+    return kpb.ModelStatistics(
+        name=model.name,
+        version="1",
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.rows,
+        execution_count=stats.batches,
+        inference_stats=kpb.InferStatistics(
+            success=_duration(stats.requests, stats.success_s_total),
+            fail=_duration(stats.failed_requests, stats.failed_s_total),
+            queue=_duration(stats.requests + stats.failed_requests, stats.queue_s_total),
+            compute_infer=_duration(stats.batches, stats.compute_s_total),
+        ),
+        batch_stats=[
+            kpb.InferBatchStatistics(
+                batch_size=size,
+                compute_infer=_duration(count, stats.compute_s_by_size[size]),
+            )
+            for size, count in sorted(stats.batch_sizes.items())
+        ],
+    )

@@ -1,0 +1,106 @@
+"""KServe v2 (Open Inference Protocol) messages <-> transport-neutral tensors.
+
+Inputs come either as raw_input_contents (one bytes entry per input, in order) or in the typed
+`contents` fields; outputs always go back as raw_output_contents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from server.datatypes import NUMPY_BY_DATATYPE, datatype_of
+from server.errors import InvalidArgument
+from server.tensors import TensorInput, format_shape
+from tensorgate.kserve import grpc_service_pb2 as kpb
+
+# datatype -> the typed contents field that carries it
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+# datatype -> model_config.proto DataType
+CONFIG_DATATYPE = {name: getattr(kpb, f"TYPE_{name}") for name in NUMPY_BY_DATATYPE}
+
+Input = kpb.ModelInferRequest.InferInputTensor
+
+
+def tensor_inputs(request: kpb.ModelInferRequest) -> list[TensorInput]:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+            "give one per input, in the order of inputs"
+        )
+    tensors = []
+    for index, tensor in enumerate(request.inputs):
+        if raw:
+            if tensor.HasField("contents") and tensor.contents.ByteSize():
+                raise InvalidArgument(
+                    f"input '{tensor.name}' has both contents and raw_input_contents; use one"
+                )
+            data: bytes = raw[index]
+        else:
+            data = _typed_contents(tensor)
+        tensors.append(TensorInput(tensor.name, tensor.datatype, tensor.shape, data))
+    return tensors
+
+
+def _typed_contents(tensor: Input) -> bytes:
+    """The typed contents of an input as raw bytes of its datatype."""
+    field = _CONTENTS_FIELD.get(tensor.datatype)
+    if field is None:
+        if tensor.datatype == "FP16":
+            raise InvalidArgument(f"input '{tensor.name}': FP16 data must use raw_input_contents")
+        return b""  # the datatype check names what is wrong
+    values = getattr(tensor.contents, field)
+    dtype = NUMPY_BY_DATATYPE[tensor.datatype]
+    expected = 1
+    for dim in tensor.shape:
+        expected *= max(dim, 0)
+    if len(values) != expected:
+        raise InvalidArgument(
+            f"input '{tensor.name}' has {len(values)} values in contents.{field}; shape "
+            f"{format_shape(tensor.shape)} needs {expected}"
+        )
+    array = np.asarray(
+        values, dtype=np.result_type(dtype, np.int64) if dtype.kind in "iu" else dtype
+    )
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise InvalidArgument(
+                f"input '{tensor.name}' has values outside the range of {tensor.datatype}"
+            )
+    return array.astype(dtype).tobytes()
+
+
+def parameters(params: Mapping[str, kpb.InferParameter]) -> dict[str, Any]:
+    return {
+        key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+        for key, value in params.items()
+    }
+
+
+def infer_response(
+    model: str, request_id: str, outputs: Mapping[str, np.ndarray]
+) -> kpb.ModelInferResponse:
+    response = kpb.ModelInferResponse(model_name=model, model_version="1", id=request_id)
+    for name, array in outputs.items():
+        if array.dtype.byteorder == ">":
+            array = array.astype(array.dtype.newbyteorder("<"))
+        response.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
+        response.raw_output_contents.append(array.tobytes())
+    return response
