@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint engines protos clean
+.PHONY: serve test lint engines protos bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,14 @@ lint: $(STAMP)
 test: lint engines
 	$(BIN)/python -m pytest
 
+# The benchmark suite: tensorgate vs the engine limit and MLServer (installed into .venv-mlserver
+# on first use); writes docs/benchmarks.{md,json} and plots. About 9 minutes.
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench.suite --seconds 10
+
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache engines/*/model.onnx
+	rm -rf $(VENV) .venv-triton .venv-mlserver .pytest_cache .mypy_cache .ruff_cache engines/*/model.onnx

@@ -89,6 +89,17 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "mlp": mlp,
 }
 
+# Benchmark-only models (python build_engines.py --bench --out DIR), with their config: mlp_heavy
+# is compute-bound on the CPU (about 17 MFLOP per row, a few ms per batch of 32), where batching
+# efficiency dominates; the bundled mlp is the tiny one, where per-request cost dominates.
+BENCH_MODELS: dict[str, tuple[Callable[[], onnx.ModelProto], str]] = {
+    "mlp_heavy": (
+        lambda: mlp(in_features=1024, hidden=8192, classes=16, seed=1),
+        'backend = "onnxruntime"\nmax_batch_size = 32\nmax_queue_delay_ms = 2.0\n'
+        "queue_capacity = 2048\ninstance_count = 2\n\n[onnxruntime]\nintra_op_threads = 1\n",
+    ),
+}
+
 
 def build(name: str, out: Path) -> Path:
     """Writes out/<name>/model.onnx (and copies the bundled config.toml when out is elsewhere)."""
@@ -98,7 +109,12 @@ def build(name: str, out: Path) -> Path:
     if folder.resolve() != (ENGINES / name).resolve() and bundled_config.exists():
         shutil.copyfile(bundled_config, folder / "config.toml")
     artifact = folder / "model.onnx"
-    onnx.save(MODELS[name](), artifact)
+    if name in BENCH_MODELS:
+        builder, config = BENCH_MODELS[name]
+        (folder / "config.toml").write_text(config)
+        onnx.save(builder(), artifact)
+    else:
+        onnx.save(MODELS[name](), artifact)
     return artifact
 
 
@@ -240,6 +256,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ENGINES, help="model repository to fill")
     parser.add_argument("--only", action="append", choices=sorted(MODELS), help="model to build")
     parser.add_argument("--tensorrt", action="store_true", help="also build TensorRT plans")
+    parser.add_argument("--bench", action="store_true", help="also build the benchmark models")
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp16")
     parser.add_argument("--instances", type=int, default=2, help="optimization profiles")
     parser.add_argument("--min-batch", type=int, default=1)
@@ -253,12 +270,16 @@ def main() -> int:
     )
     args = parser.parse_args()
     names = args.only or list(MODELS)
+    if args.bench:
+        names += [name for name in BENCH_MODELS if name not in names]
     for i, name in enumerate(names, 1):
         artifact = build(name, args.out)
         print(f"[{i}/{len(names)}] {name}: {artifact} ({artifact.stat().st_size / 1e6:.1f} MB)")
     if not args.tensorrt:
         return 0
     for i, name in enumerate(names, 1):
+        if name in BENCH_MODELS:
+            continue
         try:
             plan = build_plan(
                 name,

@@ -20,23 +20,33 @@ class ServeProcess:
         models: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         extra_args: Sequence[str] = (),
+        root: Path = ROOT,
     ) -> None:
+        """root: the source tree to run (another checkout, to compare revisions)."""
         args = [
             sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
             "--metrics-port", "-1", "--model-repository", str(repository), *extra_args,
         ]  # fmt: skip
         if models:
             args += ["--models", ",".join(models)]
+        paths = os.pathsep.join([str(root), str(root / "protos")])
         self.process = subprocess.Popen(
-            args, cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+            args,
+            cwd=root,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": paths, **(env or {})},
         )
         assert self.process.stderr is not None
         self.port = 0
+        self.metrics_port = 0
         self.log: list[str] = []
         while line := self.process.stderr.readline():
             self.log.append(line)
             if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
                 self.port = int(match.group(1))
+            if match := re.search(r"metrics on http://127\.0\.0\.1:(\d+)", line):
+                self.metrics_port = int(match.group(1))
             if " INFO server.app: serving " in line:
                 break
         else:
@@ -52,6 +62,23 @@ class ServeProcess:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def batch_rows(self) -> tuple[float, float]:
+        """(rows, batches) summed over models so far, from the metrics endpoint."""
+        import urllib.request
+
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
+        rows = batches = 0.0
+        for line in text.splitlines():
+            if line.startswith("tensorgate_batch_size_rows_sum"):
+                rows += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("tensorgate_batch_size_rows_count"):
+                batches += float(line.rsplit(" ", 1)[1])
+        return rows, batches
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the server process has used so far."""

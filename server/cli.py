@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from server.config import ConfigError, ServerConfig
@@ -89,6 +89,12 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ig
         default=int(_env("METRICS_PORT", "8002")),
         help="Prometheus scrape endpoint (-1 = off)",
     )
+    serve.add_argument(
+        "--event-loop",
+        choices=["auto", "uvloop", "asyncio"],
+        default=_env("EVENT_LOOP", "auto"),
+        help="auto: uvloop where installed, else asyncio",
+    )
     serve.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     serve.set_defaults(func=_serve)
 
@@ -119,11 +125,26 @@ def _serve(args: argparse.Namespace) -> int:
         max_connection_age_s=args.max_connection_age_s,
     )
     try:
-        asyncio.run(_run(config))
+        with asyncio.Runner(loop_factory=_loop_factory(args.event_loop)) as runner:
+            runner.run(_run(config))
     except ConfigError as exc:
         log.error("%s", exc)
         return 1
     return 0
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when asked for ("auto": when installed), else asyncio's own loop."""
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if name == "uvloop":
+            raise ConfigError("--event-loop uvloop: uvloop is not installed") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 async def _run(config: ServerConfig) -> None:

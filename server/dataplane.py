@@ -1,4 +1,4 @@
-"""The data plane: the one narrow interface every front end (tensorgate.v1, later KServe v2) calls.
+"""The data plane: the one narrow interface every front end (tensorgate.v1, KServe v2) calls.
 
 It owns the models and the job runner, knows nothing about any transport, and refuses new work
 once shutdown has begun.
@@ -18,7 +18,7 @@ from server.errors import NotFound, Unavailable
 from server.jobs.job import Job, JobStatus
 from server.jobs.runner import JobRunner
 from server.model import ServedModel
-from server.telemetry import Metrics, Telemetry, Tracing
+from server.telemetry import Telemetry
 from server.tensors import TensorInput
 
 
@@ -31,7 +31,7 @@ class DataPlane:
     ) -> None:
         self.models = models
         self.jobs = jobs
-        self.telemetry = telemetry or Telemetry(Tracing(None), Metrics())
+        self.telemetry = telemetry or Telemetry.quiet()
         self.tracing = self.telemetry.tracing
         self.accepting = True
         # Unary and stream requests queued or running (jobs are counted by the job runner).

@@ -43,6 +43,15 @@ def rpc(
     @functools.wraps(method)
     async def handler(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
         tracing = self.frontend.tracing
+        if not tracing.enabled:
+            # No span: skip reading the call's metadata and attributes (no cost when off).
+            try:
+                return await method(self, request, context, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await abort(context, exc)
+                raise AssertionError("unreachable: abort raises") from exc
         span = tracing.start_rpc(
             name, context.invocation_metadata(), service=self.SERVICE, **_span_attributes(request)
         )
@@ -98,12 +107,25 @@ class Frontend:
         self.tracing = plane.tracing
         self.metrics = plane.telemetry.metrics
         self.max_inflight_per_stream = max_inflight_per_stream
+        # (model, kind, code) -> the counter and histogram children: labels() takes a lock and
+        # validates on every call, which the request path need not pay. Bounded: model names
+        # collapse to the served ones, kinds and codes are fixed sets.
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     def count(self, model: str, kind: str, error: BaseException | None, started: float) -> None:
-        label = self.plane.metric_model(model)
         code = "OK" if error is None else as_domain_error(error).code
-        self.metrics.requests.labels(label, kind, code).inc()
-        self.metrics.request_seconds.labels(label, kind).observe(time.perf_counter() - started)
+        key = (model, kind, code)
+        children = self._children.get(key)
+        if children is None:
+            label = self.plane.metric_model(model)
+            children = (
+                self.metrics.requests.labels(label, kind, code),
+                self.metrics.request_seconds.labels(label, kind),
+            )
+            if label == model:  # unknown names are not remembered, so the dict stays bounded
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
 
     async def infer(
         self, call: Call, context: grpc.aio.ServicerContext, span: Span | None

@@ -31,7 +31,7 @@ from server.errors import (
 )
 from server.executor.instance import Instance
 from server.executor.pool import InstancePool
-from server.telemetry import Metrics, Telemetry, Tracing
+from server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class DynamicBatcher:
         self._pool = pool
         self._replace_instance = replace_instance
         self._on_health = on_health
-        telemetry = telemetry or Telemetry(Tracing(None), Metrics())
+        telemetry = telemetry or Telemetry.quiet()
         self._tracing = telemetry.tracing
         metrics, model = telemetry.metrics, config.name
         self._m_queue = metrics.queue_seconds.labels(model)

@@ -33,7 +33,7 @@ from server.errors import (
 from server.jobs.job import Job, JobStatus
 from server.jobs.store import MemoryJobStore
 from server.model import ServedModel
-from server.telemetry import Metrics, Telemetry, Tracing
+from server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class JobRunner:
         self._max_attempts = max_attempts
         self._retry_base_s = retry_base_s
         self._retrying = True  # off while shutting down
-        telemetry = telemetry or Telemetry(Tracing(None), Metrics())
+        telemetry = telemetry or Telemetry.quiet()
         self._tracing = telemetry.tracing
         self._metrics = telemetry.metrics
         self.store = MemoryJobStore(max_finished_jobs)
