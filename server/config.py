@@ -80,6 +80,9 @@ class ModelConfig:
     # GPU models: pad a batch with zero rows up to the next preferred size (engines tuned for
     # those shapes run them faster than odd sizes).
     pad_to_preferred: bool = False
+    # Send a batch at once while another instance is idle, instead of waiting up to
+    # max_queue_delay_s for company: lower latency at low load, smaller batches near saturation.
+    eager_dispatch: bool = False
     # Most requests waiting in the model's queue; more are refused with RESOURCE_EXHAUSTED.
     queue_capacity: int = 1024
     instance_count: int = 1
@@ -118,6 +121,7 @@ class ModelConfig:
                 )
             ),
             pad_to_preferred=_bool(raw.pop("pad_to_preferred", False), "pad_to_preferred", path),
+            eager_dispatch=_bool(raw.pop("eager_dispatch", False), "eager_dispatch", path),
             queue_capacity=_int(raw.pop("queue_capacity", 1024), "queue_capacity", path, low=1),
             instance_count=_int(raw.pop("instance_count", 1), "instance_count", path, low=1),
             execution_timeout_s=_number(

@@ -5,6 +5,10 @@ queued request arrived, it waits at most max_queue_delay_s for more; it sends th
 the queue holds max_batch_size rows or reaches a preferred batch size. While every instance is
 busy, requests accumulate, so batches grow with load without any extra waiting.
 
+With eager_dispatch, a batch goes at once while another instance is still idle: low-load latency
+drops to the engine's, at the price of smaller batches, and so less throughput, near saturation
+(docs/benchmarks.md has the measured trade-off).
+
 Requests whose caller has gone (future cancelled) or whose deadline has passed are dropped when
 the batch is formed, before they cost compute.
 """
@@ -171,7 +175,14 @@ class DynamicBatcher:
             self._arrived.clear()
             await self._arrived.wait()
         preferred = config.preferred_batch_sizes
-        while self._queued_rows < config.max_batch_size and self._queued_rows not in preferred:
+        # eager_dispatch: while another instance is idle, a request arriving next is served at
+        # once anyway, so the batch goes now instead of waiting for company.
+        eager = config.eager_dispatch and self._pool.idle > 0
+        while (
+            not eager
+            and self._queued_rows < config.max_batch_size
+            and self._queued_rows not in preferred
+        ):
             remaining = self._queue[0].enqueued_at + config.max_queue_delay_s - time.monotonic()
             if remaining <= 0:
                 break

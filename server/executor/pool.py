@@ -33,6 +33,10 @@ class InstancePool:
             self._idle.put_nowait(instance)
 
     @property
+    def idle(self) -> int:
+        return self._idle.qsize()
+
+    @property
     def busy(self) -> int:
         return len(self.instances) - self._idle.qsize()
 

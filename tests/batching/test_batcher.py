@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-from client import AsyncTensorgateClient, StreamItem, codec
-from tests.harness import MlpReference, ServerThread
+from client import AsyncTensorgateClient, StreamItem, TensorgateClient, codec
+from tests.harness import MlpReference, ServerThread, write_config
 
 WINDOW_S = 0.3
 
@@ -114,3 +116,27 @@ async def test_cancelled_caller_is_dropped_before_compute(
     after = server.stats("mlp_wide")
     assert after.dropped_cancelled == before.dropped_cancelled + 1
     assert after.rows == before.rows
+
+
+def test_eager_dispatch_skips_the_window_while_another_instance_is_idle(
+    repository: Path, tmp_path: Path, start_server: Callable[..., ServerThread]
+) -> None:
+    for name, eager in (("patient", False), ("eager", True)):
+        write_config(
+            tmp_path / name,
+            backend="onnxruntime",
+            onnxruntime={"artifact": str(repository / "mlp" / "model.onnx")},
+            max_queue_delay_ms=500.0,
+            instance_count=2,
+            eager_dispatch=eager,
+        )
+    running = start_server(model_repository=tmp_path)
+    x = np.ones((1, 256), np.float32)
+    with TensorgateClient(running.target, timeout_s=10) as c:
+        timings = {}
+        for name in ("patient", "eager"):
+            started = time.monotonic()
+            c.predict(name, {"input": x})
+            timings[name] = time.monotonic() - started
+    assert timings["patient"] >= 0.45  # waited for company
+    assert timings["eager"] < 0.3  # went at once: the other instance was idle
