@@ -34,6 +34,8 @@ def write_report(report: dict[str, Any], docs: Path) -> None:
         f"{report['seconds_per_point']:g} s measured per point after 1 s of warm-up, one-row",
         "FP32 requests. `mlp` is the bundled 256→1024→16 model; `mlp_heavy` (1024→8192→16) is",
         "compute-bound. Absolute figures on shared 2-core machines are noisy: compare within a run.",
+        "Where the time goes (profile), the changes it led to and their before/after ratios:",
+        "[performance.md](performance.md).",
         "",
         "## The load generator against an empty handler",
         "",

@@ -129,7 +129,7 @@ def main() -> int:
     args = parser.parse_args()
     conc = args.concurrency
     peer_conc = [c for c in (1, 16, 64) if c in conc] or conc[:1]
-    rates = [500, 1000, 2000, 3000, 4000]
+    rates = [1000, 2000, 4000, 5000, 6000, 7000]
     with tempfile.TemporaryDirectory() as tmp:
         repository = Path(tmp) / "engines"
         for name in ("mlp", "mlp_heavy"):

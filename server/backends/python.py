@@ -72,8 +72,8 @@ class _UserModel:
         return result
 
 
-class PythonCpuInstance:
-    placement: Literal["cpu"] = "cpu"
+class _PythonInstance:
+    """What both placements share: the user's object and its declared I/O."""
 
     def __init__(self, model: _UserModel) -> None:
         self._model = model
@@ -89,6 +89,10 @@ class PythonCpuInstance:
     @property
     def max_batch_size(self) -> int | None:
         return None
+
+
+class PythonCpuInstance(_PythonInstance):
+    placement: Literal["cpu"] = "cpu"
 
     def execute(
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]
@@ -109,27 +113,15 @@ class PythonCpuInstance:
         _close(self._model)
 
 
-class PythonGpuInstance:
+class PythonGpuInstance(_PythonInstance):
     placement: Literal["gpu"] = "gpu"
 
     def __init__(self, model: _UserModel) -> None:
-        self._model = model
+        super().__init__(model)
         self._stream: int | None = None
         # The last batch's results stay referenced until the next one: their memory must live
         # until the device-to-device copies enqueued from them have run.
         self._last: Mapping[str, Any] = {}
-
-    @property
-    def inputs(self) -> Sequence[TensorSpec]:
-        return self._model.inputs
-
-    @property
-    def outputs(self) -> Sequence[TensorSpec]:
-        return self._model.outputs
-
-    @property
-    def max_batch_size(self) -> int | None:
-        return None
 
     @property
     def min_batch_size(self) -> int:

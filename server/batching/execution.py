@@ -1,0 +1,173 @@
+"""Running one batch on an instance: under a watchdog, isolating the requests that make the engine
+fail, recording what ran, and noticing when the engine stops working altogether.
+
+A batch the engine fails on runs again in halves, down to single requests, so only the requests
+that cause the failure fail. A batch still running after execution_timeout_s fails with
+UNAVAILABLE and raises InstanceHung: that instance must be replaced, not reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from server.batching.batch import Batch
+from server.batching.stats import BatcherStats
+from server.config import ModelConfig
+from server.errors import Internal, TensorgateError, Unavailable
+from server.executor.instance import Instance
+from server.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+# Weight of the newest batch in the moving average of the service rate.
+_RATE_SMOOTHING = 0.2
+# Engine failures in a row, with no success between them, after which the model is unhealthy.
+_UNHEALTHY_AFTER_FAILURES = 5
+
+
+class InstanceHung(Exception):
+    """The watchdog gave up on an instance; it must not take another batch."""
+
+
+class BatchExecution:
+    """Runs batches of one model and keeps its execution counters and engine health."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        stats: BatcherStats,
+        telemetry: Telemetry,
+        on_health: Callable[[bool], None] = lambda healthy: None,
+    ) -> None:
+        self._config = config
+        self.stats = stats
+        self._on_health = on_health
+        self._tracing = telemetry.tracing
+        metrics, model = telemetry.metrics, config.name
+        self._m_compute = metrics.compute_seconds.labels(model)
+        self._m_rows = metrics.batch_rows.labels(model)
+        self._m_busy = metrics.instance_busy_seconds
+        self.healthy = True
+        self._consecutive_failures = 0
+
+    async def run(self, instance: Instance, batch: Batch) -> None:
+        """Runs the batch under the watchdog. When the engine fails on it, each half runs again,
+        down to single requests, so only the requests that cause the failure fail."""
+        config = self._config
+        started = time.perf_counter()
+        started_ns = time.time_ns() if self._tracing.enabled else 0
+        try:
+            async with asyncio.timeout(config.execution_timeout_s or None):
+                result = await instance.execute(batch)
+        except TimeoutError:
+            self.stats.watchdog_timeouts += 1
+            log.error(
+                "model %s: instance %d did not finish a batch of %d rows within %.1f s; "
+                "replacing it",
+                config.name, instance.index, batch.rows, config.execution_timeout_s,
+            )  # fmt: skip
+            self._fail(
+                batch,
+                Unavailable(
+                    f"model '{config.name}' instance {instance.index} did not finish within "
+                    f"{config.execution_timeout_s:g} s (watchdog); it is being replaced, retry"
+                ),
+            )
+            self._note_engine(ok=False)
+            raise InstanceHung from None
+        except Exception as exc:
+            if len(batch.requests) > 1:
+                self.stats.isolation_retries += 1
+                await self._run_halves(instance, batch)
+                return
+            if not isinstance(exc, TensorgateError):
+                log.warning(
+                    "model %s failed on request %r: %r", config.name, batch.requests[0].id, exc
+                )
+                exc = Internal(
+                    f"model '{config.name}' failed on this request: {type(exc).__name__}: {exc}"
+                )
+            self._fail(batch, exc)
+            self._note_engine(ok=False)
+            self._trace(batch, instance, started_ns, {}, exc)
+        else:
+            elapsed_s = time.perf_counter() - started
+            compute_s = result.stage_s.get("compute", 0.0)
+            self._record(batch, elapsed_s, compute_s)
+            self._m_rows.observe(batch.rows)
+            self._m_compute.observe(compute_s)
+            self._m_busy.labels(config.name, str(instance.index)).inc(elapsed_s)
+            self._trace(batch, instance, started_ns, result.stage_s)
+            now = time.monotonic()
+            for request, outputs in zip(batch.requests, result.outputs, strict=True):
+                if not request.future.done():
+                    request.future.set_result(outputs)
+                    self.stats.success_s_total += now - request.enqueued_at
+            self._note_engine(ok=True)
+
+    def _trace(
+        self,
+        batch: Batch,
+        instance: Instance,
+        started_ns: int,
+        stage_s: dict[str, float],
+        error: BaseException | None = None,
+    ) -> None:
+        if not self._tracing.enabled:
+            return
+        traces = [r.trace for r in batch.requests if r.trace is not None]
+        self._tracing.batch_done(
+            self._config.name, traces, batch.rows, instance.index, started_ns, time.time_ns(),
+            stage_s, error,
+        )  # fmt: skip
+
+    async def _run_halves(self, instance: Instance, batch: Batch) -> None:
+        halves = batch.halves()
+        for i, half in enumerate(halves):
+            try:
+                await self.run(instance, half)
+            except InstanceHung:
+                for rest in halves[i + 1 :]:
+                    self._fail(rest, Unavailable(f"model '{self._config.name}' instance hung"))
+                raise
+
+    def _note_engine(self, ok: bool) -> None:
+        """Tracks whether the engine works at all: a run of failures with no success in between
+        marks the model unhealthy until its next success."""
+        if ok:
+            self._consecutive_failures = 0
+            if not self.healthy:
+                self.healthy = True
+                self._on_health(True)
+            return
+        self._consecutive_failures += 1
+        if self.healthy and self._consecutive_failures >= _UNHEALTHY_AFTER_FAILURES:
+            self.healthy = False
+            self._on_health(False)
+
+    def _record(self, batch: Batch, elapsed_s: float, compute_s: float) -> None:
+        stats = self.stats
+        stats.compute_s_total += compute_s
+        stats.compute_s_by_size[batch.rows] += compute_s
+        stats.last_inference_ms = time.time_ns() // 1_000_000
+        stats.batches += 1
+        stats.rows += batch.rows
+        stats.requests += len(batch.requests)
+        stats.batch_sizes[batch.rows] += 1
+        rate = batch.rows / max(elapsed_s, 1e-6)
+        if stats.rows_per_instance_s == 0.0:
+            stats.rows_per_instance_s = rate
+        else:
+            stats.rows_per_instance_s += _RATE_SMOOTHING * (rate - stats.rows_per_instance_s)
+
+    def _fail(self, batch: Batch, error: TensorgateError) -> None:
+        self.stats.failed_batches += 1
+        now = time.monotonic()
+        for request in batch.requests:
+            if not request.future.done():
+                request.future.set_exception(error)
+                self.stats.failed_requests += 1
+                self.stats.failed_s_total += now - request.enqueued_at
