@@ -80,6 +80,12 @@ class ServeProcess:
                 batches += float(line.rsplit(" ", 1)[1])
         return rows, batches
 
+    def rss_mib(self) -> float:
+        """The server's resident memory now."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        match = re.search(r"VmRSS:\s+(\d+) kB", status)
+        return int(match.group(1)) / 1024 if match else float("nan")
+
     def cpu_seconds(self) -> float:
         """User + system CPU time the server process has used so far."""
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()

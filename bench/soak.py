@@ -12,12 +12,10 @@ import argparse
 import asyncio
 import collections
 import json
-import re
-import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -26,34 +24,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
+from bench.serverproc import ServeProcess  # noqa: E402
 from build_engines import build  # noqa: E402
 from client import AsyncTensorgateClient, StreamItem  # noqa: E402
 
 
-def rss_mib(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"VmRSS:\s+(\d+) kB", status)
-    return int(match.group(1)) / 1024 if match else float("nan")
-
-
-def start_server(repository: Path) -> tuple[subprocess.Popen[str], int]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-         "--model-repository", str(repository)],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert process.stderr is not None
-    while line := process.stderr.readline():
-        if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
-            port = int(match.group(1))
-        if "serving" in line:
-            # Nobody reads the log from here on: send it nowhere so the pipe cannot fill.
-            threading.Thread(target=process.stderr.read, daemon=True).start()
-            return process, port
-    raise SystemExit("server did not start")
-
-
-async def soak(target: str, seconds: float, pid: int) -> dict[str, int]:
+async def soak(target: str, seconds: float, rss_mib: Callable[[], float]) -> dict[str, int]:
     counts: collections.Counter[str] = collections.Counter()
     stop = time.monotonic() + seconds
     rng = np.random.default_rng(0)
@@ -91,7 +67,7 @@ async def soak(target: str, seconds: float, pid: int) -> dict[str, int]:
             await asyncio.sleep(10)
             served = sum(v for k, v in counts.items() if k.endswith((" OK", "SUCCEEDED")))
             print(f"  {time.monotonic() - started:5.0f} s  served {served:>8}  "
-                  f"rss {rss_mib(pid):6.1f} MiB", flush=True)  # fmt: skip
+                  f"rss {rss_mib():6.1f} MiB", flush=True)  # fmt: skip
 
     async with AsyncTensorgateClient(target, timeout_s=60) as c:
         workers = [unary(c, i) for i in range(16)] + [jobs(c) for _ in range(8)]
@@ -108,19 +84,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         repository = Path(tmp)
         build("mlp", repository)
-        process, port = start_server(repository)
+        server = ServeProcess(repository)
         try:
             time.sleep(0.5)
-            rss_start = rss_mib(process.pid)
+            rss_start = server.rss_mib()
             print(
                 f"soak for {args.minutes:g} min; server RSS at start {rss_start:.1f} MiB",
                 flush=True,
             )
-            counts = asyncio.run(soak(f"127.0.0.1:{port}", args.minutes * 60, process.pid))
-            rss_end = rss_mib(process.pid)
+            counts = asyncio.run(soak(server.target, args.minutes * 60, server.rss_mib))
+            rss_end = server.rss_mib()
         finally:
-            process.terminate()
-            code = process.wait(30)
+            code = server.stop()
     served = sum(v for k, v in counts.items() if k.endswith((" OK", "SUCCEEDED")))
     errors = {k: v for k, v in counts.items() if not k.endswith((" OK", "SUCCEEDED"))}
     report = {

@@ -18,15 +18,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from client import codec
 from client.codec import JobResult, StreamItem
 from client.sync import TensorgateClient
 from tensorgate.v1 import inference_pb2 as pb
-
-_NUMPY_BY_DATATYPE = {
-    "BOOL": "?", "UINT8": "u1", "UINT16": "u2", "UINT32": "u4", "UINT64": "u8",
-    "INT8": "i1", "INT16": "i2", "INT32": "i4", "INT64": "i8",
-    "FP16": "f2", "FP32": "f4", "FP64": "f8",
-}  # fmt: skip
 
 
 def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -105,7 +100,7 @@ def _inputs(client: TensorgateClient, args: argparse.Namespace) -> dict[str, np.
     if args.random_rows:
         for spec in metadata.inputs:
             shape = (args.random_rows, *(d if d > 0 else 1 for d in spec.shape[1:]))
-            dtype = np.dtype(_NUMPY_BY_DATATYPE[spec.datatype])
+            dtype = codec.numpy_dtype(spec.datatype)
             if dtype.kind == "f":
                 inputs[spec.name] = rng.standard_normal(shape).astype(dtype)
             else:
@@ -120,7 +115,7 @@ def _inputs(client: TensorgateClient, args: argparse.Namespace) -> dict[str, np.
             inputs[name] = np.load(value[1:])
         else:
             spec = specs.get(name)
-            typed = _NUMPY_BY_DATATYPE[spec.datatype] if spec else None
+            typed = codec.numpy_dtype(spec.datatype) if spec else None
             inputs[name] = np.asarray(json.loads(value), dtype=typed)
     if not inputs:
         raise ValueError("no inputs: give --input NAME=... or --random-rows N")

@@ -90,6 +90,14 @@ def trace_metadata() -> tuple[tuple[str, str], ...] | None:
     return tuple(carrier.items()) or None
 
 
+def numpy_dtype(datatype: str) -> np.dtype:
+    """The numpy dtype of a tensor datatype name; ValueError for one the wire does not carry."""
+    dtype = _NUMPY.get(datatype)
+    if dtype is None:
+        raise ValueError(f"datatype {datatype} has no numpy equivalent")
+    return dtype
+
+
 def encode(name: str, array: np.ndarray) -> pb.Tensor:
     array = np.asarray(array)
     datatype = _DATATYPES.get((array.dtype.kind, array.dtype.itemsize))

@@ -57,7 +57,6 @@ class DataPlane:
         default_deadline: bool = True,
     ) -> tuple[ServedModel, InferenceRequest]:
         """Validates a request; InvalidArgument/NotFound/Unavailable say what is wrong."""
-        self.last_call_at = time.monotonic()
         if not self.accepting:
             raise Unavailable("the server is shutting down and takes no new requests")
         model = self.model(model_name)
@@ -65,6 +64,10 @@ class DataPlane:
             inputs, requested_outputs, deadline, request_id, parameters, default_deadline
         )
         return model, request
+
+    def note_call(self) -> None:
+        """A call (or a stream's request) arrived; drain() waits until they stop coming."""
+        self.last_call_at = time.monotonic()
 
     def metric_model(self, name: str) -> str:
         """The model label for metrics: unknown names collapse into one, so callers cannot grow
@@ -154,11 +157,9 @@ class DataPlane:
         return self.jobs.submit(model, request, idempotency_key, span)
 
     async def get_result(self, job_id: str, wait_s: float = 0.0) -> Job:
-        self.last_call_at = time.monotonic()
         return await self.jobs.get(job_id, wait_s)
 
     def cancel_job(self, job_id: str) -> Job:
-        self.last_call_at = time.monotonic()
         return self.jobs.cancel(job_id)
 
     def list_jobs(self, status: JobStatus | None, limit: int) -> list[Job]:

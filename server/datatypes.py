@@ -29,6 +29,13 @@ DATATYPE_BY_NUMPY: dict[np.dtype, str] = {
 }
 
 
+def to_wire(array: np.ndarray) -> tuple[str, bytes]:
+    """An output array as (datatype, raw little-endian row-major bytes), for any front end."""
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return datatype_of(array.dtype), array.tobytes()
+
+
 def datatype_of(dtype: np.dtype) -> str:
     """The KServe name of a numpy dtype; ValueError when it has none."""
     try:

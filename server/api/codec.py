@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from server.datatypes import datatype_of
+from server.datatypes import to_wire
 from server.tensors import TensorInput
 from tensorgate.v1 import inference_pb2 as pb
 
@@ -19,21 +19,16 @@ def tensor_inputs(tensors: Iterable[pb.Tensor]) -> list[TensorInput]:
 def encode_tensors(arrays: Mapping[str, np.ndarray]) -> list[pb.Tensor]:
     tensors = []
     for name, array in arrays.items():
-        if array.dtype.byteorder == ">":
-            array = array.astype(array.dtype.newbyteorder("<"))
+        datatype, contents = to_wire(array)
         tensors.append(
-            pb.Tensor(
-                name=name,
-                datatype=datatype_of(array.dtype),
-                shape=array.shape,
-                contents=array.tobytes(),
-            )
+            pb.Tensor(name=name, datatype=datatype, shape=array.shape, contents=contents)
         )
     return tensors
 
 
-def parameters(params: Mapping[str, pb.Parameter]) -> dict[str, Any]:
+def parameters(params: Mapping[str, Any], oneof: str = "choice") -> dict[str, Any]:
+    """A map of parameter messages (a oneof of bool/int/string/double) as plain values."""
     return {
-        key: getattr(value, value.WhichOneof("choice") or "string_param")
+        key: getattr(value, value.WhichOneof(oneof) or "string_param")
         for key, value in params.items()
     }

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from server.datatypes import NUMPY_BY_DATATYPE, datatype_of
+from server.api import codec as v1_codec
+from server.datatypes import NUMPY_BY_DATATYPE, to_wire
 from server.errors import InvalidArgument
 from server.tensors import TensorInput, format_shape
 from tensorgate.kserve import grpc_service_pb2 as kpb
@@ -88,10 +89,7 @@ def _typed_contents(tensor: Input) -> bytes:
 
 
 def parameters(params: Mapping[str, kpb.InferParameter]) -> dict[str, Any]:
-    return {
-        key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
-        for key, value in params.items()
-    }
+    return v1_codec.parameters(params, oneof="parameter_choice")
 
 
 def infer_response(
@@ -99,8 +97,7 @@ def infer_response(
 ) -> kpb.ModelInferResponse:
     response = kpb.ModelInferResponse(model_name=model, model_version="1", id=request_id)
     for name, array in outputs.items():
-        if array.dtype.byteorder == ">":
-            array = array.astype(array.dtype.newbyteorder("<"))
-        response.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
-        response.raw_output_contents.append(array.tobytes())
+        datatype, contents = to_wire(array)
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        response.raw_output_contents.append(contents)
     return response

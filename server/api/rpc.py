@@ -42,6 +42,7 @@ def rpc(
 
     @functools.wraps(method)
     async def handler(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        self.frontend.plane.note_call()
         tracing = self.frontend.tracing
         if not tracing.enabled:
             # No span: skip reading the call's metadata and attributes (no cost when off).
@@ -219,6 +220,7 @@ class Frontend:
             nonlocal outstanding
             try:
                 async for message in request_iterator:
+                    self.plane.note_call()
                     await slots.acquire()
                     outstanding += 1
                     started = time.perf_counter()

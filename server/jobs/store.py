@@ -46,15 +46,19 @@ class MemoryJobStore:
         return None if job is None or _expired(job, time.monotonic()) else job
 
     def find(self, status: JobStatus | None = None, limit: int = 100) -> list[Job]:
-        """Up to `limit` live jobs with that status (all statuses for None), newest first."""
+        """Up to `limit` live jobs with that status (all statuses for None), newest first.
+
+        Jobs are kept in the order they were added, so walking backwards is newest first and
+        stops after `limit` matches: no sort of the whole store on the event loop.
+        """
         now = time.monotonic()
-        found = [
-            job
-            for job in self._jobs.values()
-            if (status is None or job.status is status) and not _expired(job, now)
-        ]
-        found.sort(key=lambda job: job.created_at, reverse=True)
-        return found[:limit]
+        found: list[Job] = []
+        for job in reversed(self._jobs.values()):
+            if len(found) >= limit:
+                break
+            if (status is None or job.status is status) and not _expired(job, now):
+                found.append(job)
+        return found
 
     def count_by_status(self) -> dict[str, int]:
         """Jobs kept, by status name (read by the metrics scrape, from another thread)."""

@@ -7,8 +7,6 @@ the request path pays nothing for them.
 
 from __future__ import annotations
 
-import collections
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -72,7 +70,6 @@ class Metrics:
             "tensorgate_open_streams", "StreamPredict calls open now", registry=r
         )
         self._server: Any = None
-        self._lock = threading.Lock()
 
     def watch(self, state: Callable[[], Mapping[str, Any]]) -> None:
         """Reads current state at scrape time: state() returns {"queue_depth": {model: n},
@@ -108,7 +105,3 @@ class _StateCollector(Collector):
             for value_label, value in sorted(state.get(key, {}).items()):
                 family.add_metric([value_label], value)
             yield family
-
-
-def count_by(items: Any, key: Callable[[Any], str]) -> dict[str, int]:
-    return dict(collections.Counter(key(item) for item in items))

@@ -214,14 +214,6 @@ class Tracing:
             )
 
 
-def inject(span: Span | None) -> dict[str, str]:
-    """W3C trace context headers for a span (used by clients and tests)."""
-    carrier: dict[str, str] = {}
-    if span is not None:
-        _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
-    return carrier
-
-
 def _exporters(names: Sequence[str]) -> list[SpanExporter]:
     exporters: list[SpanExporter] = []
     for name in names:
