@@ -171,7 +171,7 @@ def build_plan(
     """Builds out/<name>_trt/model.plan from out/<name>/model.onnx; returns the plan path."""
     trt = tensorrt_builder()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from server.executor import cuda
+    from server.backends import cuda
 
     reason = cuda.gpu_unavailable_reason()
     if reason is not None:

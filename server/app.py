@@ -1,9 +1,13 @@
 """The composition root: builds every part, owns start-up and shutdown.
 
 start:    bind the port with health NOT_SERVING → load and warm every model (off the loop) → start
-          batchers and job feeders → health SERVING.
-stop:     health NOT_SERVING and refuse new work → let in-flight calls finish within the grace
-          period → drain batchers → close backends.
+          schedulers and job feeders → health SERVING. A stop that begins meanwhile wins: start
+          then releases what it loaded and returns without serving.
+stop:     health NOT_SERVING → keep serving for drain_delay_s, so probes and load balancers see
+          it before the port closes → refuse new work → let in-flight calls and jobs finish
+          within the grace period → stop gRPC → stop schedulers (what is left fails) → close
+          backends → flush telemetry. It returns within the grace period plus a moment, even
+          with an engine call hung forever.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -18,18 +23,23 @@ from grpc_reflection.v1alpha import reflection
 
 from server.api.health import HealthReporter
 from server.api.kserve import KServeServicer
+from server.api.messages import add_service
 from server.api.rpc import Frontend
 from server.api.servicer import InferenceServicer
 from server.config import ConfigError, ServerConfig
 from server.dataplane import DataPlane
 from server.jobs.runner import JobRunner
+from server.jobs.store import MemoryJobStore
 from server.model import ModelState, ServedModel
 from server.repository import discover
 from server.telemetry import Metrics, Telemetry, Tracing
-from tensorgate.kserve import grpc_service_pb2, grpc_service_pb2_grpc
-from tensorgate.v1 import inference_pb2, inference_pb2_grpc
+from tensorgate.kserve import grpc_service_pb2
+from tensorgate.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
+
+# Time to stop gRPC, the schedulers and the backends after the grace period ends.
+_TEARDOWN_S = 2.0
 
 
 class TensorgateServer:
@@ -48,37 +58,41 @@ class TensorgateServer:
         self._jobs: JobRunner | None = None
         self.plane: DataPlane | None = None
         self._stopped = asyncio.Event()
+        self._started = asyncio.Event()  # start() returned, whether it served or gave up
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     async def start(self) -> None:
+        try:
+            await self._start()
+        finally:
+            self._started.set()
+
+    async def _start(self) -> None:
         config = self.config
         model_configs = await asyncio.to_thread(discover, config.model_repository, config.models)
+        if self._stopping:
+            return
         self.models = {c.name: ServedModel(c) for c in model_configs}
         tracing = self._tracing if self._tracing is not None else Tracing.from_env()
         self.telemetry = Telemetry(tracing, Metrics())
         self.telemetry.metrics.watch(self._state)
         self._jobs = JobRunner(
-            self.models,
-            config.max_pending_jobs,
-            config.job_ttl_s,
-            config.max_result_wait_s,
-            config.job_max_attempts,
-            config.job_retry_base_s,
-            config.max_finished_jobs,
-            self.telemetry,
+            self.models, MemoryJobStore(config.max_finished_jobs), config, self.telemetry
         )
         self.plane = DataPlane(self.models, self._jobs, self.telemetry)
 
-        server = grpc.aio.server(
-            options=config.grpc_options(),
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
-        )
-        frontend = Frontend(self.plane, config.max_inflight_per_stream)
-        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(frontend), server)
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(frontend), server
-        )
+        # No gRPC-core limit on concurrent calls: the front ends refuse calls beyond
+        # max_concurrent_rpcs themselves (RESOURCE_EXHAUSTED, retry-after-ms), which keeps the
+        # health service answering however many calls and streams are open.
+        server = grpc.aio.server(options=config.grpc_options())
+        frontend = Frontend(self.plane, config.max_inflight_per_stream, config.max_concurrent_rpcs)
+        add_service(server, InferenceServicer(frontend), inference_pb2, "Inference")
+        add_service(server, KServeServicer(frontend), grpc_service_pb2, "GRPCInferenceService")
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(
             (
@@ -100,10 +114,18 @@ class TensorgateServer:
         )
 
         await asyncio.gather(*(self._load(model) for model in self.models.values()))
+        if self._stopping:
+            # stop() began while the models loaded: release them instead of serving.
+            for model in self.models.values():
+                await asyncio.to_thread(model.close)
+            return
+        for model in self.models.values():
+            if model.state is ModelState.LOADING:
+                model.start(self._on_ready(model), self.telemetry)
         ready = [m for m in self.models.values() if m.state is ModelState.READY]
         if not ready:
-            await self.stop()
             failures = "; ".join(m.failure for m in self.models.values())
+            await self.stop()
             raise ConfigError(f"no model could be loaded: {failures}")
         self._jobs.start()
         if config.metrics_port >= 0:
@@ -119,27 +141,32 @@ class TensorgateServer:
             log.error("model %s failed to load: %s", model.name, exc)
             model.fail(str(exc))
             await asyncio.to_thread(model.close)
-            return
-        model.start(lambda healthy: self._model_health(model, healthy), self.telemetry)
-        await self.health.set_model(model.name, True)
 
-    def _model_health(self, model: ServedModel, healthy: bool) -> None:
-        if healthy:
-            log.info("model %s works again: SERVING", model.name)
-        else:
-            log.error("model %s: its engine keeps failing: NOT_SERVING", model.name)
-        task = asyncio.create_task(self.health.set_model(model.name, healthy))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _on_ready(self, model: ServedModel) -> Callable[[bool], None]:
+        """The model's readiness, told to grpc.health.v1 (KServe reads model.ready itself)."""
+
+        def changed(ready: bool) -> None:
+            if self._stopping:
+                return  # health is NOT_SERVING for good already
+            if ready:
+                log.info("model %s is ready: SERVING", model.name)
+            else:
+                log.error("model %s is not ready: NOT_SERVING", model.name)
+            task = asyncio.create_task(self.health.set_model(model.name, ready))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return changed
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Graceful shutdown; safe to call more than once (later calls wait for the first).
 
-        Health turns NOT_SERVING and new work is refused with UNAVAILABLE at once, while the
-        server still answers: in-flight calls and accepted jobs get the grace period to finish,
-        and GetResult keeps working so callers collect their results. Jobs still unfinished then
-        turn FAILED (UNAVAILABLE), so none vanishes without a final status. Only then does gRPC
-        stop, and the batchers and backends after it.
+        Health turns NOT_SERVING at once; calls keep being served for drain_delay_s, then new
+        work is refused with UNAVAILABLE while the server still answers: in-flight calls and
+        accepted jobs get the rest of the grace period, and GetResult keeps working so callers
+        collect their results. Jobs still unfinished then turn FAILED (UNAVAILABLE), so none
+        vanishes without a final status. Only then does gRPC stop, and the schedulers and
+        backends after it.
         """
         if self._stopping:
             await self._stopped.wait()
@@ -148,10 +175,16 @@ class TensorgateServer:
         grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
         deadline = time.monotonic() + grace_s
         await self.health.shutting_down()
-        if self.plane is not None:
+        if not self._started.is_set():
+            # start() is still loading models: it notices, releases them and returns.
+            await self._started.wait()
+        if self.plane is not None and self._jobs is not None:
+            delay_s = min(self.config.drain_delay_s, grace_s)
+            if delay_s > 0 and any(m.state is ModelState.READY for m in self.models.values()):
+                log.info("NOT_SERVING; still serving for the %.1f s drain delay", delay_s)
+                await asyncio.sleep(delay_s)
             self.plane.accepting = False
             drained = await self.plane.drain(deadline)
-            assert self._jobs is not None
             left = self._jobs.fail_unfinished("the server shut down before the job finished")
             if not drained:
                 log.warning(
@@ -166,9 +199,14 @@ class TensorgateServer:
             await self._grpc.stop(max(deadline - time.monotonic(), 0.5))
         if self._jobs is not None:
             await self._jobs.stop()
-        for model in self.models.values():
-            if model.state is ModelState.READY:
-                await model.stop()
+        models_deadline = max(deadline, time.monotonic() + _TEARDOWN_S)
+        await asyncio.gather(
+            *(
+                model.stop(models_deadline)
+                for model in self.models.values()
+                if model.state is ModelState.READY
+            )
+        )
         if self.telemetry is not None:
             self.telemetry.metrics.close()
             await asyncio.to_thread(self.telemetry.tracing.shutdown)  # flushes pending spans
@@ -180,8 +218,7 @@ class TensorgateServer:
         queue_depth, busy, instances = {}, {}, {}
         for name, model in list(self.models.items()):
             if model.state is ModelState.READY:
-                batcher = model.batcher
-                queue_depth[name] = batcher.queued_requests
+                queue_depth[name] = model.scheduler.queued_requests
                 busy[name] = model.busy_instances
                 instances[name] = model.instance_total
         jobs = self._jobs.store.count_by_status() if self._jobs is not None else {}

@@ -1,4 +1,5 @@
-"""`tensorgate`: `serve` runs the server; predict/submit/result/cancel/stream/models call one."""
+"""`tensorgate serve`: flags (each with a TENSORGATE_* environment equivalent) → ServerConfig →
+the server, with signals wired to a graceful stop."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ import asyncio
 import logging
 import os
 import signal
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from server.config import ConfigError, ServerConfig
@@ -71,7 +71,16 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ig
         ),
         ("job_retry_base_s", float, "first retry delay of a failed job; doubles, with jitter"),
         ("shutdown_grace_s", float, "time to drain in-flight calls and jobs on SIGTERM"),
-        ("max_concurrent_rpcs", int, "gRPC's limit on calls in progress (0 = none)"),
+        (
+            "drain_delay_s",
+            float,
+            "on SIGTERM, keep serving this long with health NOT_SERVING before refusing work",
+        ),
+        (
+            "max_concurrent_rpcs",
+            int,
+            "unary calls plus open streams served at once; more get RESOURCE_EXHAUSTED (0 = none)",
+        ),
         ("keepalive_time_s", float, "ping idle connections this often"),
         ("keepalive_timeout_s", float, "drop a connection whose ping is not answered in this"),
         ("max_connection_idle_s", float, "close connections idle this long"),
@@ -118,6 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
         job_max_attempts=args.job_max_attempts,
         job_retry_base_s=args.job_retry_base_s,
         shutdown_grace_s=args.shutdown_grace_s,
+        drain_delay_s=args.drain_delay_s,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         keepalive_time_s=args.keepalive_time_s,
         keepalive_timeout_s=args.keepalive_timeout_s,
@@ -163,23 +173,9 @@ async def _run(config: ServerConfig) -> None:
             )
             stopping.append(asyncio.create_task(server.stop()))
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP (a closed terminal, some supervisors' reload) drains like SIGTERM instead of killing
+    # the process with jobs pending.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, on_signal, signum)
     await server.start()
     await server.wait_stopped()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from client.cli import add_client_commands
-
-    parser = argparse.ArgumentParser(prog="tensorgate", description="gRPC inference server")
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_serve_command(commands)
-    add_client_commands(commands)
-    args = parser.parse_args(argv)
-    result: int = args.func(args)
-    return result
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 MODEL_CONFIG_FILE = "config.toml"
+_PENDING_REQUESTS = 1_000_000
 
 
 class ConfigError(ValueError):
@@ -35,9 +36,13 @@ class ServerConfig:
     job_retry_base_s: float = 0.1
     max_result_wait_s: float = 60.0
     shutdown_grace_s: float = 10.0
+    # On shutdown, health says NOT_SERVING while calls are still served for this long (part of
+    # the grace period), so probes and load balancers move traffic away before the port closes.
+    drain_delay_s: float = 2.0
     # Prometheus scrape endpoint; -1 = off, 0 = any free port (the CLI defaults to 8002).
     metrics_port: int = -1
-    # gRPC core's own limit on calls in progress (streams count as one each while open).
+    # Unary calls in progress plus streams open, over both front ends; more are refused with
+    # RESOURCE_EXHAUSTED (the health service is never counted, so probes always answer). 0 = none.
     max_concurrent_rpcs: int = 10_000
     # Ping idle connections this often; drop a peer that does not answer in keepalive_timeout_s.
     keepalive_time_s: float = 60.0
@@ -54,6 +59,11 @@ class ServerConfig:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # gRPC core cancels calls it has received but not yet handed to Python beyond these
+            # (default 1,000): a burst would see CANCELLED, which callers read as their own
+            # doing. Admission is the application's job (max_concurrent_rpcs).
+            ("grpc.server.max_pending_requests", _PENDING_REQUESTS),
+            ("grpc.server.max_pending_requests_hard_limit", _PENDING_REQUESTS),
             ("grpc.keepalive_time_ms", int(self.keepalive_time_s * ms)),
             ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * ms)),
             ("grpc.keepalive_permit_without_calls", 1),

@@ -1,25 +1,26 @@
-"""The data plane: the one narrow interface every front end (tensorgate.v1, KServe v2) calls.
+"""The data plane: the one interface every front end (tensorgate.v1, KServe v2) calls.
 
-It owns the models and the job runner, knows nothing about any transport, and refuses new work
-once shutdown has begun.
+Front ends hand in plain records (server/records.py) and get plain records or outputs back. The
+path of every request is api → dataplane → scheduler (server/batching) → executor → backends;
+jobs go through the job runner, which feeds the same schedulers. Nothing here knows a transport.
+Once shutdown begins it refuses new work.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 from opentelemetry.trace import Span
 
-from server.batching.request import InferenceRequest, Outputs
-from server.errors import NotFound, Unavailable
-from server.jobs.job import Job, JobStatus
+from server.errors import NotFound, Unavailable, clip
 from server.jobs.runner import JobRunner
-from server.model import ServedModel
+from server.limits import check_idempotency_key, check_request
+from server.model import ModelState, ServedModel
+from server.records import JobStatus, JobView, ModelInfo, ModelStatistics, Request, Submitted
 from server.telemetry import Telemetry
-from server.tensors import TensorInput
+from server.tensors import Outputs
 
 
 class DataPlane:
@@ -29,8 +30,8 @@ class DataPlane:
         jobs: JobRunner,
         telemetry: Telemetry | None = None,
     ) -> None:
-        self.models = models
-        self.jobs = jobs
+        self._models = models
+        self._jobs = jobs
         self.telemetry = telemetry or Telemetry.quiet()
         self.tracing = self.telemetry.tracing
         self.accepting = True
@@ -39,74 +40,125 @@ class DataPlane:
         # When the last call reached the data plane (monotonic); drain waits for a quiet spell.
         self.last_call_at = 0.0
 
-    def model(self, name: str) -> ServedModel:
-        model = self.models.get(name)
-        if model is None:
-            known = ", ".join(self.models) or "none"
-            raise NotFound(f"model '{name}' is not served; served models: {known}")
-        return model
+    # --- inference ---------------------------------------------------------------------------
 
-    def new_request(
-        self,
-        model_name: str,
-        inputs: Sequence[TensorInput],
-        requested_outputs: Sequence[str] = (),
-        deadline: float | None = None,
-        request_id: str = "",
-        parameters: Mapping[str, Any] | None = None,
-        default_deadline: bool = True,
-    ) -> tuple[ServedModel, InferenceRequest]:
-        """Validates a request; InvalidArgument/NotFound/Unavailable say what is wrong."""
+    def start(self, request: Request, span: Span | None = None) -> asyncio.Future[Outputs]:
+        """Validates and queues one request (unary or stream); the future settles with its
+        outputs or its error. With a span, validation becomes its `validate` child and the
+        request is traced through the queue and the batch."""
+        started_ns = time.time_ns() if span is not None else 0
+        model = self._admit(request)
+        queued = model.new_request(request)
+        if span is not None:
+            self.tracing.stage(span, "validate", started_ns, time.time_ns())
+            queued.trace = self.tracing.request_trace(span, 0)
+        model.scheduler.put(queued)
+        self.inflight += 1
+        queued.future.add_done_callback(self._settled)
+        return queued.future
+
+    async def infer(self, request: Request, span: Span | None = None) -> Outputs:
+        # If the caller goes away, this task is cancelled and so is the future: the request
+        # leaves its queue at once.
+        return await self.start(request, span)
+
+    def _settled(self, _: object) -> None:
+        self.inflight -= 1
+
+    def _admit(self, request: Request) -> ServedModel:
         if not self.accepting:
             raise Unavailable("the server is shutting down and takes no new requests")
-        model = self.model(model_name)
-        request = model.new_request(
-            inputs, requested_outputs, deadline, request_id, parameters, default_deadline
-        )
-        return model, request
+        check_request(request)
+        return self._model(request.model)
 
-    def note_call(self) -> None:
-        """A call (or a stream's request) arrived; drain() waits until they stop coming."""
-        self.last_call_at = time.monotonic()
+    # --- jobs --------------------------------------------------------------------------------
+
+    async def submit(
+        self, request: Request, idempotency_key: str = "", span: Span | None = None
+    ) -> Submitted:
+        """Validates and accepts a job. With the Submit call's span, the job's run is traced as
+        a `job` span under it."""
+        check_idempotency_key(idempotency_key)
+        model = self._admit(request)
+        queued = model.new_request(request, default_deadline=False)
+        job, deduplicated, estimate_s = await self._jobs.submit(
+            model, queued, idempotency_key, span
+        )
+        return Submitted(self._jobs.view(job), deduplicated, estimate_s)
+
+    async def job(
+        self, job_id: str, tenant: str = "", wait_s: float = 0.0, span: Span | None = None
+    ) -> JobView:
+        """A job's state; with wait_s, once it finishes (long-poll) or wait_s has passed. The
+        call's span links to the trace of the job's run."""
+        job = await self._jobs.get(job_id, tenant, wait_s)
+        self.tracing.link_to(span, job.span)
+        return self._jobs.view(job)
+
+    async def cancel_job(self, job_id: str, tenant: str = "") -> JobView:
+        return self._jobs.view(await self._jobs.cancel(job_id, tenant))
+
+    async def list_jobs(
+        self, status: JobStatus | None, limit: int, tenant: str = ""
+    ) -> list[JobView]:
+        return [self._jobs.view(job) for job in await self._jobs.find(status, limit, tenant)]
+
+    # --- models ------------------------------------------------------------------------------
+
+    def models(self) -> list[ModelInfo]:
+        return [self._info(model) for model in self._models.values()]
+
+    def model_info(self, name: str) -> ModelInfo:
+        return self._info(self._model(name))
+
+    def model_ready(self, name: str) -> bool:
+        """The same answer grpc.health.v1 gives for the model's name."""
+        return self.accepting and self._model(name).ready
+
+    def server_ready(self) -> bool:
+        return self.accepting and all(m.ready for m in self._models.values())
+
+    def statistics(self, name: str = "") -> list[ModelStatistics]:
+        """Counters of one model, or of every model that has served."""
+        if name:
+            model = self._model(name)
+            if model.state is not ModelState.READY:
+                raise Unavailable(model.not_ready_message())
+            return [_statistics(model)]
+        return [_statistics(m) for m in self._models.values() if m.state is ModelState.READY]
 
     def metric_model(self, name: str) -> str:
         """The model label for metrics: unknown names collapse into one, so callers cannot grow
         the label set."""
-        return name if name in self.models else "_unknown"
+        return name if name in self._models else "_unknown"
 
-    def start(
-        self,
-        model_name: str,
-        inputs: Sequence[TensorInput],
-        requested_outputs: Sequence[str] = (),
-        deadline: float | None = None,
-        request_id: str = "",
-        parameters: Mapping[str, Any] | None = None,
-        span: Span | None = None,
-    ) -> InferenceRequest:
-        """Validates and queues one request (unary or stream); await its future for the outputs.
+    def _model(self, name: str) -> ServedModel:
+        model = self._models.get(name)
+        if model is None:
+            known = ", ".join(self._models) or "none"
+            raise NotFound(f"model '{clip(name)}' is not served; served models: {known}")
+        return model
 
-        With a span, validation becomes its `validate` child and the request is traced through
-        the queue and the batch.
-        """
-        started_ns = time.time_ns() if span is not None else 0
-        model, request = self.new_request(
-            model_name, inputs, requested_outputs, deadline, request_id, parameters
+    def _info(self, model: ServedModel) -> ModelInfo:
+        config = model.config
+        return ModelInfo(
+            name=model.name,
+            backend=config.backend,
+            ready=self.accepting and model.ready,
+            inputs=model.inputs,
+            outputs=model.outputs,
+            max_batch_size=model.max_batch_size,
+            instance_count=config.instance_count,
+            max_queue_delay_s=config.max_queue_delay_s,
+            preferred_batch_sizes=config.preferred_batch_sizes,
+            reason="" if model.ready else model.not_ready_message(),
         )
-        if span is not None:
-            self.tracing.stage(span, "validate", started_ns, time.time_ns())
-            request.trace = self.tracing.request_trace(span, 0)
-        self.enqueue(model, request)
-        return request
 
-    def enqueue(self, model: ServedModel, request: InferenceRequest) -> None:
-        """Queues a validated request; its future settles with the outputs or the error."""
-        model.enqueue(request)
-        self.inflight += 1
-        request.future.add_done_callback(self._settled)
+    # --- lifecycle ---------------------------------------------------------------------------
 
-    def _settled(self, _: object) -> None:
-        self.inflight -= 1
+    def note_call(self) -> None:
+        """A call (or a stream's request) arrived; drain() waits until they stop coming."""
+        self.last_call_at = time.monotonic()
 
     async def drain(self, deadline: float, quiet_s: float = 0.25) -> bool:
         """After accepting turned off: waits (until the monotonic deadline) for in-flight requests
@@ -115,52 +167,29 @@ class DataPlane:
         now is refused with a clean UNAVAILABLE. True when everything finished."""
         while True:
             now = time.monotonic()
-            busy = self.inflight or self.jobs.unfinished
+            busy = self.inflight or self._jobs.unfinished
             if not busy and now - self.last_call_at >= quiet_s:
                 return True
             if now >= deadline:
                 return not busy
             await asyncio.sleep(0.01)
 
-    async def predict(
-        self,
-        model_name: str,
-        inputs: Sequence[TensorInput],
-        requested_outputs: Sequence[str] = (),
-        deadline: float | None = None,
-        request_id: str = "",
-        parameters: Mapping[str, Any] | None = None,
-        span: Span | None = None,
-    ) -> Outputs:
-        request = self.start(
-            model_name, inputs, requested_outputs, deadline, request_id, parameters, span
-        )
-        # If the caller goes away, this task is cancelled and so is the future: the batcher then
-        # drops the request before it runs.
-        return await request.future
 
-    def submit(
-        self,
-        model_name: str,
-        inputs: Sequence[TensorInput],
-        requested_outputs: Sequence[str] = (),
-        request_id: str = "",
-        parameters: Mapping[str, Any] | None = None,
-        idempotency_key: str = "",
-        span: Span | None = None,
-    ) -> tuple[Job, bool, float]:
-        """Validates and accepts a job. With the Submit call's span, the job's run is traced as
-        a `job` span under it."""
-        model, request = self.new_request(
-            model_name, inputs, requested_outputs, None, request_id, parameters, False
-        )
-        return self.jobs.submit(model, request, idempotency_key, span)
-
-    async def get_result(self, job_id: str, wait_s: float = 0.0) -> Job:
-        return await self.jobs.get(job_id, wait_s)
-
-    def cancel_job(self, job_id: str) -> Job:
-        return self.jobs.cancel(job_id)
-
-    def list_jobs(self, status: JobStatus | None, limit: int) -> list[Job]:
-        return self.jobs.find(status, limit)
+def _statistics(model: ServedModel) -> ModelStatistics:
+    stats = model.scheduler.stats
+    return ModelStatistics(
+        name=model.name,
+        last_inference_ms=stats.last_inference_ms,
+        rows=stats.rows,
+        batches=stats.batches,
+        requests=stats.requests,
+        success_s_total=stats.success_s_total,
+        failed_requests=stats.failed_requests,
+        failed_s_total=stats.failed_s_total,
+        queue_s_total=stats.queue_s_total,
+        compute_s_total=stats.compute_s_total,
+        by_batch_size={
+            size: (count, stats.compute_s_by_size[size])
+            for size, count in sorted(stats.batch_sizes.items())
+        },
+    )

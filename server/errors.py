@@ -61,3 +61,10 @@ class Internal(TensorgateError):
     """The engine failed while running the request."""
 
     code = "INTERNAL"
+
+
+def clip(value: object, limit: int = 200) -> str:
+    """A caller-supplied value as it may appear in an error message: cut to `limit` characters,
+    so a huge name or shape cannot blow up a status message (gRPC drops statuses over ~8 KiB)."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}…({len(text)} chars)"

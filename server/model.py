@@ -1,4 +1,8 @@
-"""A served model: its backend instances, its instance pool and its batcher, with a lifecycle."""
+"""A served model: its backend instances, its instance pool and its scheduler, with a lifecycle.
+
+`ready` is the one source of truth for the model's health: grpc.health.v1 hears every change
+through on_ready, and KServe's ModelReady reads the same property.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +10,23 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
 
 from server.backends import AnyBackendInstance, load_instance
 from server.batching.batcher import DynamicBatcher
 from server.batching.request import InferenceRequest
+from server.batching.scheduler import Scheduler
 from server.config import ConfigError, ModelConfig
 from server.datatypes import NUMPY_BY_DATATYPE
 from server.errors import InvalidArgument, Unavailable
 from server.executor.instance import Instance
 from server.executor.pool import InstancePool, make_instance
+from server.records import Request
 from server.telemetry import Telemetry
-from server.tensors import TensorInput, TensorSpec, decode_inputs
+from server.tensors import TensorSpec, decode_inputs
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +49,35 @@ class ServedModel:
         self.name = config.name
         self.state = ModelState.LOADING
         self.failure = ""
-        self.inputs: Sequence[TensorSpec] = ()
-        self.outputs: Sequence[TensorSpec] = ()
+        self.inputs: tuple[TensorSpec, ...] = ()
+        self.outputs: tuple[TensorSpec, ...] = ()
         self.max_batch_size = config.max_batch_size
         self._instances: list[Instance] = []
         self._pool: InstancePool | None = None
-        self._batcher: DynamicBatcher | None = None
+        self._scheduler: DynamicBatcher | None = None
         self._task: asyncio.Task[None] | None = None
-        self._on_health: Callable[[bool], None] = lambda healthy: None
+        self._on_ready: Callable[[bool], None] = lambda ready: None
+        self._reported_ready = False
 
     @property
-    def batcher(self) -> DynamicBatcher:
-        if self._batcher is None:
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
             raise Unavailable(self.not_ready_message())
-        return self._batcher
+        return self._scheduler
+
+    @property
+    def ready(self) -> bool:
+        """Loaded, started, its scheduler running, at least one instance, and the engine not
+        failing every batch."""
+        return (
+            self.state is ModelState.READY
+            and self._scheduler is not None
+            and self._scheduler.healthy
+            and self._pool is not None
+            and bool(self._pool.instances)
+            and self._task is not None
+            and not self._task.done()
+        )
 
     def load(self) -> None:
         """Loads every instance and runs a warm-up batch on each. Blocking."""
@@ -121,82 +141,92 @@ class ServedModel:
 
     def start(
         self,
-        on_health: Callable[[bool], None] = lambda healthy: None,
+        on_ready: Callable[[bool], None] = lambda ready: None,
         telemetry: Telemetry | None = None,
     ) -> None:
-        """Starts the batcher on the running loop. on_health hears when the engine stops (or
-        starts again) working."""
+        """Starts the scheduler on the running loop. on_ready hears every change of `ready`."""
         self._pool = InstancePool(self._instances)
-        self._on_health = on_health
+        self._on_ready = on_ready
         config = self.config
         if self.max_batch_size != config.max_batch_size:
             config = _with_max_batch(config, self.max_batch_size)
-        self._batcher = DynamicBatcher(
-            config, [s.name for s in self.outputs], self._pool, self._replace, on_health, telemetry
+        self._scheduler = DynamicBatcher(
+            config,
+            [s.name for s in self.outputs],
+            self._pool,
+            self._replace,
+            lambda healthy: self._notify(),
+            telemetry,
         )
-        self._task = asyncio.create_task(self._batcher.run(), name=f"batcher-{self.name}")
-        self._task.add_done_callback(self._batcher_ended)
+        self._task = asyncio.create_task(self._scheduler.run(), name=f"scheduler-{self.name}")
+        self._task.add_done_callback(self._scheduler_ended)
         self.state = ModelState.READY
+        self._notify()
+
+    def _notify(self) -> None:
+        """Tells on_ready when `ready` changed since it last heard."""
+        ready = self.ready
+        if ready != self._reported_ready:
+            self._reported_ready = ready
+            self._on_ready(ready)
 
     @property
     def busy_instances(self) -> int:
-        return self._pool.busy if self._pool is not None else 0
+        return self._scheduler.busy_instances if self._scheduler is not None else 0
 
     @property
     def instance_total(self) -> int:
         return len(self._pool.instances) if self._pool is not None else 0
 
-    @property
-    def healthy(self) -> bool:
-        return self.state is ModelState.READY and (self._batcher is None or self._batcher.healthy)
-
     async def _replace(self, stuck: Instance) -> None:
         """Retires an instance the watchdog gave up on and loads a fresh one in its place."""
-        assert self._pool is not None
+        assert self._pool is not None and self._scheduler is not None
         stuck.abandon()
         try:
             fresh: Instance | None = await asyncio.to_thread(self._load_instance, stuck.index)
         except Exception as exc:
             log.error("model %s: could not replace instance %d: %s", self.name, stuck.index, exc)
             fresh = None
+        if fresh is not None and self.state is not ModelState.READY:
+            await asyncio.to_thread(fresh.close)  # the model stopped meanwhile
+            fresh = None
         self._pool.replace(stuck, fresh)
         if fresh is not None:
             log.info("model %s: instance %d replaced", self.name, stuck.index)
         elif not self._pool.instances:
-            self._on_health(False)
+            log.error("model %s: no working instance left: NOT_SERVING", self.name)
+            self._scheduler.fail_all(
+                Unavailable(f"model '{self.name}' has no working instance left")
+            )
+        self._notify()
 
     def fail(self, reason: str) -> None:
         self.state = ModelState.FAILED
         self.failure = reason
+        self._notify()
 
-    def new_request(
-        self,
-        inputs: Sequence[TensorInput],
-        requested_outputs: Sequence[str] = (),
-        deadline: float | None = None,
-        request_id: str = "",
-        parameters: Mapping[str, Any] | None = None,
-        default_deadline: bool = True,
-    ) -> InferenceRequest:
+    def new_request(self, request: Request, default_deadline: bool = True) -> InferenceRequest:
         """Validates a request against this model and wraps it with a fresh future.
 
         Without a caller deadline the model's default_timeout applies, unless default_deadline
         is False (jobs: nobody is waiting on the call).
         """
-        if self.state is not ModelState.READY:
+        # A model whose engine keeps failing still takes requests: a success is how it recovers.
+        if self.state is not ModelState.READY or self._pool is None or not self._pool.instances:
             raise Unavailable(self.not_ready_message())
+        deadline = request.deadline
         if deadline is None and default_deadline and self.config.default_timeout_s > 0:
             deadline = time.monotonic() + self.config.default_timeout_s
-        arrays, rows = decode_inputs(self.name, self.inputs, inputs, self.max_batch_size)
+        arrays, rows = decode_inputs(self.name, self.inputs, request.inputs, self.max_batch_size)
         known = [spec.name for spec in self.outputs]
-        if requested_outputs:
-            unknown = [name for name in requested_outputs if name not in known]
+        if request.requested_outputs:
+            unknown = [name for name in request.requested_outputs if name not in known]
             if unknown:
                 raise InvalidArgument(
-                    f"model '{self.name}' has no output '{unknown[0]}'; "
+                    f"model '{self.name}' has no output '{unknown[0][:200]}'; "
                     f"its outputs are: {', '.join(known)}"
                 )
-            output_names = tuple(dict.fromkeys(requested_outputs))
+            output_names = tuple(dict.fromkeys(request.requested_outputs))
         else:
             output_names = tuple(known)
         return InferenceRequest(
@@ -205,50 +235,67 @@ class ServedModel:
             output_names=output_names,
             future=asyncio.get_running_loop().create_future(),
             deadline=deadline,
-            id=request_id,
-            parameters=parameters or {},
+            id=request.id,
+            parameters=request.parameters,
+            priority=request.priority,
+            tenant=request.tenant,
         )
-
-    def enqueue(self, request: InferenceRequest) -> None:
-        self.batcher.put(request)
 
     def estimated_wait_s(self, extra_rows: int = 0) -> float:
         """Time to work through the queued rows plus extra_rows at the observed service rate."""
-        batcher = self.batcher
-        rate = batcher.rows_per_s
+        scheduler = self.scheduler
+        rate = scheduler.rows_per_s
         if rate <= 0:
             return 0.0
-        return (batcher.queued_rows + extra_rows) / rate
+        return (scheduler.queued_rows + extra_rows) / rate
 
-    async def stop(self) -> None:
-        """Finishes queued and running batches, then stops the batcher and closes the instances."""
-        if self._batcher is not None:
-            await self._batcher.drain()
+    async def stop(self, deadline: float) -> None:
+        """Finishes queued and running batches until the monotonic deadline; what is left then
+        fails with UNAVAILABLE. Stops the scheduler and releases the instances: an instance
+        still inside the engine is abandoned (its thread cannot be stopped) instead of waited
+        for, so stopping takes no longer than the deadline plus a moment."""
+        scheduler = self._scheduler
+        drained = True
+        if scheduler is not None:
+            drained = await scheduler.drain(deadline)
+            if not drained:
+                log.warning("model %s: work left at the end of the grace period fails", self.name)
+                scheduler.fail_all(Unavailable(f"model '{self.name}' stopped before it ran"))
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        await asyncio.to_thread(self.close)
+        stuck = set(self._pool.taken) if self._pool is not None and not drained else set()
+        for instance in stuck:
+            instance.abandon()
         self.state = ModelState.STOPPED
+        self._notify()
+        await asyncio.to_thread(self.close, stuck)
 
-    def close(self) -> None:
-        """Releases the instances (blocking only while a batch is still on a thread)."""
+    def close(self, skip: set[Instance] | frozenset[Instance] = frozenset()) -> None:
+        """Releases the instances (those in skip are left alone: abandoned)."""
         for instance in self._pool.instances if self._pool is not None else self._instances:
-            instance.close()
+            if instance not in skip:
+                instance.close()
         self._instances = []
         self._pool = None
 
     def not_ready_message(self) -> str:
         if self.state is ModelState.FAILED:
             return f"model '{self.name}' failed to load: {self.failure}"
+        if self.state is ModelState.READY:
+            if self._pool is not None and not self._pool.instances:
+                return f"model '{self.name}' has no working instance"
+            return f"model '{self.name}' is not serving: its engine keeps failing"
         return f"model '{self.name}' is {self.state.value.lower()}, not ready"
 
-    def _batcher_ended(self, task: asyncio.Task[None]) -> None:
+    def _scheduler_ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.error("model %s: batcher stopped", self.name, exc_info=task.exception())
-            self.fail(f"batcher stopped: {task.exception()}")
+            log.error("model %s: scheduler stopped", self.name, exc_info=task.exception())
+            self.fail(f"scheduler stopped: {task.exception()}")
+        self._notify()
 
 
 def _with_max_batch(config: ModelConfig, max_batch_size: int) -> ModelConfig:

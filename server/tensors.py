@@ -14,6 +14,9 @@ import numpy as np
 from server.datatypes import NUMPY_BY_DATATYPE
 from server.errors import InvalidArgument
 
+# A request's (or a batch's) outputs by name.
+Outputs = dict[str, np.ndarray]
+
 
 @dataclass(slots=True, frozen=True)
 class TensorSpec:

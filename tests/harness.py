@@ -49,7 +49,7 @@ class ServerThread:
         async def read() -> Any:
             from dataclasses import replace
 
-            stats = self.server.models[model].batcher.stats
+            stats = self.server.models[model].scheduler.stats
             return replace(stats, batch_sizes=stats.batch_sizes.copy())
 
         return self.call(read())

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from server.datatypes import to_wire
+from server.errors import InvalidArgument
+from server.limits import MAX_TENSORS
 from server.tensors import TensorInput
 from tensorgate.v1 import inference_pb2 as pb
 
 
-def tensor_inputs(tensors: Iterable[pb.Tensor]) -> list[TensorInput]:
+def tensor_inputs(tensors: Sequence[pb.Tensor]) -> list[TensorInput]:
+    check_tensor_count(len(tensors))
     return [TensorInput(t.name, t.datatype, t.shape, t.contents) for t in tensors]
+
+
+def check_tensor_count(count: int) -> None:
+    """Refuses a request naming more tensors than any model takes, before decoding any."""
+    if count > MAX_TENSORS:
+        raise InvalidArgument(f"request has {count} input tensors; at most {MAX_TENSORS}")
 
 
 def encode_tensors(arrays: Mapping[str, np.ndarray]) -> list[pb.Tensor]:

@@ -11,10 +11,10 @@ import grpc
 from opentelemetry.trace import Span
 
 from server.api import kserve_codec as codec
-from server.api.rpc import Call, Frontend, rpc
-from server.api.status import as_domain_error
-from server.errors import Unavailable
-from server.model import ModelState, ServedModel
+from server.api.rpc import Frontend, rpc
+from server.api.status import MAX_MESSAGE_CHARS, as_domain_error
+from server.errors import Unavailable, clip
+from server.records import ModelInfo, ModelStatistics, Request
 from tensorgate.kserve import grpc_service_pb2 as kpb
 from tensorgate.kserve import grpc_service_pb2_grpc as kpb_grpc
 
@@ -43,16 +43,13 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(
         self, request: kpb.ServerReadyRequest, context: grpc.aio.ServicerContext, span: Span | None
     ) -> kpb.ServerReadyResponse:
-        models = self._plane.models.values()
-        ready = self._plane.accepting and all(m.state is ModelState.READY for m in models)
-        return kpb.ServerReadyResponse(ready=ready)
+        return kpb.ServerReadyResponse(ready=self._plane.server_ready())
 
     @rpc
     async def ModelReady(
         self, request: kpb.ModelReadyRequest, context: grpc.aio.ServicerContext, span: Span | None
     ) -> kpb.ModelReadyResponse:
-        model = self._plane.model(request.name)
-        return kpb.ModelReadyResponse(ready=self._plane.accepting and model.healthy)
+        return kpb.ModelReadyResponse(ready=self._plane.model_ready(request.name))
 
     @rpc
     async def ServerMetadata(
@@ -72,12 +69,12 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         context: grpc.aio.ServicerContext,
         span: Span | None,
     ) -> kpb.ModelMetadataResponse:
-        model = self._ready_model(request.name)
+        model = self._loaded_model(request.name)
         meta = kpb.ModelMetadataResponse.TensorMetadata
         return kpb.ModelMetadataResponse(
             name=model.name,
             versions=["1"],
-            platform=_PLATFORMS.get(model.config.backend, model.config.backend),
+            platform=_PLATFORMS.get(model.backend, model.backend),
             inputs=[meta(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.inputs],
             outputs=[meta(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.outputs],
         )
@@ -86,7 +83,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext, span: Span | None
     ) -> kpb.ModelInferResponse:
-        outputs = await self.frontend.infer(_call(request), context, span)
+        outputs = await self.frontend.infer(_request(request), context, span)
         return self.frontend.encode(
             span, lambda: codec.infer_response(request.model_name, request.id, outputs)
         )
@@ -101,7 +98,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             "ModelStreamInfer",
             request_iterator,
             context,
-            _call,
+            _request,
             lambda message, outputs: kpb.ModelStreamInferResponse(
                 infer_response=codec.infer_response(message.model_name, message.id, outputs)
             ),
@@ -113,18 +110,17 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(
         self, request: kpb.ModelConfigRequest, context: grpc.aio.ServicerContext, span: Span | None
     ) -> kpb.ModelConfigResponse:
-        model = self._ready_model(request.name)
-        config = model.config
+        model = self._loaded_model(request.name)
         kind = (
             kpb.ModelInstanceGroup.KIND_GPU
-            if config.backend == "tensorrt"
+            if model.backend == "tensorrt"
             else (kpb.ModelInstanceGroup.KIND_CPU)
         )
         return kpb.ModelConfigResponse(
             config=kpb.ModelConfig(
                 name=model.name,
-                platform=_PLATFORMS.get(config.backend, config.backend),
-                backend=config.backend,
+                platform=_PLATFORMS.get(model.backend, model.backend),
+                backend=model.backend,
                 max_batch_size=model.max_batch_size,
                 input=[
                     kpb.ModelInput(
@@ -139,12 +135,12 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                     for s in model.outputs
                 ],
                 dynamic_batching=kpb.ModelDynamicBatching(
-                    preferred_batch_size=config.preferred_batch_sizes,
-                    max_queue_delay_microseconds=round(config.max_queue_delay_s * 1e6),
+                    preferred_batch_size=model.preferred_batch_sizes,
+                    max_queue_delay_microseconds=round(model.max_queue_delay_s * 1e6),
                 ),
                 instance_group=[
                     kpb.ModelInstanceGroup(
-                        name=f"{model.name}_0", kind=kind, count=config.instance_count
+                        name=f"{model.name}_0", kind=kind, count=model.instance_count
                     )
                 ],
             )
@@ -157,26 +153,23 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         context: grpc.aio.ServicerContext,
         span: Span | None,
     ) -> kpb.ModelStatisticsResponse:
-        if request.name:
-            models = [self._ready_model(request.name)]
-        else:
-            models = [m for m in self._plane.models.values() if m.state is ModelState.READY]
-        return kpb.ModelStatisticsResponse(model_stats=[_statistics(m) for m in models])
+        stats = self._plane.statistics(request.name)
+        return kpb.ModelStatisticsResponse(model_stats=[_statistics(m) for m in stats])
 
-    def _ready_model(self, name: str) -> ServedModel:
-        model = self._plane.model(name)
-        if model.state is not ModelState.READY:
-            raise Unavailable(model.not_ready_message())
+    def _loaded_model(self, name: str) -> ModelInfo:
+        model = self._plane.model_info(name)
+        if not model.inputs:  # never loaded
+            raise Unavailable(model.reason)
         return model
 
 
-def _call(request: kpb.ModelInferRequest) -> Call:
-    return Call(
-        request.model_name,
-        codec.tensor_inputs(request),
-        [output.name for output in request.outputs],
-        request.id,
-        codec.parameters(request.parameters),
+def _request(message: kpb.ModelInferRequest) -> Request:
+    return Request(
+        model=message.model_name,
+        inputs=codec.tensor_inputs(message),
+        requested_outputs=[output.name for output in message.outputs],
+        id=message.id,
+        parameters=codec.parameters(message.parameters),
     )
 
 
@@ -184,8 +177,10 @@ def _stream_error(
     message: kpb.ModelInferRequest, error: BaseException
 ) -> kpb.ModelStreamInferResponse:
     error = as_domain_error(error)
+    if not isinstance(message, kpb.ModelInferRequest):  # bytes that did not decode
+        message = kpb.ModelInferRequest()
     return kpb.ModelStreamInferResponse(
-        error_message=f"{error.code}: {error}",
+        error_message=clip(f"{error.code}: {error}", MAX_MESSAGE_CHARS),
         infer_response=kpb.ModelInferResponse(model_name=message.model_name, id=message.id),
     )
 
@@ -194,10 +189,9 @@ def _duration(count: int, seconds: float) -> kpb.StatisticDuration:
     return kpb.StatisticDuration(count=count, ns=int(seconds * 1e9))
 
 
-def _statistics(model: ServedModel) -> kpb.ModelStatistics:
-    stats = model.batcher.stats
+def _statistics(stats: ModelStatistics) -> kpb.ModelStatistics:
     return kpb.ModelStatistics(
-        name=model.name,
+        name=stats.name,
         version="1",
         last_inference=stats.last_inference_ms,
         inference_count=stats.rows,
@@ -209,10 +203,7 @@ def _statistics(model: ServedModel) -> kpb.ModelStatistics:
             compute_infer=_duration(stats.batches, stats.compute_s_total),
         ),
         batch_stats=[
-            kpb.InferBatchStatistics(
-                batch_size=size,
-                compute_infer=_duration(count, stats.compute_s_by_size[size]),
-            )
-            for size, count in sorted(stats.batch_sizes.items())
+            kpb.InferBatchStatistics(batch_size=size, compute_infer=_duration(count, seconds))
+            for size, (count, seconds) in stats.by_batch_size.items()
         ],
     )

@@ -39,6 +39,7 @@ Input = kpb.ModelInferRequest.InferInputTensor
 
 
 def tensor_inputs(request: kpb.ModelInferRequest) -> list[TensorInput]:
+    v1_codec.check_tensor_count(len(request.inputs))
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(
@@ -76,16 +77,18 @@ def _typed_contents(tensor: Input) -> bytes:
             f"input '{tensor.name}' has {len(values)} values in contents.{field}; shape "
             f"{format_shape(tensor.shape)} needs {expected}"
         )
-    array = np.asarray(
-        values, dtype=np.result_type(dtype, np.int64) if dtype.kind in "iu" else dtype
-    )
     if dtype.kind in "iu":
+        # Exact: uint64 values through uint64 (float64 would round above 2**53), the others
+        # through int64, then checked against the datatype's range.
+        wide = np.uint64 if dtype.kind == "u" else np.int64
+        array = np.asarray(values, dtype=wide)
         info = np.iinfo(dtype)
         if array.size and (array.min() < info.min or array.max() > info.max):
             raise InvalidArgument(
                 f"input '{tensor.name}' has values outside the range of {tensor.datatype}"
             )
-    return array.astype(dtype).tobytes()
+        return array.astype(dtype).tobytes()
+    return np.asarray(values, dtype=dtype).tobytes()
 
 
 def parameters(params: Mapping[str, kpb.InferParameter]) -> dict[str, Any]:

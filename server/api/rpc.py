@@ -1,6 +1,12 @@
-"""What every gRPC front end shares: the unary call wrapper (span, error → status), the caller's
-deadline, request counting, and the pump that runs a bidirectional stream's requests through the
-data plane. tensorgate.v1 (servicer.py) and KServe v2 (kserve.py) are thin adapters over these."""
+"""What every gRPC front end shares: the unary call wrapper (admission, span, error → status),
+the caller's deadline, request counting, and the pump that runs a bidirectional stream's requests
+through the data plane. tensorgate.v1 (servicer.py) and KServe v2 (kserve.py) are thin adapters
+over these.
+
+Admission is the application's, not gRPC core's: calls and open streams beyond
+max_concurrent_rpcs are refused with RESOURCE_EXHAUSTED and retry-after-ms, while the health
+service, which is not wrapped, keeps answering probes however busy the server is.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +14,18 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 from opentelemetry.trace import Span
 
+from server.api.messages import Malformed
 from server.api.status import abort, as_domain_error, status_of
-from server.batching.request import Outputs
 from server.dataplane import DataPlane
-from server.errors import Cancelled
-from server.tensors import TensorInput
+from server.errors import Cancelled, DeadlineExceeded, ResourceExhausted
+from server.records import Request, Submitted
+from server.tensors import Outputs
 
 log = logging.getLogger(__name__)
 
@@ -42,34 +48,54 @@ def rpc(
 
     @functools.wraps(method)
     async def handler(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
-        self.frontend.plane.note_call()
-        tracing = self.frontend.tracing
-        if not tracing.enabled:
-            # No span: skip reading the call's metadata and attributes (no cost when off).
+        frontend: Frontend = self.frontend
+        frontend.plane.note_call()
+        refusal = frontend.admit()
+        if refusal is not None:
+            await abort(context, refusal)
+        try:
+            if isinstance(request, Malformed):
+                await abort(context, request.error())
+            tracing = frontend.tracing
+            if not tracing.enabled:
+                # No span: skip reading the call's metadata and attributes (no cost when off).
+                try:
+                    return await method(self, request, context, None)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    await abort(context, exc)
+                    raise AssertionError("unreachable: abort raises") from exc
+            span = tracing.start_rpc(
+                name,
+                context.invocation_metadata(),
+                service=self.SERVICE,
+                **_span_attributes(request),
+            )
             try:
-                return await method(self, request, context, None)
+                response = await method(self, request, context, span)
             except asyncio.CancelledError:
+                why = gone(deadline_of(context))
+                tracing.end_rpc(span, status_of(why).value[0], str(why))
                 raise
             except Exception as exc:
-                await abort(context, exc)
+                error = as_domain_error(exc)
+                tracing.end_rpc(span, status_of(error).value[0], str(error))
+                await abort(context, error)
                 raise AssertionError("unreachable: abort raises") from exc
-        span = tracing.start_rpc(
-            name, context.invocation_metadata(), service=self.SERVICE, **_span_attributes(request)
-        )
-        try:
-            response = await method(self, request, context, span)
-        except asyncio.CancelledError:
-            tracing.end_rpc(span, grpc.StatusCode.CANCELLED.value[0], "the caller cancelled")
-            raise
-        except Exception as exc:
-            error = as_domain_error(exc)
-            tracing.end_rpc(span, status_of(error).value[0], str(error))
-            await abort(context, error)
-            raise AssertionError("unreachable: abort raises") from exc
-        tracing.end_rpc(span, 0)
-        return response
+            tracing.end_rpc(span, 0)
+            return response
+        finally:
+            frontend.calls -= 1
 
     return handler
+
+
+def gone(deadline: float | None) -> Cancelled | DeadlineExceeded:
+    """Why a call's task was cancelled: its deadline passed, or the caller went away."""
+    if deadline is not None and time.monotonic() >= deadline:
+        return DeadlineExceeded("the call's deadline passed before it was answered")
+    return Cancelled("the caller cancelled the call")
 
 
 def _span_attributes(request: Any) -> dict[str, str]:
@@ -89,29 +115,38 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return time.monotonic() + remaining
 
 
-@dataclass(slots=True)
-class Call:
-    """One inference request as a front end decoded it."""
-
-    model: str
-    inputs: Sequence[TensorInput]
-    requested_outputs: Sequence[str] = ()
-    request_id: str = ""
-    parameters: Mapping[str, Any] = field(default_factory=dict)
-
-
 class Frontend:
-    """The data plane plus the telemetry a front end reports to."""
+    """The data plane plus the telemetry a front end reports to, and the admission limit shared
+    by every front end."""
 
-    def __init__(self, plane: DataPlane, max_inflight_per_stream: int) -> None:
+    def __init__(
+        self, plane: DataPlane, max_inflight_per_stream: int, max_concurrent_rpcs: int = 0
+    ) -> None:
         self.plane = plane
         self.tracing = plane.tracing
         self.metrics = plane.telemetry.metrics
         self.max_inflight_per_stream = max_inflight_per_stream
+        self.max_concurrent_rpcs = max_concurrent_rpcs
+        # Unary calls in a handler plus streams open, across both front ends.
+        self.calls = 0
         # (model, kind, code) -> the counter and histogram children: labels() takes a lock and
         # validates on every call, which the request path need not pay. Bounded: model names
         # collapse to the served ones, kinds and codes are fixed sets.
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def admit(self) -> ResourceExhausted | None:
+        """Counts a call in (the caller must count it out); the refusal when over the limit,
+        which is counted out already."""
+        self.calls += 1
+        limit = self.max_concurrent_rpcs
+        if limit and self.calls > limit:
+            self.calls -= 1
+            return ResourceExhausted(
+                f"the server is at its limit of {limit} concurrent calls and streams "
+                "(--max-concurrent-rpcs); retry later",
+                retry_after_s=0.05,
+            )
+        return None
 
     def count(self, model: str, kind: str, error: BaseException | None, started: float) -> None:
         code = "OK" if error is None else as_domain_error(error).code
@@ -129,26 +164,29 @@ class Frontend:
         children[1].observe(time.perf_counter() - started)
 
     async def infer(
-        self, call: Call, context: grpc.aio.ServicerContext, span: Span | None
+        self, request: Request, context: grpc.aio.ServicerContext, span: Span | None
     ) -> Outputs:
         """One unary inference, counted; its span gets the stage children."""
         started = time.perf_counter()
         error: BaseException | None = None
+        request.deadline = deadline_of(context)
         try:
-            return await self.plane.predict(
-                call.model,
-                call.inputs,
-                call.requested_outputs,
-                deadline_of(context),
-                call.request_id,
-                call.parameters,
-                span,
-            )
+            return await self.plane.infer(request, span)
         except BaseException as exc:
-            error = exc if not isinstance(exc, asyncio.CancelledError) else Cancelled("cancelled")
+            error = gone(request.deadline) if isinstance(exc, asyncio.CancelledError) else exc
             raise
         finally:
-            self.count(call.model, "unary", error, started)
+            self.count(request.model, "unary", error, started)
+
+    async def submit(self, request: Request, idempotency_key: str, span: Span | None) -> Submitted:
+        """Accepts a job. A refused Submit is counted here; an accepted job is counted by the
+        job runner when it finishes."""
+        started = time.perf_counter()
+        try:
+            return await self.plane.submit(request, idempotency_key, span)
+        except Exception as exc:
+            self.count(request.model, "job", exc, started)
+            raise
 
     def encode(self, span: Span | None, build: Callable[[], Resp]) -> Resp:
         """Builds a response, timed as the request's `encode` stage."""
@@ -165,7 +203,7 @@ class Frontend:
         method: str,
         request_iterator: AsyncIterator[Msg],
         context: grpc.aio.ServicerContext,
-        decode: Callable[[Msg], Call],
+        decode: Callable[[Msg], Request],
         answer: Callable[[Msg, Outputs], Resp],
         fail: Callable[[Msg, BaseException], Resp],
     ) -> AsyncIterator[Resp]:
@@ -177,6 +215,27 @@ class Frontend:
         answer, and a request's slot frees when its answer is handed to gRPC, so a client that
         stops reading also stops the server from reading: memory stays bounded.
         """
+        refusal = self.admit()
+        if refusal is not None:
+            await abort(context, refusal)
+        try:
+            async for response in self._pump(
+                service, method, request_iterator, context, decode, answer, fail
+            ):
+                yield response
+        finally:
+            self.calls -= 1
+
+    async def _pump(
+        self,
+        service: str,
+        method: str,
+        request_iterator: AsyncIterator[Msg],
+        context: grpc.aio.ServicerContext,
+        decode: Callable[[Msg], Request],
+        answer: Callable[[Msg, Outputs], Resp],
+        fail: Callable[[Msg, BaseException], Resp],
+    ) -> AsyncIterator[Resp]:
         slots = asyncio.Semaphore(self.max_inflight_per_stream)
         outbox: asyncio.Queue[Resp | None] = asyncio.Queue()
         futures: set[asyncio.Future[Outputs]] = set()
@@ -210,7 +269,7 @@ class Frontend:
         ) -> None:
             futures.discard(future)
             if future.cancelled():
-                respond(message, model, span, started, None, Cancelled("request cancelled"))
+                respond(message, model, span, started, None, gone(deadline))
             elif (exc := future.exception()) is not None:
                 respond(message, model, span, started, None, exc)
             else:
@@ -227,25 +286,20 @@ class Frontend:
                     model = ""
                     span = None
                     try:
-                        call = decode(message)
-                        model = call.model
+                        if isinstance(message, Malformed):
+                            raise message.error()
+                        request = decode(message)
+                        model = request.model
+                        request.deadline = deadline
                         span = tracing.start_child(
-                            call_span, "request", model=call.model, request_id=call.request_id
+                            call_span, "request", model=request.model, request_id=request.id
                         )
-                        request = self.plane.start(
-                            call.model,
-                            call.inputs,
-                            call.requested_outputs,
-                            deadline,
-                            call.request_id,
-                            call.parameters,
-                            span,
-                        )
+                        future = self.plane.start(request, span)
                     except Exception as exc:
                         respond(message, model, span, started, None, exc)
                         continue
-                    futures.add(request.future)
-                    request.future.add_done_callback(
+                    futures.add(future)
+                    future.add_done_callback(
                         functools.partial(answered, message, model, span, started)
                     )
             finally:

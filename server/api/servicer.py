@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 
 import grpc
 from opentelemetry.trace import Span
 
 from server.api import codec
-from server.api.rpc import Call, Frontend, rpc
+from server.api.rpc import Frontend, rpc
 from server.api.status import error_message
-from server.batching.request import Outputs
 from server.errors import InvalidArgument
-from server.jobs.job import Job, JobStatus
-from server.model import ModelState
+from server.records import JobStatus, JobView, Request
+from server.tensors import Outputs, TensorSpec
 from tensorgate.v1 import inference_pb2 as pb
 from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 
@@ -32,7 +30,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext, span: Span | None
     ) -> pb.PredictResponse:
-        outputs = await self.frontend.infer(_call(request), context, span)
+        outputs = await self.frontend.infer(_request(request), context, span)
         return self.frontend.encode(span, lambda: _response(request.model, request.id, outputs))
 
     async def StreamPredict(
@@ -45,11 +43,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             "StreamPredict",
             request_iterator,
             context,
-            _call,
+            _request,
             lambda message, outputs: pb.StreamPredictResponse(
                 id=message.id, response=_response(message.model, message.id, outputs)
             ),
-            lambda message, error: _stream_error(message.id, error),
+            lambda message, error: _stream_error(message, error),
         ):
             yield response
 
@@ -57,37 +55,31 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Submit(
         self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext, span: Span | None
     ) -> pb.SubmitResponse:
-        inner = request.request
-        job, deduplicated, estimate_s = self._plane.submit(
-            inner.model,
-            codec.tensor_inputs(inner.inputs),
-            inner.requested_outputs,
-            inner.id,
-            codec.parameters(inner.parameters),
-            request.idempotency_key,
-            span,
+        submitted = await self.frontend.submit(
+            _request(request.request), request.idempotency_key, span
         )
         return pb.SubmitResponse(
-            job_id=job.id,
-            status=_job_status(job.status),
-            estimated_wait_seconds=estimate_s,
-            deduplicated=deduplicated,
+            job_id=submitted.job.id,
+            status=submitted.job.status.value,
+            estimated_wait_seconds=submitted.estimated_wait_s,
+            deduplicated=submitted.deduplicated,
         )
 
     @rpc
     async def GetResult(
         self, request: pb.GetResultRequest, context: grpc.aio.ServicerContext, span: Span | None
     ) -> pb.GetResultResponse:
-        job = await self._plane.get_result(request.job_id, max(request.wait_timeout_seconds, 0.0))
-        self.frontend.tracing.link_to(span, job.span)  # the trace of the job's run
+        job = await self._plane.job(
+            request.job_id, wait_s=max(request.wait_timeout_seconds, 0.0), span=span
+        )
         return _job_result(job)
 
     @rpc
     async def CancelJob(
         self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext, span: Span | None
     ) -> pb.CancelJobResponse:
-        job = self._plane.cancel_job(request.job_id)
-        return pb.CancelJobResponse(job_id=job.id, status=_job_status(job.status))
+        job = await self._plane.cancel_job(request.job_id)
+        return pb.CancelJobResponse(job_id=job.id, status=job.status.value)
 
     @rpc
     async def ListJobs(
@@ -95,21 +87,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> pb.ListJobsResponse:
         if request.limit < 0 or request.limit > _MAX_LISTED_JOBS:
             raise InvalidArgument(f"limit must be between 0 and {_MAX_LISTED_JOBS}")
-        status = None
-        if request.status != pb.JOB_STATUS_UNSPECIFIED:
-            status = JobStatus(pb.JobStatus.Name(request.status))
-        now = time.monotonic()
-        jobs = self._plane.list_jobs(status, request.limit or 100)
+        jobs = await self._plane.list_jobs(_job_status(request.status), request.limit or 100)
         return pb.ListJobsResponse(
             jobs=[
                 pb.JobSummary(
                     job_id=job.id,
                     model=job.model,
-                    status=_job_status(job.status),
+                    status=job.status.value,
                     attempts=job.attempts,
                     error=error_message(job.error) if job.error is not None else None,
-                    age_seconds=now - job.created_at,
-                    request_id=job.request.id,
+                    age_seconds=job.age_s,
+                    request_id=job.request_id,
                 )
                 for job in jobs
             ]
@@ -121,10 +109,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
             models=[
-                pb.ModelSummary(
-                    name=m.name, backend=m.config.backend, ready=m.state is ModelState.READY
-                )
-                for m in self._plane.models.values()
+                pb.ModelSummary(name=m.name, backend=m.backend, ready=m.ready)
+                for m in self._plane.models()
             ]
         )
 
@@ -135,52 +121,57 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         context: grpc.aio.ServicerContext,
         span: Span | None,
     ) -> pb.GetModelMetadataResponse:
-        model = self._plane.model(request.model)
+        model = self._plane.model_info(request.model)
         return pb.GetModelMetadataResponse(
             name=model.name,
-            backend=model.config.backend,
-            inputs=[
-                pb.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape)
-                for s in model.inputs
-            ],
-            outputs=[
-                pb.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape)
-                for s in model.outputs
-            ],
+            backend=model.backend,
+            inputs=[_tensor_metadata(s) for s in model.inputs],
+            outputs=[_tensor_metadata(s) for s in model.outputs],
             max_batch_size=model.max_batch_size,
-            instance_count=model.config.instance_count,
+            instance_count=model.instance_count,
         )
 
 
-def _call(request: pb.PredictRequest) -> Call:
-    return Call(
-        request.model,
-        codec.tensor_inputs(request.inputs),
-        request.requested_outputs,
-        request.id,
-        codec.parameters(request.parameters),
+def _request(message: pb.PredictRequest) -> Request:
+    return Request(
+        model=message.model,
+        inputs=codec.tensor_inputs(message.inputs),
+        requested_outputs=message.requested_outputs,
+        id=message.id,
+        parameters=codec.parameters(message.parameters),
     )
+
+
+def _tensor_metadata(spec: TensorSpec) -> pb.TensorMetadata:
+    return pb.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=spec.shape)
 
 
 def _response(model: str, request_id: str, outputs: Outputs) -> pb.PredictResponse:
     return pb.PredictResponse(model=model, id=request_id, outputs=codec.encode_tensors(outputs))
 
 
-def _stream_error(request_id: str, error: BaseException) -> pb.StreamPredictResponse:
+def _stream_error(message: pb.PredictRequest, error: BaseException) -> pb.StreamPredictResponse:
+    request_id = message.id if isinstance(message, pb.PredictRequest) else ""
     return pb.StreamPredictResponse(id=request_id, error=error_message(error))
 
 
-def _job_status(status: JobStatus) -> str:
-    """The proto enum value of the same name (protobuf takes enum values by name)."""
-    return status.value
+def _job_status(value: int) -> JobStatus | None:
+    """The JobStatus a ListJobs filter names; None for UNSPECIFIED (every status)."""
+    if value == pb.JOB_STATUS_UNSPECIFIED:
+        return None
+    try:
+        return JobStatus(pb.JobStatus.Name(value))
+    except ValueError:
+        known = ", ".join(pb.JobStatus.keys())
+        raise InvalidArgument(f"status {value} is not a job status; use one of {known}") from None
 
 
-def _job_result(job: Job) -> pb.GetResultResponse:
-    response = pb.GetResultResponse(job_id=job.id, status=_job_status(job.status))
+def _job_result(job: JobView) -> pb.GetResultResponse:
+    response = pb.GetResultResponse(job_id=job.id, status=job.status.value)
     if job.outputs is not None:
-        response.result.CopyFrom(_response(job.model, job.request.id, job.outputs))
+        response.result.CopyFrom(_response(job.model, job.request_id, job.outputs))
     if job.error is not None:
         response.error.CopyFrom(error_message(job.error))
-    if job.expires_at is not None:
-        response.expires_in_seconds = max(job.expires_at - time.monotonic(), 0.0)
+    if job.expires_in_s is not None:
+        response.expires_in_seconds = job.expires_in_s
     return response

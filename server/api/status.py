@@ -8,13 +8,15 @@ import secrets
 
 import grpc
 
-from server.errors import Internal, ResourceExhausted, TensorgateError
+from server.errors import Internal, ResourceExhausted, TensorgateError, clip
 from tensorgate.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 # Trailing metadata key telling a refused caller when to retry.
 RETRY_AFTER_MS_KEY = "retry-after-ms"
+# Longest status message sent: gRPC clients drop trailers over ~8 KiB ("Stream removed").
+MAX_MESSAGE_CHARS = 1024
 
 
 def status_of(error: BaseException) -> grpc.StatusCode:
@@ -37,9 +39,9 @@ async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> None
     error = as_domain_error(error)
     if isinstance(error, ResourceExhausted):
         context.set_trailing_metadata(((RETRY_AFTER_MS_KEY, str(int(error.retry_after_s * 1000))),))
-    await context.abort(status_of(error), str(error))
+    await context.abort(status_of(error), clip(error, MAX_MESSAGE_CHARS))
 
 
 def error_message(error: BaseException) -> pb.Error:
     error = as_domain_error(error)
-    return pb.Error(code=status_of(error).value[0], message=str(error))
+    return pb.Error(code=status_of(error).value[0], message=clip(error, MAX_MESSAGE_CHARS))

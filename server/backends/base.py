@@ -67,6 +67,8 @@ class GpuBackendInstance(Protocol):
     """One loaded copy of a model that enqueues work on a CUDA stream."""
 
     placement: Literal["gpu"]
+    # The CUDA device the instance runs on; the GPU instance makes it current on its thread.
+    device: int
 
     @property
     def inputs(self) -> Sequence[TensorSpec]: ...

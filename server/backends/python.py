@@ -115,6 +115,7 @@ class PythonCpuInstance(_PythonInstance):
 
 class PythonGpuInstance(_PythonInstance):
     placement: Literal["gpu"] = "gpu"
+    device = 0  # CuPy and the instance's stream run on the current device
 
     def __init__(self, model: _UserModel) -> None:
         super().__init__(model)
@@ -144,7 +145,7 @@ class PythonGpuInstance(_PythonInstance):
         outputs: Mapping[str, DeviceArray],
         stream: int,
     ) -> dict[str, tuple[int, ...]]:
-        from server.executor import cuda
+        from server.backends import cuda
 
         result = self._model.call(inputs, stream)
         self._last = result
@@ -183,11 +184,11 @@ def load(config: ModelConfig, instance_index: int) -> PythonCpuInstance | Python
     model = _UserModel(config, instance_index)
     device = model.device
     if device == "auto":
-        from server.executor import cuda
+        from server.backends import cuda
 
         device = "gpu" if cuda.gpu_unavailable_reason() is None else "cpu"
     elif device == "gpu":
-        from server.executor import cuda
+        from server.backends import cuda
 
         reason = cuda.gpu_unavailable_reason()
         if reason is not None:

@@ -98,7 +98,9 @@ class TensorRTInstance:
         plan: Path | None,
         profile: int,
         model: str,
+        device: int = 0,
     ) -> None:
+        self.device = device
         self._trt = trt
         self._engine = engine
         self._runtime = runtime  # must outlive the engine and the context
@@ -169,7 +171,11 @@ class TensorRTInstance:
         return (rows, *spec.shape[1:])
 
     def bind(self, stream: int) -> None:
-        self._context.set_optimization_profile_async(self._profile, stream)
+        if not self._context.set_optimization_profile_async(self._profile, stream):
+            raise ConfigError(
+                f"model '{self._model}': TensorRT refused optimization profile {self._profile} "
+                "for this execution context"
+            )
 
     def enqueue(
         self,
@@ -224,7 +230,7 @@ def load(config: ModelConfig, instance_index: int) -> TensorRTInstance:
 
     Fails with one clear ConfigError where no GPU or no TensorRT runtime is present.
     """
-    from server.executor import cuda  # imports cuda-python, needed only here
+    from server.backends import cuda  # imports cuda-python, needed only here
 
     options = dict(config.backend_options)
     plan_path = config.path / str(options.pop("artifact", DEFAULT_ARTIFACT))
@@ -251,7 +257,7 @@ def load(config: ModelConfig, instance_index: int) -> TensorRTInstance:
     if instance_index < profiles:
         try:
             return TensorRTInstance(
-                trt, shared.engine, shared.runtime, plan_path, instance_index, config.name
+                trt, shared.engine, shared.runtime, plan_path, instance_index, config.name, device
             )
         except BaseException:
             _release(plan_path)
@@ -263,4 +269,4 @@ def load(config: ModelConfig, instance_index: int) -> TensorRTInstance:
         config.name, profiles, config.instance_count, instance_index,
     )  # fmt: skip
     engine, runtime = _deserialize(trt, plan_path.read_bytes(), config.name)
-    return TensorRTInstance(trt, engine, runtime, None, 0, config.name)
+    return TensorRTInstance(trt, engine, runtime, None, 0, config.name, device)

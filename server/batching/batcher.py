@@ -1,33 +1,28 @@
-"""The dynamic batcher: one bounded queue per model, batches formed when an instance is free.
+"""The dynamic batcher: a model's bounded queue, and batches formed when an instance is free.
 
-The batcher first waits for an idle instance, then for a first request. From the moment the oldest
-queued request arrived, it waits at most max_queue_delay_s for more; it sends the batch early when
-the queue holds max_batch_size rows or reaches a preferred batch size. While every instance is
-busy, requests accumulate, so batches grow with load without any extra waiting.
-
-With eager_dispatch, a batch goes at once while another instance is still idle: low-load latency
-drops to the engine's, at the price of smaller batches, and so less throughput, near saturation
-(docs/benchmarks.md has the measured trade-off).
-
-Requests whose caller has gone (future cancelled) or whose deadline has passed are dropped when
-the batch is formed, before they cost compute. Running a batch is execution.py's job.
+The batcher waits for a first request, then for an idle instance (requests pile up meanwhile, so
+batches grow with load), then asks the policy (policy.py) how long to wait for company and how
+many rows to take. Requests whose caller has gone leave the queue at once (queue.py); requests
+whose deadline has passed are dropped when the batch is formed, before they cost compute.
+Running a batch is execution.py's job.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from server.batching.batch import Batch
 from server.batching.execution import BatchExecution, InstanceHung
+from server.batching.policy import StaticWindow
+from server.batching.queue import RequestQueue
 from server.batching.request import InferenceRequest
 from server.batching.stats import BatcherStats
 from server.config import ModelConfig
-from server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from server.errors import DeadlineExceeded, TensorgateError, Unavailable
+from server.executor.batch import Batch
 from server.executor.instance import Instance
 from server.executor.pool import InstancePool
 from server.telemetry import Telemetry
@@ -51,13 +46,19 @@ class DynamicBatcher:
         self._model_outputs = tuple(output_names)
         self._pool = pool
         self._replace_instance = replace_instance
+        self.policy = StaticWindow(
+            config.max_batch_size,
+            config.max_queue_delay_s,
+            config.preferred_batch_sizes,
+            config.eager_dispatch,
+        )
         telemetry = telemetry or Telemetry.quiet()
         self._m_queue = telemetry.metrics.queue_seconds.labels(config.name)
-        self._queue: collections.deque[InferenceRequest] = collections.deque()
-        self._queued_rows = 0
-        self._arrived = asyncio.Event()
-        self._running: set[asyncio.Task[None]] = set()  # batches and instance replacements
         self.stats = BatcherStats()
+        self._queue = RequestQueue(config.name, config.queue_capacity, self.stats)
+        # Batches on instances, and instance replacements under way.
+        self._batches: dict[asyncio.Task[None], Batch[InferenceRequest]] = {}
+        self._replacing: set[asyncio.Task[None]] = set()
         self._execution = BatchExecution(config, self.stats, telemetry, on_health)
 
     @property
@@ -67,36 +68,32 @@ class DynamicBatcher:
 
     @property
     def queued_requests(self) -> int:
-        return len(self._queue)
+        return self._queue.live
 
     @property
     def queued_rows(self) -> int:
-        return self._queued_rows
+        return self._queue.rows
+
+    @property
+    def busy_instances(self) -> int:
+        return len(self._batches)
 
     @property
     def rows_per_s(self) -> float:
-        """Observed service rate of the whole pool, 0 before the first batch."""
-        return self.stats.rows_per_instance_s * self._config.instance_count
+        return self.stats.rows_per_instance_s * len(self._pool.instances)
 
     def put(self, request: InferenceRequest) -> None:
-        """Queues a request or raises ResourceExhausted when the queue is full."""
-        if len(self._queue) >= self._config.queue_capacity:
-            raise ResourceExhausted(
-                f"model '{self._config.name}' queue is full "
-                f"({self._config.queue_capacity} requests waiting); retry later"
-            )
-        request.enqueued_at = time.monotonic()
+        if not self._pool.instances:
+            raise Unavailable(f"model '{self._config.name}' has no working instance")
+        self._queue.put(request)
         if request.trace is not None:
             request.trace.enqueued_ns = time.time_ns()
-            request.trace.queue_depth = len(self._queue)
-        self._queue.append(request)
-        self._queued_rows += request.rows
-        self._arrived.set()
+            request.trace.queue_depth = self._queue.live - 1
 
     async def run(self) -> None:
-        """Forms and dispatches batches until cancelled."""
         try:
             while True:
+                await self._queue.nonempty()
                 instance = await self._pool.acquire()
                 try:
                     batch = await self._next_batch()
@@ -107,62 +104,57 @@ class DynamicBatcher:
                     self._pool.release(instance)
                     continue
                 task = asyncio.create_task(self._execute(instance, batch))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+                self._batches[task] = batch
+                task.add_done_callback(self._batch_done)
         finally:
-            self._fail_queued(f"model '{self._config.name}' is shutting down")
+            self._queue.fail_all(Unavailable(f"model '{self._config.name}' is shutting down"))
 
-    async def drain(self) -> None:
-        """Waits until the queue is empty and every dispatched batch has finished."""
-        while self._queue or self._running:
-            if self._running:
-                await asyncio.wait(set(self._running))
-            else:
-                await asyncio.sleep(0.001)
-
-    async def _next_batch(self) -> Batch | None:
-        config = self._config
-        while not self._queue:
-            self._arrived.clear()
-            await self._arrived.wait()
-        preferred = config.preferred_batch_sizes
-        # eager_dispatch: while another instance is idle, a request arriving next is served at
-        # once anyway, so the batch goes now instead of waiting for company.
-        eager = config.eager_dispatch and self._pool.idle > 0
-        while (
-            not eager
-            and self._queued_rows < config.max_batch_size
-            and self._queued_rows not in preferred
-        ):
-            remaining = self._queue[0].enqueued_at + config.max_queue_delay_s - time.monotonic()
+    async def drain(self, deadline: float) -> bool:
+        while self._queue.live or self._batches:
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
+                return False
+            if self._batches:
+                await asyncio.wait(set(self._batches), timeout=remaining)
+            else:
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self._queue.changed()
+                except TimeoutError:
+                    return False
+        return True
+
+    def fail_all(self, error: TensorgateError) -> None:
+        self._queue.fail_all(error)
+        for task, batch in list(self._batches.items()):
+            task.cancel()
+            for request in batch.requests:
+                if not request.future.done():
+                    request.future.set_exception(error)
+
+    async def _next_batch(self) -> Batch[InferenceRequest] | None:
+        queue, policy = self._queue, self.policy
+        while True:
+            oldest = queue.oldest_enqueued_at()
+            if oldest is None:  # everything was cancelled meanwhile
+                return None
+            wait_s = policy.wait_s(queue.rows, oldest, time.monotonic(), self._pool.idle)
+            if wait_s <= 0:
                 break
-            self._arrived.clear()
             try:
-                async with asyncio.timeout(remaining):
-                    await self._arrived.wait()
+                async with asyncio.timeout(wait_s):
+                    await queue.changed()
             except TimeoutError:
                 break
-            if not self._queue:  # everything was cancelled meanwhile
-                return None
-        target = config.max_batch_size
-        if preferred and self._queued_rows < target:
-            fitting = [size for size in preferred if size <= self._queued_rows]
-            if fitting and fitting[-1] == self._queued_rows:
-                target = fitting[-1]
-        return self._take(target)
+        return self._take(policy.batch_rows(queue.rows))
 
-    def _take(self, max_rows: int) -> Batch | None:
+    def _take(self, max_rows: int) -> Batch[InferenceRequest] | None:
         now = time.monotonic()
         taken: list[InferenceRequest] = []
         rows = 0
         queue = self._queue
-        while queue and rows + queue[0].rows <= max_rows:
-            request = queue.popleft()
-            self._queued_rows -= request.rows
-            if request.future.done():
-                self.stats.dropped_cancelled += 1
-                continue
+        while queue.live and rows + queue.head_rows() <= max_rows:
+            request = queue.pop()
             if request.deadline is not None and request.deadline <= now:
                 self.stats.dropped_expired += 1
                 request.future.set_exception(
@@ -188,22 +180,20 @@ class DynamicBatcher:
                 request.on_start()
         return Batch(self._config.name, taken, rows, names)
 
-    async def _execute(self, instance: Instance, batch: Batch) -> None:
+    async def _execute(self, instance: Instance, batch: Batch[InferenceRequest]) -> None:
         try:
             await self._execution.run(instance, batch)
         except InstanceHung:
             task = asyncio.create_task(self._replace_instance(instance))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._replacing.add(task)
+            task.add_done_callback(self._replacing.discard)
         except BaseException:
             self._pool.release(instance)
             raise
         else:
             self._pool.release(instance)
 
-    def _fail_queued(self, message: str) -> None:
-        while self._queue:
-            request = self._queue.popleft()
-            if not request.future.done():
-                request.future.set_exception(Unavailable(message))
-        self._queued_rows = 0
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batches.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("model %s: a batch failed", self._config.name, exc_info=task.exception())

@@ -13,10 +13,11 @@ import logging
 import time
 from collections.abc import Callable
 
-from server.batching.batch import Batch
+from server.batching.request import InferenceRequest
 from server.batching.stats import BatcherStats
 from server.config import ModelConfig
 from server.errors import Internal, TensorgateError, Unavailable
+from server.executor.batch import Batch
 from server.executor.instance import Instance
 from server.telemetry import Telemetry
 
@@ -53,7 +54,7 @@ class BatchExecution:
         self.healthy = True
         self._consecutive_failures = 0
 
-    async def run(self, instance: Instance, batch: Batch) -> None:
+    async def run(self, instance: Instance, batch: Batch[InferenceRequest]) -> None:
         """Runs the batch under the watchdog. When the engine fails on it, each half runs again,
         down to single requests, so only the requests that cause the failure fail."""
         config = self._config
@@ -61,7 +62,7 @@ class BatchExecution:
         started_ns = time.time_ns() if self._tracing.enabled else 0
         try:
             async with asyncio.timeout(config.execution_timeout_s or None):
-                result = await instance.execute(batch)
+                result = await instance.execute(batch)  # type: ignore[arg-type]
         except TimeoutError:
             self.stats.watchdog_timeouts += 1
             log.error(
@@ -110,7 +111,7 @@ class BatchExecution:
 
     def _trace(
         self,
-        batch: Batch,
+        batch: Batch[InferenceRequest],
         instance: Instance,
         started_ns: int,
         stage_s: dict[str, float],
@@ -124,8 +125,8 @@ class BatchExecution:
             stage_s, error,
         )  # fmt: skip
 
-    async def _run_halves(self, instance: Instance, batch: Batch) -> None:
-        halves = batch.halves()
+    async def _run_halves(self, instance: Instance, batch: Batch[InferenceRequest]) -> None:
+        halves = _halves(batch)
         for i, half in enumerate(halves):
             try:
                 await self.run(instance, half)
@@ -148,7 +149,7 @@ class BatchExecution:
             self.healthy = False
             self._on_health(False)
 
-    def _record(self, batch: Batch, elapsed_s: float, compute_s: float) -> None:
+    def _record(self, batch: Batch[InferenceRequest], elapsed_s: float, compute_s: float) -> None:
         stats = self.stats
         stats.compute_s_total += compute_s
         stats.compute_s_by_size[batch.rows] += compute_s
@@ -163,7 +164,7 @@ class BatchExecution:
         else:
             stats.rows_per_instance_s += _RATE_SMOOTHING * (rate - stats.rows_per_instance_s)
 
-    def _fail(self, batch: Batch, error: TensorgateError) -> None:
+    def _fail(self, batch: Batch[InferenceRequest], error: TensorgateError) -> None:
         self.stats.failed_batches += 1
         now = time.monotonic()
         for request in batch.requests:
@@ -171,3 +172,15 @@ class BatchExecution:
                 request.future.set_exception(error)
                 self.stats.failed_requests += 1
                 self.stats.failed_s_total += now - request.enqueued_at
+
+
+def _halves(batch: Batch[InferenceRequest]) -> list[Batch[InferenceRequest]]:
+    """The still-wanted requests of a batch in two batches."""
+    live = [r for r in batch.requests if not r.future.done()]
+    middle = len(live) // 2
+    parts = [live[:middle], live[middle:]] if middle else [live]
+    return [
+        Batch(batch.model, part, sum(r.rows for r in part), batch.output_names)
+        for part in parts
+        if part
+    ]

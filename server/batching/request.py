@@ -10,8 +10,7 @@ from typing import Any
 import numpy as np
 
 from server.telemetry.tracing import RequestTrace
-
-Outputs = dict[str, np.ndarray]
+from server.tensors import Outputs
 
 
 @dataclass(slots=True, eq=False)
@@ -30,7 +29,11 @@ class InferenceRequest:
     deadline: float | None = None
     id: str = ""
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    priority: int = 0
+    tenant: str = ""
     enqueued_at: float = 0.0
+    # True while the request sits in a scheduler's queue (see RequestQueue).
+    queued: bool = False
     # Called on the loop when the request is taken into a batch (a job turns RUNNING).
     on_start: Callable[[], None] | None = None
     # Set when the request is traced (sampled): its span and stage times.

@@ -15,6 +15,8 @@ class BatcherStats:
     rows: int = 0
     requests: int = 0
     dropped_expired: int = 0
+    # Requests that left the queue before running: their caller went away (or a job was
+    # cancelled) while they waited.
     dropped_cancelled: int = 0
     failed_batches: int = 0
     # Batches re-run in halves to isolate a failing request.

@@ -8,9 +8,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from server.backends.base import BackendInstance
-from server.batching.batch import Batch
-from server.batching.request import Outputs
+from server.executor.batch import Batch, BatchPart
 from server.executor.instance import BatchResult, Instance
+from server.tensors import Outputs
 
 
 class CpuInstance(Instance):
@@ -19,9 +19,9 @@ class CpuInstance(Instance):
         self.backend = backend
 
     def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> Outputs:
-        return self.backend.execute(inputs, output_names)
+        return self._worker.call(lambda: self.backend.execute(inputs, output_names))
 
-    def run_batch(self, batch: Batch) -> BatchResult:
+    def run_batch(self, batch: Batch[BatchPart]) -> BatchResult:
         started = time.perf_counter()
         outputs = self.backend.execute(batch.pack(), batch.output_names)
         compute_s = time.perf_counter() - started

@@ -9,17 +9,16 @@ and compute on their own streams. Stage durations come from CUDA events, so they
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from server.backends import cuda
 from server.backends.base import DeviceArray, GpuBackendInstance
-from server.batching.batch import Batch
-from server.batching.request import Outputs
 from server.datatypes import NUMPY_BY_DATATYPE
-from server.executor import cuda
+from server.executor.batch import Batch, BatchPart
 from server.executor.instance import BatchResult, Instance
-from server.tensors import TensorSpec
+from server.tensors import Outputs, TensorSpec
 
 
 class _Staging:
@@ -31,11 +30,14 @@ class _Staging:
         self.row_shape = tuple(max_shape[1:])
         nbytes = int(np.prod(max_shape, dtype=np.int64)) * self.dtype.itemsize
         self.host = cuda.PinnedBuffer(nbytes)
-        self.device = cuda.DeviceBuffer(nbytes)
+        try:
+            self.device = cuda.DeviceBuffer(nbytes)
+        except BaseException:
+            self.host.free()
+            raise
 
     def free(self) -> None:
-        self.host.free()
-        self.device.free()
+        _release_all((self.host.free, self.device.free))
 
 
 class GpuInstance(Instance):
@@ -47,21 +49,38 @@ class GpuInstance(Instance):
         max_rows: int,
         pad_to: Sequence[int] = (),
     ) -> None:
-        super().__init__(model, index)
+        # cudaSetDevice is per thread: the worker thread, where every CUDA call of this instance
+        # runs, makes the backend's device current before its first call.
+        super().__init__(model, index, lambda: cuda.set_device(backend.device))
         self.backend = backend
         self.max_rows = max_rows
         # Batch sizes the engine is tuned for: a smaller batch is padded with zero rows up to the
         # next one (and to the engine's minimum).
         self._pad_to = sorted(pad_to)
-        self.stream = cuda.Stream()
-        backend.bind(self.stream.handle)
-        self._inputs = {
-            s.name: _Staging(s, backend.max_shape(s.name, max_rows)) for s in backend.inputs
-        }
-        self._outputs = {
-            s.name: _Staging(s, backend.max_shape(s.name, max_rows)) for s in backend.outputs
-        }
-        self._events = [cuda.Event() for _ in range(4)]
+        self._inputs: dict[str, _Staging] = {}
+        self._outputs: dict[str, _Staging] = {}
+        self._events: list[cuda.Event] = []
+        self.stream: cuda.Stream | None = None
+        try:
+            self._worker.call(self._allocate)
+        except BaseException:
+            # What was allocated before the failure is freed; the backend stays the caller's.
+            try:
+                self._worker.call(self._free_cuda)
+            finally:
+                self._worker.close()
+            raise
+
+    def _allocate(self) -> None:
+        """Stream, staging buffers and events, on the worker thread (the right device)."""
+        backend, max_rows = self.backend, self.max_rows
+        stream = self.stream = cuda.Stream()
+        backend.bind(stream.handle)
+        for specs, staging in ((backend.inputs, self._inputs), (backend.outputs, self._outputs)):
+            for spec in specs:
+                staging[spec.name] = _Staging(spec, backend.max_shape(spec.name, max_rows))
+        for _ in range(4):
+            self._events.append(cuda.Event())
 
     def padded_rows(self, rows: int) -> int:
         padded = max(rows, self.backend.min_batch_size)
@@ -72,10 +91,10 @@ class GpuInstance(Instance):
 
     def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> Outputs:
         rows = next(iter(inputs.values())).shape[0]
-        outputs, _ = self._run(rows, [dict(inputs)], output_names)
+        outputs, _ = self._worker.call(lambda: self._run(rows, [dict(inputs)], output_names))
         return outputs
 
-    def run_batch(self, batch: Batch) -> BatchResult:
+    def run_batch(self, batch: Batch[BatchPart]) -> BatchResult:
         parts = [request.inputs for request in batch.requests]
         outputs, stage_s = self._run(batch.rows, parts, batch.output_names)
         return BatchResult(batch.split(outputs), stage_s)
@@ -87,6 +106,8 @@ class GpuInstance(Instance):
         output_names: Sequence[str],
     ) -> tuple[Outputs, dict[str, float]]:
         padded = self.padded_rows(rows)
+        stream = self.stream
+        assert stream is not None
         start, copied_in, computed, copied_out = self._events
         device_inputs = {}
         for name, staging in self._inputs.items():
@@ -100,21 +121,21 @@ class GpuInstance(Instance):
             if padded > rows:
                 host[rows:] = 0
             device_inputs[name] = DeviceArray(staging.device.ptr, shape, staging.dtype)
-        start.record(self.stream)
+        start.record(stream)
         for name, device in device_inputs.items():
-            cuda.copy_to_device(device.ptr, self._inputs[name].host.ptr, device.nbytes, self.stream)
-        copied_in.record(self.stream)
+            cuda.copy_to_device(device.ptr, self._inputs[name].host.ptr, device.nbytes, stream)
+        copied_in.record(stream)
         device_outputs = {
             name: DeviceArray(staging.device.ptr, (padded, *staging.row_shape), staging.dtype)
             for name, staging in self._outputs.items()
         }
-        shapes = self.backend.enqueue(device_inputs, device_outputs, self.stream.handle)
-        computed.record(self.stream)
+        shapes = self.backend.enqueue(device_inputs, device_outputs, stream.handle)
+        computed.record(stream)
         for name in output_names:
             staging = self._outputs[name]
             nbytes = int(np.prod(shapes[name], dtype=np.int64)) * staging.dtype.itemsize
-            cuda.copy_to_host(staging.host.ptr, staging.device.ptr, nbytes, self.stream)
-        copied_out.record(self.stream)
+            cuda.copy_to_host(staging.host.ptr, staging.device.ptr, nbytes, stream)
+        copied_out.record(stream)
         copied_out.synchronize()
         outputs = {
             # Copied out of the pinned buffer, which the next batch reuses; padding rows dropped.
@@ -131,11 +152,44 @@ class GpuInstance(Instance):
         return outputs, stage_s
 
     def close(self) -> None:
-        super().close()
-        self.stream.synchronize()
-        self.backend.close()
-        for staging in (*self._inputs.values(), *self._outputs.values()):
-            staging.free()
-        for event in self._events:
-            event.destroy()
-        self.stream.destroy()
+        """Releases everything on the worker thread (the instance's device), going on past a
+        failed release so one error does not leak the rest; the first error is raised after."""
+        try:
+            self._worker.call(self._release)
+        finally:
+            super().close()
+
+    def _release(self) -> None:
+        stream = self.stream
+        _release_all(
+            (
+                *((stream.synchronize,) if stream is not None else ()),
+                self.backend.close,
+                self._free_cuda,
+            )
+        )
+
+    def _free_cuda(self) -> None:
+        stream, self.stream = self.stream, None
+        stagings = (*self._inputs.values(), *self._outputs.values())
+        events, self._events = self._events, []
+        self._inputs, self._outputs = {}, {}
+        _release_all(
+            (
+                *(staging.free for staging in stagings),
+                *(event.destroy for event in events),
+                *((stream.destroy,) if stream is not None else ()),
+            )
+        )
+
+
+def _release_all(steps: Sequence[Callable[[], None]]) -> None:
+    """Runs every step even when some fail; raises the first failure afterwards."""
+    first: BaseException | None = None
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:
+            first = first or exc
+    if first is not None:
+        raise first

@@ -1,17 +1,19 @@
-"""What every executor instance offers the batcher: run one batch at a time, off the loop."""
+"""What every executor instance offers the scheduler: run one batch at a time, off the loop."""
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.batching.batch import Batch
-from server.batching.request import Outputs
+from server.executor.batch import Batch, BatchPart
+from server.executor.worker import Worker
+from server.tensors import Outputs
+
+# How long close() waits for a batch still on the worker thread.
+_CLOSE_WAIT_S = 10.0
 
 
 @dataclass(slots=True)
@@ -26,29 +28,30 @@ class BatchResult:
 class Instance(ABC):
     """One backend instance and the worker thread that runs its batches."""
 
-    def __init__(self, model: str, index: int) -> None:
+    def __init__(
+        self, model: str, index: int, initializer: Callable[[], None] | None = None
+    ) -> None:
         self.model = model
         self.index = index
-        self._thread = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"{model}-instance{index}"
-        )
+        self._worker = Worker(f"{model}-instance{index}", initializer)
 
     @abstractmethod
-    def run_batch(self, batch: Batch) -> BatchResult:
+    def run_batch(self, batch: Batch[BatchPart]) -> BatchResult:
         """Runs on the worker thread."""
 
     @abstractmethod
     def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> Outputs:
-        """Runs whole arrays through the model, blocking (warm-up at load uses it)."""
+        """Runs whole arrays through the model on the worker thread, blocking (warm-up)."""
 
-    async def execute(self, batch: Batch) -> BatchResult:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self.run_batch, batch)
+    async def execute(self, batch: Batch[BatchPart]) -> BatchResult:
+        return await self._worker.run(lambda: self.run_batch(batch))
 
     def abandon(self) -> None:
         """Gives up on an instance whose thread is stuck in the engine: the thread cannot be
         killed, so it is left to finish (or not) on its own and the backend is not closed."""
-        self._thread.shutdown(wait=False, cancel_futures=True)
+        self._worker.abandon()
 
     def close(self) -> None:
-        self._thread.shutdown(wait=True)
+        """Stops the worker thread (waiting a bounded time for a batch still on it), then
+        releases the backend (subclasses)."""
+        self._worker.close(_CLOSE_WAIT_S)

@@ -1,4 +1,4 @@
-"""A pool of instances per model; the batcher takes an idle one for each batch."""
+"""A pool of instances per model; the scheduler takes an idle one for each batch."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ class InstancePool:
     def __init__(self, instances: Sequence[Instance]) -> None:
         self.instances = list(instances)
         self._idle: asyncio.Queue[Instance] = asyncio.Queue()
+        self.taken: set[Instance] = set()  # acquired and not yet released
         for instance in self.instances:
             self._idle.put_nowait(instance)
 
@@ -36,23 +37,19 @@ class InstancePool:
     def idle(self) -> int:
         return self._idle.qsize()
 
-    @property
-    def busy(self) -> int:
-        return len(self.instances) - self._idle.qsize()
-
     async def acquire(self) -> Instance:
-        return await self._idle.get()
+        instance = await self._idle.get()
+        self.taken.add(instance)
+        return instance
 
     def release(self, instance: Instance) -> None:
+        self.taken.discard(instance)
         self._idle.put_nowait(instance)
 
     def replace(self, old: Instance, new: Instance | None) -> None:
         """Swaps a retired instance for a fresh one (or just drops it when none could be made)."""
+        self.taken.discard(old)
         self.instances.remove(old)
         if new is not None:
             self.instances.append(new)
             self._idle.put_nowait(new)
-
-    def close(self) -> None:
-        for instance in self.instances:
-            instance.close()

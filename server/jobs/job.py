@@ -1,39 +1,28 @@
-"""The job record and its states."""
+"""The job record: one submitted request and, once finished, its outcome."""
 
 from __future__ import annotations
 
 import asyncio
-import enum
 from dataclasses import dataclass, field
 
 from opentelemetry.trace import Span
 
-from server.batching.request import InferenceRequest, Outputs
+from server.batching.request import InferenceRequest
 from server.errors import TensorgateError
+from server.records import JobStatus
+from server.tensors import Outputs
 
-
-class JobStatus(enum.Enum):
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-
-    @property
-    def finished(self) -> bool:
-        return self in _FINISHED
-
-
-_FINISHED = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
+__all__ = ["Job", "JobStatus"]
 
 
 @dataclass(slots=True, eq=False)
 class Job:
-    """One submitted request and, once finished, its outcome. Times are time.monotonic()."""
+    """Times are time.monotonic()."""
 
     id: str
     model: str
     request: InferenceRequest
+    tenant: str = ""
     idempotency_key: str = ""
     status: JobStatus = JobStatus.PENDING
     outputs: Outputs | None = None

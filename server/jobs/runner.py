@@ -1,8 +1,9 @@
-"""Runs submitted jobs through the same model queues as unary and stream traffic.
+"""Runs submitted jobs through the same model schedulers as unary and stream traffic.
 
 Accepted jobs wait in a per-model backlog (bounded by max_pending_jobs over all models); a feeder
-moves them into the model's queue while keeping only a few batches' worth in it, so a burst of
-jobs neither fills the queue that interactive callers share nor gets refused.
+moves them into the model's scheduler while keeping only a few batches' worth in it, so a burst
+of jobs neither fills the queue that interactive callers share nor gets refused. Jobs are kept
+and found through a JobStore (store.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 
 from opentelemetry.trace import Span
 
-from server.batching.request import InferenceRequest, Outputs
+from server.batching.request import InferenceRequest
+from server.config import ServerConfig
 from server.errors import (
     Cancelled,
     Internal,
@@ -31,9 +33,11 @@ from server.errors import (
     Unavailable,
 )
 from server.jobs.job import Job, JobStatus
-from server.jobs.store import MemoryJobStore
+from server.jobs.store import JobStore
 from server.model import ServedModel
+from server.records import JobView
 from server.telemetry import Telemetry
+from server.tensors import Outputs
 
 log = logging.getLogger(__name__)
 
@@ -59,36 +63,35 @@ class JobRunner:
     def __init__(
         self,
         models: Mapping[str, ServedModel],
-        max_pending_jobs: int,
-        ttl_s: float,
-        max_wait_s: float,
-        max_attempts: int = 3,
-        retry_base_s: float = 0.1,
-        max_finished_jobs: int = 100_000,
+        store: JobStore,
+        config: ServerConfig,
         telemetry: Telemetry | None = None,
     ) -> None:
         self._models = models
-        self._max_pending = max_pending_jobs
-        self._ttl_s = ttl_s
-        self._max_wait_s = max_wait_s
-        self._max_attempts = max_attempts
-        self._retry_base_s = retry_base_s
+        self.store = store
+        self._max_pending = config.max_pending_jobs
+        self._ttl_s = config.job_ttl_s
+        self._max_wait_s = config.max_result_wait_s
+        self._max_attempts = config.job_max_attempts
+        self._retry_base_s = config.job_retry_base_s
         self._retrying = True  # off while shutting down
         telemetry = telemetry or Telemetry.quiet()
         self._tracing = telemetry.tracing
         self._metrics = telemetry.metrics
-        self.store = MemoryJobStore(max_finished_jobs)
         self.unfinished = 0
         self._backlogs: dict[str, _Backlog] = {}
         # The future a finished job's request keeps: done, holding nothing.
         self._settled: asyncio.Future[Outputs] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._short: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         """Starts a feeder for every ready model, and the sweeper of expired jobs."""
         self._settled = asyncio.get_running_loop().create_future()
         self._settled.set_result({})
         for name, model in self._models.items():
+            if not model.ready:
+                continue
             slots = 2 * model.max_batch_size * model.config.instance_count
             backlog = _Backlog(model, asyncio.Semaphore(slots))
             self._backlogs[name] = backlog
@@ -107,7 +110,7 @@ class JobRunner:
                         Unavailable("the server shut down before the job ran")
                     )
 
-    def submit(
+    async def submit(
         self,
         model: ServedModel,
         request: InferenceRequest,
@@ -119,7 +122,7 @@ class JobRunner:
         if backlog is None:
             raise Unavailable(f"model '{model.name}' does not take jobs now")
         if idempotency_key:
-            existing = self.store.by_key(idempotency_key)
+            existing = await self.store.by_key(idempotency_key, request.tenant)
             if existing is not None:
                 request.future.cancel()
                 return existing, True, self._estimate(self._backlogs.get(existing.model))
@@ -133,13 +136,17 @@ class JobRunner:
             id=secrets.token_hex(16),
             model=model.name,
             request=request,
+            tenant=request.tenant,
             idempotency_key=idempotency_key,
             created_at=time.monotonic(),
         )
+        stored = await self.store.add(job)
+        if stored is not job:  # the same key won a race with this call
+            request.future.cancel()
+            return stored, True, self._estimate(self._backlogs.get(stored.model))
         job.span = self._tracing.start_child(span, "job", model=model.name, **{"job.id": job.id})
         request.trace = self._tracing.request_trace(job.span, 0)
         self._watch(job, request)
-        self.store.add(job)
         self.unfinished += 1
         backlog.jobs.append(job)
         backlog.rows += request.rows
@@ -147,42 +154,59 @@ class JobRunner:
         # The wait includes the rows queued ahead of the job, and its own.
         return job, False, self._estimate(backlog)
 
-    async def get(self, job_id: str, wait_s: float = 0.0) -> Job:
+    async def get(self, job_id: str, tenant: str = "", wait_s: float = 0.0) -> Job:
         """The job; with wait_s > 0, waits (up to max_result_wait_s) for it to finish first."""
-        job = self._find(job_id)
-        wait_s = min(wait_s, self._max_wait_s)
-        if wait_s > 0 and not job.status.finished:
-            try:
-                async with asyncio.timeout(wait_s):
-                    await job.finished.wait()
-            except TimeoutError:
-                pass
+        job = await self._find(job_id, tenant)
+        return await self.store.wait(job, min(wait_s, self._max_wait_s))
+
+    async def cancel(self, job_id: str, tenant: str = "") -> Job:
+        """Cancels an unfinished job, dropping its queued request. The answer is the job's final
+        word: a job that finished first keeps its outcome; one cancelled while its batch runs
+        stays CANCELLED and its result is discarded."""
+        job = await self._find(job_id, tenant)
+        if job.status.finished:
+            return job
+        future = job.request.future
+        if future.done() and not future.cancelled() and future.exception() is None:
+            # It succeeded, and the callback recording that has not run yet: record it now.
+            self._finish(job, future)
+            return job
+        future.cancel()
+        self._finish(job, future, cancelled=True)
         return job
 
-    def cancel(self, job_id: str) -> Job:
-        """Cancels an unfinished job, dropping its queued request; a finished job is unchanged."""
-        job = self._find(job_id)
-        if job.request.future.cancel():
-            # Done-callbacks run on the next loop turn; the caller should see CANCELLED now.
-            self._finish(job, job.request.future)
-        return job
-
-    def _find(self, job_id: str) -> Job:
+    async def _find(self, job_id: str, tenant: str) -> Job:
         if len(job_id) != 32 or not all(c in "0123456789abcdef" for c in job_id):
             raise InvalidArgument(f"job id '{job_id[:64]}' is malformed: expected 32 hex digits")
-        job = self.store.get(job_id)
+        job = await self.store.get(job_id, tenant)
         if job is None:
             raise NotFound(f"job '{job_id}' is unknown or its result has expired")
         return job
+
+    def view(self, job: Job) -> JobView:
+        now = time.monotonic()
+        return JobView(
+            id=job.id,
+            model=job.model,
+            status=job.status,
+            request_id=job.request.id,
+            attempts=job.attempts,
+            age_s=now - job.created_at,
+            outputs=job.outputs,
+            error=job.error,
+            expires_in_s=None if job.expires_at is None else max(job.expires_at - now, 0.0),
+        )
 
     def _estimate(self, backlog: _Backlog | None) -> float:
         if backlog is None:
             return 0.0
         return backlog.model.estimated_wait_s(extra_rows=backlog.rows)
 
-    def find(self, status: JobStatus | None = None, limit: int = 100) -> list[Job]:
+    async def find(
+        self, status: JobStatus | None = None, limit: int = 100, tenant: str = ""
+    ) -> list[Job]:
         """Jobs for operators: status FAILED lists the dead letters (retries exhausted)."""
-        return self.store.find(status, limit)
+        return await self.store.find(status, limit, tenant)
 
     def fail_unfinished(self, reason: str) -> list[Job]:
         """At shutdown: every job not finished yet turns FAILED (UNAVAILABLE) with the reason, so
@@ -212,14 +236,11 @@ class JobRunner:
         backlog = self._backlogs.get(job.model)
         if backlog is None:
             return False
-        old = job.request
-        job.request = InferenceRequest(
-            inputs=old.inputs,
-            rows=old.rows,
-            output_names=old.output_names,
+        job.request = dataclasses.replace(
+            job.request,
             future=asyncio.get_running_loop().create_future(),
-            id=old.id,
-            parameters=old.parameters,
+            queued=False,
+            on_start=None,
             trace=self._tracing.request_trace(job.span, 0),
         )
         self._watch(job, job.request)
@@ -245,13 +266,13 @@ class JobRunner:
         asyncio.get_running_loop().call_later(delay_s, requeue)
         return True
 
-    def _finish(self, job: Job, future: asyncio.Future[Outputs]) -> None:
+    def _finish(self, job: Job, future: asyncio.Future[Outputs], cancelled: bool = False) -> None:
         if job.status.finished:
             return
-        error = None if future.cancelled() else future.exception()
+        error = None if cancelled or future.cancelled() else future.exception()
         if error is not None and self._retry_later(job, error):
             return
-        if future.cancelled():
+        if cancelled or future.cancelled():
             job.status = JobStatus.CANCELLED
             job.error = Cancelled("the job was cancelled")
         elif error is not None:
@@ -278,9 +299,9 @@ class JobRunner:
         job.request = dataclasses.replace(
             job.request, inputs={}, future=settled, on_start=None, trace=None
         )
-        self.store.finished(job)
         self.unfinished -= 1
         job.finished.set()
+        self._spawn(self.store.finished(job), f"job-finished-{job.id}", keep=False)
 
     async def _feed(self, backlog: _Backlog) -> None:
         model = backlog.model
@@ -296,7 +317,7 @@ class JobRunner:
                 backlog.slots.release()
                 continue
             try:
-                model.enqueue(request)
+                model.scheduler.put(request)
             except ResourceExhausted:
                 backlog.jobs.appendleft(job)
                 backlog.rows += request.rows
@@ -313,14 +334,20 @@ class JobRunner:
         interval_s = min(max(self._ttl_s / 10, 0.05), 10.0)
         while True:
             await asyncio.sleep(interval_s)
-            removed = self.store.sweep()
+            removed = await self.store.sweep()
             if removed:
                 log.debug("removed %d expired jobs", removed)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str, keep: bool = True) -> None:
+        """Starts a task, kept referenced until done; failures are logged. keep: stop() cancels
+        it (the long-lived feeders and sweeper)."""
         task = asyncio.create_task(coro, name=name)
         task.add_done_callback(_log_failure)
-        self._tasks.append(task)
+        if keep:
+            self._tasks.append(task)
+        else:
+            self._short.add(task)
+            task.add_done_callback(self._short.discard)
 
 
 def _mark_running(job: Job) -> None:

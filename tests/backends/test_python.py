@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from client import TensorgateClient
-from server.executor import cuda
+from server.backends import cuda
 from tests.harness import MlpReference, ServerThread, write_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,8 +17,8 @@ import grpc
 import pytest
 
 from client import TensorgateClient, codec
+from server.backends import cuda
 from server.backends import tensorrt as backend
-from server.executor import cuda
 from tests.harness import ServerThread, write_config
 
 SOURCE = Path(backend.__file__).read_text()

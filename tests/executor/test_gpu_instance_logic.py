@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import time
 import types
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,11 @@ import pytest
 
 from server.backends import python as python_backend
 from server.backends.base import DeviceArray
-from server.batching.batch import Batch
 from server.batching.request import InferenceRequest
 from server.config import ModelConfig
 from server.executor import gpu
+from server.executor.batch import Batch
+from server.tensors import TensorSpec
 from tests.harness import write_config
 
 
@@ -57,12 +57,17 @@ class _Stream:
         pass
 
 
+# A fake GPU clock that only copies advance, by one nanosecond a byte: stage durations then say
+# exactly how many bytes each stage moved.
+_CLOCK = [0.0]
+
+
 class _Event:
     def __init__(self) -> None:
         self.at = 0.0
 
     def record(self, stream: _Stream) -> None:
-        self.at = time.perf_counter()
+        self.at = _CLOCK[0]
 
     def synchronize(self) -> None:
         pass
@@ -76,6 +81,7 @@ class _Event:
 
 def _copy(dst: int, src: int, nbytes: int, stream: _Stream) -> None:
     ctypes.memmove(dst, src, nbytes)
+    _CLOCK[0] += nbytes * 1e-9
 
 
 HOST_CUDA = types.SimpleNamespace(
@@ -87,6 +93,7 @@ HOST_CUDA = types.SimpleNamespace(
     copy_to_host=_copy,
     copy_on_device=_copy,
     gpu_unavailable_reason=lambda device=0: None,
+    set_device=lambda device: None,
 )
 
 # A user model for the GPU path: reads its "device" input through __cuda_array_interface__ and
@@ -123,10 +130,10 @@ class Model:
 
 @pytest.fixture
 def gpu_instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    import server.executor
+    import server.backends
 
     monkeypatch.setattr(gpu, "cuda", HOST_CUDA)
-    monkeypatch.setattr(server.executor, "cuda", HOST_CUDA)
+    monkeypatch.setattr(server.backends, "cuda", HOST_CUDA)
     write_config(
         tmp_path / "double",
         backend="python",
@@ -166,8 +173,10 @@ def test_requests_are_packed_padded_computed_and_split_back(gpu_instance: Any) -
     np.testing.assert_array_equal(result.outputs[1]["total"], xs[1].sum(axis=1, keepdims=True))
     assert set(result.outputs[2]) == {"double"}
     np.testing.assert_array_equal(result.outputs[2]["double"], xs[2] * 2)
-    assert set(result.stage_s) == {"h2d", "compute", "d2h"}
-    assert all(v >= 0 for v in result.stage_s.values())
+    # Stage times come from the events around each stage: on the fake clock, bytes moved.
+    # h2d: 8 padded rows of x (8×3 FP32); compute: the model's device copies of both outputs
+    # (8×3 + 8×1 FP32); d2h: both outputs, as computed (8 rows), back to the host.
+    assert result.stage_s == pytest.approx({"h2d": 96e-9, "compute": 128e-9, "d2h": 128e-9})
 
 
 def test_outputs_do_not_alias_the_reused_staging_buffers(gpu_instance: Any) -> None:
@@ -194,3 +203,131 @@ def test_device_array_describes_itself_for_cupy() -> None:
         "strides": None,
         "version": 3,
     }
+
+
+class _FakeCuda:
+    """Counts allocations and releases; allocation number `fail_at` fails, as does every
+    release named in `broken`."""
+
+    def __init__(self, fail_at: int = 0, broken: tuple[str, ...] = ()) -> None:
+        self.fail_at, self.broken = fail_at, broken
+        self.allocated = 0
+        self.live: set[str] = set()
+        self.log: list[str] = []
+        self.device_threads: dict[int, int] = {}
+        fake = self
+
+        class Buffer:
+            def __init__(self, nbytes: int) -> None:
+                fake.allocated += 1
+                if fake.allocated == fake.fail_at:
+                    raise RuntimeError("cudaMalloc failed: out of memory")
+                self.name = f"buffer{fake.allocated}"
+                self.ptr = fake.allocated
+                fake.live.add(self.name)
+
+            def free(self) -> None:
+                fake.release(self.name)
+
+        class Stream(_Stream):
+            def destroy(self) -> None:
+                fake.release("stream")
+
+        class Event(_Event):
+            def destroy(self) -> None:
+                fake.release("event")
+
+        self.PinnedBuffer = self.DeviceBuffer = Buffer
+        self.Stream, self.Event = Stream, Event
+
+    def set_device(self, device: int) -> None:
+        import threading
+
+        self.device_threads[threading.get_ident()] = device
+
+    def release(self, name: str) -> None:
+        self.log.append(name)
+        if name in self.broken:
+            raise RuntimeError(f"release of {name} failed")
+        self.live.discard(name)
+
+
+class _Backend:
+    placement = "gpu"
+    inputs = (TensorSpec("x", "FP32", (-1, 3)),)
+    outputs = (TensorSpec("y", "FP32", (-1, 3)), TensorSpec("z", "FP32", (-1, 1)))
+    min_batch_size = 1
+
+    def __init__(self, device: int = 0) -> None:
+        self.device = device
+        self.closed = False
+        self.bound_on: int | None = None
+
+    def max_shape(self, name: str, rows: int) -> tuple[int, ...]:
+        return (rows, 3)
+
+    def bind(self, stream: int) -> None:
+        import threading
+
+        self.bound_on = threading.get_ident()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_gpu_instance_makes_its_device_current_on_the_thread_that_runs_its_cuda_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = _FakeCuda()
+    monkeypatch.setattr(gpu, "cuda", fake)
+    backend = _Backend(device=3)
+    instance = gpu.GpuInstance("m", 0, backend, max_rows=4)  # type: ignore[arg-type]
+    try:
+        # The worker thread set device 3 before the stream was made and bound on it.
+        assert fake.device_threads == {backend.bound_on: 3}
+    finally:
+        instance.close()
+
+
+def test_gpu_instance_frees_a_partial_allocation_when_one_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = _FakeCuda(fail_at=4)  # x's two buffers and y's pinned one succeed; y's device fails
+    monkeypatch.setattr(gpu, "cuda", fake)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        gpu.GpuInstance("m", 0, _Backend(), max_rows=4)  # type: ignore[arg-type]
+    assert fake.allocated == 4
+    assert fake.live == set()  # buffers 1-3 freed
+    assert "stream" in fake.log  # and the stream destroyed
+
+
+def test_gpu_instance_close_releases_everything_past_a_failing_release(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = _FakeCuda(broken=("buffer1",))
+    monkeypatch.setattr(gpu, "cuda", fake)
+    backend = _Backend()
+    instance = gpu.GpuInstance("m", 0, backend, max_rows=4)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="release of buffer1 failed"):
+        instance.close()
+    assert backend.closed
+    assert fake.live == {"buffer1"}  # only the one whose release failed
+    assert fake.log.count("event") == 4 and "stream" in fake.log
+
+
+def test_cuda_buffers_free_once_however_often_free_is_called(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from server.backends import cuda
+
+    freed: list[int] = []
+    fake_runtime = types.SimpleNamespace(
+        cudaError_t=types.SimpleNamespace(cudaSuccess=0),
+        cudaMalloc=lambda nbytes: (0, 4096),
+        cudaFree=lambda ptr: freed.append(ptr) or (0,),
+    )
+    monkeypatch.setattr(cuda, "cudart", fake_runtime)
+    buffer = cuda.DeviceBuffer(16)
+    buffer.free()
+    buffer.free()
+    assert freed == [4096]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from client import AsyncTensorgateClient
-from server.executor import cuda
+from server.backends import cuda
 from tests.harness import MlpReference, ServerThread
 
 ROOT = Path(__file__).resolve().parents[2]

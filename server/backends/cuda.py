@@ -117,7 +117,11 @@ class PinnedBuffer:
         return self.array[:count].view(dtype).reshape(shape)
 
     def free(self) -> None:
-        check("cudaFreeHost", cudart.cudaFreeHost(self.ptr))
+        """Releases the memory; a second call does nothing."""
+        ptr, self.ptr = self.ptr, 0
+        if ptr:
+            self.array = np.empty(0, dtype=np.uint8)
+            check("cudaFreeHost", cudart.cudaFreeHost(ptr))
 
 
 class DeviceBuffer:
@@ -126,7 +130,10 @@ class DeviceBuffer:
         self.ptr = int(check("cudaMalloc", cudart.cudaMalloc(self.nbytes)))
 
     def free(self) -> None:
-        check("cudaFree", cudart.cudaFree(self.ptr))
+        """Releases the memory; a second call does nothing."""
+        ptr, self.ptr = self.ptr, 0
+        if ptr:
+            check("cudaFree", cudart.cudaFree(ptr))
 
 
 def copy_to_device(dst: int, src: int, nbytes: int, stream: Stream) -> None:

@@ -1,37 +1,41 @@
-"""A batch: requests concatenated along the first dimension, and outputs split back per request.
+"""A batch: parts (requests) concatenated along the first dimension, and outputs split back per
+part.
 
-pack() and split() run on the instance's worker thread, so copies never hold the event loop.
+The executor knows a part only as its inputs, rows and wanted outputs (BatchPart), so it never
+imports the scheduler that formed the batch. pack() and split() run on the instance's worker
+thread, so copies never hold the event loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
-from server.batching.request import InferenceRequest, Outputs
 from server.errors import Internal
+from server.tensors import Outputs
+
+
+class BatchPart(Protocol):
+    """What the executor reads of one request in a batch."""
+
+    inputs: Mapping[str, np.ndarray]
+    rows: int
+    output_names: tuple[str, ...]
+
+
+P = TypeVar("P", bound=BatchPart)
 
 
 @dataclass(slots=True)
-class Batch:
+class Batch(Generic[P]):
     model: str
-    requests: list[InferenceRequest]
+    requests: Sequence[P]
     rows: int
     # Union of what the requests asked for, in the model's output order.
     output_names: tuple[str, ...]
-
-    def halves(self) -> list[Batch]:
-        """The still-wanted requests in two batches (for isolating a failing request)."""
-        live = [r for r in self.requests if not r.future.done()]
-        middle = len(live) // 2
-        parts = [live[:middle], live[middle:]] if middle else [live]
-        return [
-            Batch(self.model, part, sum(r.rows for r in part), self.output_names)
-            for part in parts
-            if part
-        ]
 
     def pack(self) -> dict[str, np.ndarray]:
         first = self.requests[0].inputs

@@ -1,0 +1,48 @@
+"""The scheduler seam: what a served model needs from whatever decides which requests run
+together. The dynamic batcher (batcher.py) is one scheduler; a sequence scheduler for stateful
+models is another."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from server.batching.request import InferenceRequest
+from server.batching.stats import BatcherStats
+from server.errors import TensorgateError
+
+
+class Scheduler(Protocol):
+    stats: BatcherStats
+
+    def put(self, request: InferenceRequest) -> None:
+        """Queues a validated request; raises ResourceExhausted or Unavailable to refuse it."""
+        ...
+
+    async def run(self) -> None:
+        """Forms and dispatches batches until cancelled."""
+        ...
+
+    async def drain(self, deadline: float) -> bool:
+        """Waits (until the monotonic deadline) for queued and running work to finish; True if
+        it all did."""
+        ...
+
+    def fail_all(self, error: TensorgateError) -> None:
+        """Fails every queued and running request with the error (forced stop)."""
+        ...
+
+    @property
+    def queued_requests(self) -> int: ...
+
+    @property
+    def queued_rows(self) -> int: ...
+
+    @property
+    def busy_instances(self) -> int:
+        """Instances running a batch now (not merely reserved for the next one)."""
+        ...
+
+    @property
+    def rows_per_s(self) -> float:
+        """Observed service rate of all instances, 0 before the first batch."""
+        ...

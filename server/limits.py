@@ -1,0 +1,54 @@
+"""Bounds on what one request may carry besides its tensors, checked before anything is kept.
+
+Request ids, idempotency keys and parameters are stored with a job for its whole TTL, and
+tensors are decoded one by one: without bounds one caller could make every job expensive to
+keep, or one request expensive to parse.
+"""
+
+from __future__ import annotations
+
+from server.errors import InvalidArgument
+from server.records import Request
+
+# Most tensors one request may name (no model has more inputs than this).
+MAX_TENSORS = 256
+MAX_ID_CHARS = 256
+MAX_IDEMPOTENCY_KEY_CHARS = 256
+MAX_PARAMETERS = 64
+MAX_PARAMETER_CHARS = 4096  # a parameter's name or string value
+MAX_MODEL_NAME_CHARS = 256
+
+
+def check_request(request: Request) -> None:
+    """InvalidArgument naming the first bound a request breaks."""
+    if len(request.model) > MAX_MODEL_NAME_CHARS:
+        raise InvalidArgument(
+            f"model name has {len(request.model)} characters; at most {MAX_MODEL_NAME_CHARS}"
+        )
+    if len(request.inputs) > MAX_TENSORS:
+        raise InvalidArgument(
+            f"request has {len(request.inputs)} input tensors; at most {MAX_TENSORS}"
+        )
+    if len(request.id) > MAX_ID_CHARS:
+        raise InvalidArgument(
+            f"request id has {len(request.id)} characters; at most {MAX_ID_CHARS}"
+        )
+    if len(request.parameters) > MAX_PARAMETERS:
+        raise InvalidArgument(
+            f"request has {len(request.parameters)} parameters; at most {MAX_PARAMETERS}"
+        )
+    for name, value in request.parameters.items():
+        if len(name) > MAX_PARAMETER_CHARS or (
+            isinstance(value, str) and len(value) > MAX_PARAMETER_CHARS
+        ):
+            raise InvalidArgument(
+                f"parameter '{name[:64]}' is too long; names and string values take at most "
+                f"{MAX_PARAMETER_CHARS} characters"
+            )
+
+
+def check_idempotency_key(key: str) -> None:
+    if len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+        raise InvalidArgument(
+            f"idempotency key has {len(key)} characters; at most {MAX_IDEMPOTENCY_KEY_CHARS}"
+        )

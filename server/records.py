@@ -1,0 +1,115 @@
+"""The plain records that cross the data plane: what a front end hands in (Request) and what it
+gets back (job views, model descriptions, statistics). No futures, no live objects: a second
+protocol front end, or a process boundary, needs nothing else.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.errors import TensorgateError
+from server.tensors import Outputs, TensorInput, TensorSpec
+
+
+@dataclass(slots=True, frozen=True)
+class SequenceControl:
+    """Stateful-model control carried by a request (Triton's sequence batcher's fields)."""
+
+    sequence_id: str
+    start: bool = False
+    end: bool = False
+
+
+@dataclass(slots=True)
+class Request:
+    """One inference request as a front end decoded it; travels unchanged to the scheduler."""
+
+    model: str
+    inputs: Sequence[TensorInput]
+    requested_outputs: Sequence[str] = ()
+    id: str = ""
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    # time.monotonic() after which the answer is worthless; None = none.
+    deadline: float | None = None
+    # Higher runs first within a model's queue (schedulers that order by it).
+    priority: int = 0
+    sequence: SequenceControl | None = None
+    # Who asks: scopes jobs and limits once callers authenticate; "" = anonymous.
+    tenant: str = ""
+
+
+class JobStatus(enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+@dataclass(slots=True, frozen=True)
+class JobView:
+    """A job as a caller sees it at one moment."""
+
+    id: str
+    model: str
+    status: JobStatus
+    request_id: str
+    attempts: int
+    age_s: float
+    outputs: Outputs | None = None
+    error: TensorgateError | None = None
+    # Seconds until a finished job's result is forgotten; None while unfinished.
+    expires_in_s: float | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Submitted:
+    job: JobView
+    # True when the idempotency key named a job that already existed (no new job).
+    deduplicated: bool
+    estimated_wait_s: float
+
+
+@dataclass(slots=True, frozen=True)
+class ModelInfo:
+    """What a model serves and how it is batched."""
+
+    name: str
+    backend: str
+    ready: bool
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int
+    instance_count: int
+    max_queue_delay_s: float
+    preferred_batch_sizes: tuple[int, ...]
+    # Why it is not serving, when it is not.
+    reason: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class ModelStatistics:
+    """Cumulative counters of one model (KServe ModelStatistics)."""
+
+    name: str
+    last_inference_ms: int
+    rows: int
+    batches: int
+    requests: int
+    success_s_total: float
+    failed_requests: int
+    failed_s_total: float
+    queue_s_total: float
+    compute_s_total: float
+    # rows -> (batches of that size, their compute seconds)
+    by_batch_size: Mapping[int, tuple[int, float]]

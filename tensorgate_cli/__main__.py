@@ -1,0 +1,5 @@
+import sys
+
+from tensorgate_cli import main
+
+sys.exit(main())
