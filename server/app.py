@@ -57,6 +57,7 @@ class TensorgateServer:
         self._grpc: grpc.aio.Server | None = None
         self._jobs: JobRunner | None = None
         self.plane: DataPlane | None = None
+        self.frontend: Frontend | None = None
         self._stopped = asyncio.Event()
         self._started = asyncio.Event()  # start() returned, whether it served or gave up
         self._stopping = False
@@ -90,7 +91,9 @@ class TensorgateServer:
         # max_concurrent_rpcs themselves (RESOURCE_EXHAUSTED, retry-after-ms), which keeps the
         # health service answering however many calls and streams are open.
         server = grpc.aio.server(options=config.grpc_options())
-        frontend = Frontend(self.plane, config.max_inflight_per_stream, config.max_concurrent_rpcs)
+        frontend = self.frontend = Frontend(
+            self.plane, config.max_inflight_per_stream, config.max_concurrent_rpcs
+        )
         add_service(server, InferenceServicer(frontend), inference_pb2, "Inference")
         add_service(server, KServeServicer(frontend), grpc_service_pb2, "GRPCInferenceService")
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
@@ -103,9 +106,25 @@ class TensorgateServer:
             ),
             server,
         )
-        self.port = server.add_insecure_port(f"{config.host}:{config.port}")
+        try:
+            self.port = server.add_insecure_port(f"{config.host}:{config.port}")
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise ConfigError(f"cannot listen on {config.host}:{config.port}")
+            raise ConfigError(
+                f"cannot listen on {config.host}:{config.port} for gRPC: the port is taken or "
+                "the address is not this machine's; choose another with --port"
+            )
+        if config.metrics_port >= 0:
+            # Bound before any model loads, so a taken port fails at once, by name.
+            try:
+                self.metrics_port = self.telemetry.metrics.serve(config.metrics_port, config.host)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot serve metrics on {config.host}:{config.metrics_port}: "
+                    f"{exc.strerror or exc}; choose another with --metrics-port (-1 = off)"
+                ) from None
+            log.info("metrics on http://%s:%d/metrics", config.host, self.metrics_port)
         self._grpc = server
         await self.health.starting(self.models)
         await server.start()
@@ -128,9 +147,6 @@ class TensorgateServer:
             await self.stop()
             raise ConfigError(f"no model could be loaded: {failures}")
         self._jobs.start()
-        if config.metrics_port >= 0:
-            self.metrics_port = self.telemetry.metrics.serve(config.metrics_port, config.host)
-            log.info("metrics on http://%s:%d/metrics", config.host, self.metrics_port)
         await self.health.set_server(True)
         log.info("serving %s on port %d", ", ".join(m.name for m in ready), self.port)
 

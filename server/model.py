@@ -182,14 +182,18 @@ class ServedModel:
         """Retires an instance the watchdog gave up on and loads a fresh one in its place."""
         assert self._pool is not None and self._scheduler is not None
         stuck.abandon()
-        try:
-            fresh: Instance | None = await asyncio.to_thread(self._load_instance, stuck.index)
-        except Exception as exc:
-            log.error("model %s: could not replace instance %d: %s", self.name, stuck.index, exc)
-            fresh = None
-        if fresh is not None and self.state is not ModelState.READY:
-            await asyncio.to_thread(fresh.close)  # the model stopped meanwhile
-            fresh = None
+        fresh: Instance | None = None
+        if self.state is ModelState.READY:
+            try:
+                fresh = await asyncio.to_thread(self._load_instance, stuck.index)
+            except Exception as exc:
+                log.error(
+                    "model %s: could not replace instance %d: %s", self.name, stuck.index, exc
+                )
+        if self.state is not ModelState.READY:  # the model stopped meanwhile
+            if fresh is not None:
+                await asyncio.to_thread(fresh.close)
+            return
         self._pool.replace(stuck, fresh)
         if fresh is not None:
             log.info("model %s: instance %d replaced", self.name, stuck.index)
@@ -267,18 +271,17 @@ class ServedModel:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        stuck = set(self._pool.taken) if self._pool is not None and not drained else set()
-        for instance in stuck:
-            instance.abandon()
+        if self._pool is not None and not drained:
+            for instance in self._pool.taken:
+                instance.abandon()  # still inside the engine
         self.state = ModelState.STOPPED
         self._notify()
-        await asyncio.to_thread(self.close, stuck)
+        await asyncio.to_thread(self.close)
 
-    def close(self, skip: set[Instance] | frozenset[Instance] = frozenset()) -> None:
-        """Releases the instances (those in skip are left alone: abandoned)."""
+    def close(self) -> None:
+        """Releases the instances (abandoned ones are left alone)."""
         for instance in self._pool.instances if self._pool is not None else self._instances:
-            if instance not in skip:
-                instance.close()
+            instance.close()
         self._instances = []
         self._pool = None
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.datatypes import NUMPY_BY_DATATYPE
-from server.errors import InvalidArgument
+from server.errors import InvalidArgument, clip
 
 # A request's (or a batch's) outputs by name.
 Outputs = dict[str, np.ndarray]
@@ -40,8 +40,15 @@ class TensorInput:
     contents: bytes | memoryview
 
 
-def format_shape(shape: Iterable[int]) -> str:
+def format_shape(shape: Sequence[int]) -> str:
+    """A shape for messages; a caller's absurd shape is cut short."""
+    if len(shape) > _SHOWN_DIMS:
+        shown = ",".join(str(d) for d in shape[:_SHOWN_DIMS])
+        return f"[{shown},…({len(shape)} dims)]"
     return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+_SHOWN_DIMS = 16
 
 
 def decode_inputs(
@@ -58,12 +65,20 @@ def decode_inputs(
     arrays: dict[str, np.ndarray] = {}
     rows: int | None = None
     rows_from = ""
+    if len(inputs) > len(specs):
+        names = [t.name for t in inputs[: len(specs) + 1]]
+        repeated = next((n for n in names if names.count(n) > 1), None)
+        if repeated is not None:
+            raise InvalidArgument(f"input '{clip(repeated)}' is given more than once")
+        raise InvalidArgument(
+            f"request has {len(inputs)} input tensors; model '{model}' takes {len(specs)}"
+        )
     for tensor in inputs:
         spec = by_name.get(tensor.name)
         if spec is None:
             expected = ", ".join(by_name) or "none"
             raise InvalidArgument(
-                f"model '{model}' has no input '{tensor.name}'; its inputs are: {expected}"
+                f"model '{model}' has no input '{clip(tensor.name)}'; its inputs are: {expected}"
             )
         if tensor.name in arrays:
             raise InvalidArgument(f"input '{tensor.name}' is given more than once")
@@ -98,20 +113,24 @@ def _decode_one(tensor: TensorInput, spec: TensorSpec) -> np.ndarray:
     if dtype is None:
         supported = ", ".join(NUMPY_BY_DATATYPE)
         raise InvalidArgument(
-            f"input '{name}' has unsupported datatype '{tensor.datatype}'; supported: {supported}"
+            f"input '{name}' has unsupported datatype '{clip(tensor.datatype, 40)}'; "
+            f"supported: {supported}"
         )
     if tensor.datatype != spec.datatype:
         raise InvalidArgument(
             f"input '{name}' has datatype {tensor.datatype}, model expects {spec.datatype}"
+        )
+    if len(tensor.shape) != len(spec.shape):  # checked first: a shape may claim a million dims
+        raise InvalidArgument(
+            f"input '{name}' has shape {format_shape(tensor.shape)}, model expects "
+            f"{format_shape(spec.shape)} (-1 = any size)"
         )
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(
             f"input '{name}' has shape {format_shape(shape)} with a negative dimension"
         )
-    if len(shape) != len(spec.shape) or any(
-        want != -1 and got != want for got, want in zip(shape, spec.shape, strict=True)
-    ):
+    if any(want != -1 and got != want for got, want in zip(shape, spec.shape, strict=True)):
         raise InvalidArgument(
             f"input '{name}' has shape {format_shape(shape)}, model expects "
             f"{format_shape(spec.shape)} (-1 = any size)"
@@ -125,6 +144,9 @@ def _decode_one(tensor: TensorInput, spec: TensorSpec) -> np.ndarray:
             f"input '{name}' has {len(tensor.contents)} bytes of contents; shape "
             f"{format_shape(shape)} of {tensor.datatype} needs {needed}"
         )
+    if tensor.datatype == "BOOL" and np.frombuffer(tensor.contents, dtype=np.uint8).max() > 1:
+        # numpy would read any nonzero byte as True, and engines may read it as is.
+        raise InvalidArgument(f"input '{name}' is BOOL but has bytes other than 0 and 1")
     return np.frombuffer(tensor.contents, dtype=dtype).reshape(shape)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,6 +52,23 @@ class ServerThread:
 
             stats = self.server.models[model].scheduler.stats
             return replace(stats, batch_sizes=stats.batch_sizes.copy())
+
+        return self.call(read())
+
+    def server_calls(self) -> int:
+        """Unary calls in a handler plus open streams, as admission counts them."""
+
+        async def read() -> int:
+            assert self.server.frontend is not None
+            return self.server.frontend.calls
+
+        return self.call(read())
+
+    def queued(self, model: str) -> int:
+        """Requests waiting in the model's queue now."""
+
+        async def read() -> int:
+            return self.server.models[model].scheduler.queued_requests
 
         return self.call(read())
 
@@ -154,3 +172,12 @@ class MlpReference:
         logits = self.logits(x)
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0, what: str = "") -> None:
+    """Polls condition until it holds; fails the test after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or condition}")
+        time.sleep(0.01)

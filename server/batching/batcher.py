@@ -184,6 +184,7 @@ class DynamicBatcher:
         try:
             await self._execution.run(instance, batch)
         except InstanceHung:
+            instance.abandon()  # at once: nothing may close it or give it work from now on
             task = asyncio.create_task(self._replace_instance(instance))
             self._replacing.add(task)
             task.add_done_callback(self._replacing.discard)

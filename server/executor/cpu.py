@@ -28,5 +28,7 @@ class CpuInstance(Instance):
         return BatchResult(batch.split(outputs), {"compute": compute_s})
 
     def close(self) -> None:
+        if self.abandoned:
+            return
         super().close()
         self.backend.close()

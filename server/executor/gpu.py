@@ -154,6 +154,8 @@ class GpuInstance(Instance):
     def close(self) -> None:
         """Releases everything on the worker thread (the instance's device), going on past a
         failed release so one error does not leak the rest; the first error is raised after."""
+        if self.abandoned:
+            return
         try:
             self._worker.call(self._release)
         finally:

@@ -33,6 +33,7 @@ class Instance(ABC):
     ) -> None:
         self.model = model
         self.index = index
+        self.abandoned = False
         self._worker = Worker(f"{model}-instance{index}", initializer)
 
     @abstractmethod
@@ -49,9 +50,10 @@ class Instance(ABC):
     def abandon(self) -> None:
         """Gives up on an instance whose thread is stuck in the engine: the thread cannot be
         killed, so it is left to finish (or not) on its own and the backend is not closed."""
+        self.abandoned = True
         self._worker.abandon()
 
     def close(self) -> None:
         """Stops the worker thread (waiting a bounded time for a batch still on it), then
-        releases the backend (subclasses)."""
+        releases the backend (subclasses). An abandoned instance is left alone."""
         self._worker.close(_CLOSE_WAIT_S)

@@ -7,10 +7,13 @@ the request path pays nothing for them.
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -18,6 +21,8 @@ _LATENCY_BUCKETS_S = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
 )  # fmt: skip
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Connections served at once; more are closed (Prometheus scrapes one at a time).
+_SCRAPE_THREADS = 8
 
 
 class Metrics:
@@ -77,8 +82,11 @@ class Metrics:
         self.registry.register(_StateCollector(state))
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Starts the scrape endpoint on a thread; returns the port (useful with port 0)."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        """Starts the scrape endpoint on host:port (a thread accepts, a small pool answers);
+        returns the port (useful with port 0). OSError when the port cannot be bound."""
+        server = _ScrapeServer((host, port), _SCRAPE_THREADS)
+        server.set_app(make_wsgi_app(self.registry))
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         self._server = server
         return int(server.server_port)
 
@@ -105,3 +113,46 @@ class _StateCollector(Collector):
             for value_label, value in sorted(state.get(key, {}).items()):
                 family.add_metric([value_label], value)
             yield family
+
+
+class _ScrapeHandler(WSGIRequestHandler):
+    # An idle or slow connection is dropped after this, instead of holding a thread forever.
+    timeout = 5.0
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes are not worth a log line each
+
+
+class _ScrapeServer(WSGIServer):
+    """A WSGI server with a cap on connection threads.
+
+    prometheus-client's own server starts a thread per connection with no timeout: 2,000 idle
+    connections meant 2,000 threads. Here at most `threads` connections are served at once,
+    each dropped after _ScrapeHandler.timeout of silence; a connection beyond the cap is closed
+    at once (Prometheus retries at its next scrape).
+    """
+
+    def __init__(self, address: tuple[str, int], threads: int) -> None:
+        self._slots = threading.BoundedSemaphore(threads)
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, _ScrapeHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        threading.Thread(
+            target=self._handle, args=(request, client_address), name="metrics", daemon=True
+        ).start()
+
+    def _handle(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that went away or timed out is not an error worth a traceback

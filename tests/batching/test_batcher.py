@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from client import AsyncTensorgateClient, StreamItem, TensorgateClient, codec
-from tests.harness import MlpReference, ServerThread, write_config
+from tests.harness import MlpReference, ServerThread, wait_until, write_config
 
 WINDOW_S = 0.3
 
@@ -86,33 +86,42 @@ async def test_batch_goes_out_without_waiting_once_it_is_full(
     assert server.stats("mlp_wide").batch_sizes[8] == before.batch_sizes[8] + 1
 
 
-async def test_request_whose_deadline_passes_in_the_queue_is_dropped_before_compute(
-    server: ServerThread, aclient: AsyncTensorgateClient
+def test_request_whose_deadline_passes_in_the_queue_fails_before_compute(
+    repository: Path, tmp_path: Path, start_server: Callable[..., ServerThread]
 ) -> None:
-    before = server.stats("mlp_wide")
-    with pytest.raises(grpc.aio.AioRpcError) as failed:
-        await aclient.predict("mlp_wide", {"input": np.ones((1, 256), np.float32)}, timeout_s=0.1)
-    assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    await asyncio.sleep(WINDOW_S + 0.2)  # the window closes; the batcher finds it expired
-    after = server.stats("mlp_wide")
-    assert (
-        after.dropped_expired + after.dropped_cancelled
-        > before.dropped_expired + before.dropped_cancelled
+    """The server's own deadline (default_timeout_ms 100) passes during a 300 ms window: the
+    batcher drops the request with DEADLINE_EXCEEDED instead of running it."""
+    write_config(
+        tmp_path / "slow",
+        backend="onnxruntime",
+        onnxruntime={"artifact": str(repository / "mlp" / "model.onnx")},
+        max_queue_delay_ms=300.0,
+        default_timeout_ms=100,
+        instance_count=1,
     )
-    assert after.rows == before.rows  # it never reached an instance
+    running = start_server(model_repository=tmp_path)
+    with TensorgateClient(running.target, timeout_s=10) as c:
+        request = codec.predict_request("slow", {"input": np.ones((1, 256), np.float32)})
+        with pytest.raises(grpc.RpcError) as late:
+            c._stub.Predict(request)  # no deadline of the caller's: the model's applies
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "deadline passed after" in late.value.details()  # the server's words, not gRPC's
+    stats = running.stats("slow")
+    assert (stats.dropped_expired, stats.dropped_cancelled, stats.rows) == (1, 0, 0)
 
 
-async def test_cancelled_caller_is_dropped_before_compute(
+async def test_a_cancelled_caller_leaves_the_queue_at_once(
     server: ServerThread, aclient: AsyncTensorgateClient
 ) -> None:
     before = server.stats("mlp_wide")
     request = codec.predict_request("mlp_wide", {"input": np.ones((1, 256), np.float32)})
     call = aclient._stub.Predict(request)
-    await asyncio.sleep(0.05)
+    await asyncio.to_thread(wait_until, lambda: server.queued("mlp_wide") == 1)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
-    await asyncio.sleep(WINDOW_S + 0.2)
+    # Gone from the queue well before the 300 ms window closes, and never run.
+    await asyncio.to_thread(wait_until, lambda: server.queued("mlp_wide") == 0, 0.2)
     after = server.stats("mlp_wide")
     assert after.dropped_cancelled == before.dropped_cancelled + 1
     assert after.rows == before.rows

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
+import re
 import time
 from collections.abc import Callable
 
@@ -9,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from client import TensorgateClient
+from client import AsyncTensorgateClient, TensorgateClient
 from tests.harness import MlpReference, ServerThread
 
 X = np.linspace(-1, 1, 256, dtype=np.float32).reshape(1, 256)
@@ -20,7 +23,7 @@ def test_submit_then_long_poll_returns_the_result_as_soon_as_it_is_ready(
 ) -> None:
     submitted = client.submit("mlp_wide", {"input": X})
     assert submitted.status == "PENDING" and not submitted.deduplicated
-    assert len(submitted.job_id) == 32 and int(submitted.job_id, 16) >= 0  # 128 bits, hex
+    assert re.fullmatch("[0-9a-f]{32}", submitted.job_id)  # 128 bits, hex
     started = time.monotonic()
     result = client.get_result(submitted.job_id, wait_timeout_s=20)
     assert time.monotonic() - started < 10  # returned when the job finished, not at 20 s
@@ -139,3 +142,20 @@ def test_finished_results_are_bounded_oldest_evicted_first(
     assert len(store) == 5
     kept = running.call(store.find(None, 100))
     assert all(job.request.inputs == {} for job in kept)  # inputs released when finished
+
+
+async def test_cancel_job_answers_with_the_jobs_final_word_even_racing_completion(
+    server: ServerThread,
+) -> None:
+    async with AsyncTensorgateClient(server.target, timeout_s=30) as c:
+
+        async def race() -> tuple[str, str]:
+            job = await c.submit("mlp", {"input": X})
+            await asyncio.sleep(random.uniform(0, 0.004))  # sometimes mid-batch, sometimes not
+            said = await c.cancel(job.job_id)
+            final = await c.get_result(job.job_id, wait_timeout_s=10)
+            return said, final.status
+
+        outcomes = await asyncio.gather(*(race() for _ in range(300)))
+    assert all(said == final for said, final in outcomes), [o for o in outcomes if o[0] != o[1]]
+    assert {said for said, _ in outcomes} <= {"CANCELLED", "SUCCEEDED"}

@@ -3,8 +3,11 @@
 faulty: y = 2x for x FP32 [-1,4]. A row whose x[0] is
   -1  makes the engine raise (every time),
   -2  makes it hang for 3 s (longer than the 0.5 s watchdog),
-  -3  makes it raise on the first run of that row's x[1] value and succeed afterwards.
+  -3  makes it raise on the first run of that row's x[1] value and succeed afterwards,
+  -4  makes it hang for a minute (as good as forever for a test).
+  Loading fails once a file named no-more-loads exists in the model's folder.
 broken: loads and warms up, then raises on every input that is not all zeros.
+slow_load: faulty, taking 1.5 s to load.
 """
 
 from __future__ import annotations
@@ -19,10 +22,14 @@ import pytest
 from tests.harness import ServerThread, write_config
 
 FAULTY_MODEL = """
+import os
 import time
 
 class Model:
     def load(self, config):
+        if os.path.exists(os.path.join(config["model_dir"], "no-more-loads")):
+            raise RuntimeError("loading is broken now (no-more-loads)")
+        time.sleep(config["parameters"].get("load_sleep_s", 0))
         self.seen = set()
         self.always_fail = config["parameters"].get("always_fail", False)
 
@@ -34,6 +41,8 @@ class Model:
             raise RuntimeError("poisoned row (x[0] == -1)")
         if (x[:, 0] == -2).any():
             time.sleep(3)
+        if (x[:, 0] == -4).any():
+            time.sleep(60)
         for key in x[x[:, 0] == -3, 1].tolist():
             if key not in self.seen:
                 self.seen.add(key)
@@ -51,7 +60,8 @@ IO = {
 def fault_repository(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fault-engines")
     shutil.copytree(repository / "mlp", root / "mlp")
-    for name, extra in {"faulty": {}, "broken": {"always_fail": True}}.items():
+    models = {"faulty": {}, "broken": {"always_fail": True}, "slow_load": {"load_sleep_s": 1.5}}
+    for name, extra in models.items():
         write_config(
             root / name,
             backend="python",
@@ -71,6 +81,7 @@ def fault_server(
 ) -> Iterator[Callable[..., ServerThread]]:
     def start(**overrides: Any) -> ServerThread:
         overrides.setdefault("model_repository", fault_repository)
+        overrides.setdefault("models", ("faulty", "broken", "mlp"))
         overrides.setdefault("job_retry_base_s", 0.02)
         return start_server(**overrides)
 

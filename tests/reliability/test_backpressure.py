@@ -5,7 +5,6 @@ of 10,000 jobs loses none; the per-model default timeout applies when the caller
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,18 +13,18 @@ import numpy as np
 import pytest
 
 from client import AsyncTensorgateClient, StreamItem, TensorgateClient, codec
-from tests.harness import ServerThread, write_config
+from tests.harness import ServerThread, wait_until, write_config
 
 ROW = np.zeros((1, 256), np.float32)
 
 
 def test_a_full_queue_refuses_with_resource_exhausted_and_a_retry_hint(
-    client: TensorgateClient,
+    client: TensorgateClient, server: ServerThread
 ) -> None:
     """mlp_tiny_queue holds 2 requests during its 2 s window; the third is refused."""
     request = codec.predict_request("mlp_tiny_queue", {"input": ROW})
     futures = [client._stub.Predict.future(request, timeout=20) for _ in range(2)]
-    time.sleep(0.3)  # both are queued, waiting for the window
+    wait_until(lambda: server.queued("mlp_tiny_queue") == 2, what="both queued")
     with pytest.raises(grpc.RpcError) as refused:
         client._stub.Predict(request, timeout=10)
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -82,14 +81,16 @@ async def test_a_closed_stream_takes_its_queued_requests_with_it(server: ServerT
 
         task = asyncio.create_task(consume())
         await asyncio.wait_for(sent.wait(), 5)
-        await asyncio.sleep(0.2)
+        await asyncio.to_thread(wait_until, lambda: server.queued("mlp_tiny_queue") == 2)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    await asyncio.sleep(2.5)  # past the model's window
+    # Both leave the queue at once (the model's 2 s window is far from over), so neither can
+    # reach an instance, and their places are free for others.
+    await asyncio.to_thread(wait_until, lambda: server.queued("mlp_tiny_queue") == 0, 1.0)
     after = server.stats("mlp_tiny_queue")
     assert after.dropped_cancelled - before.dropped_cancelled == 2
-    assert after.rows == before.rows  # neither reached an instance
+    assert after.rows == before.rows
 
 
 def test_a_burst_of_ten_thousand_jobs_loses_none(start_server: Callable[..., ServerThread]) -> None:

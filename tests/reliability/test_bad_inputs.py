@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from client import TensorgateClient
+from server.errors import InvalidArgument
+from server.tensors import TensorInput, TensorSpec, decode_inputs
 from tensorgate.v1 import inference_pb2 as pb
+from tests.harness import ServerThread
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -89,6 +92,15 @@ CASES: dict[str, Case] = {
     "cancel unknown job id": ("CancelJob", lambda: pb.CancelJobRequest(job_id="1" * 32), NOT_FOUND, "is unknown or its result has expired"),
     "metadata of unknown model": ("GetModelMetadata", lambda: pb.GetModelMetadataRequest(model="nope"), NOT_FOUND, "model 'nope' is not served"),
     "list too many jobs": ("ListJobs", lambda: pb.ListJobsRequest(limit=5000), INVALID, "limit must be between 0 and 1000"),
+    "list an unknown job status": ("ListJobs", lambda: pb.ListJobsRequest(status=99), INVALID, "status 99 is not a job status; use one of"),
+    "300 input tensors": ("Predict", lambda: _mlp(*[_tensor(f"i{n}", ROW) for n in range(300)]), INVALID, "request has 300 input tensors; at most 256"),
+    "a million-dimension shape": ("Predict", lambda: _mlp(_raw("input", "FP32", [1] * 1_000_000, 4)), INVALID, "has shape [1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,…(1000000 dims)], model expects [-1,256]"),
+    "a 1 MB input name": ("Predict", lambda: _mlp(_tensor("x" * 1_000_000, ROW)), INVALID, "has no input '" + "x" * 200 + "…(1000000 chars)'"),
+    "a 1 MB model name": ("Predict", lambda: _mlp(_tensor("input", ROW), model="m" * 1_000_000), INVALID, "model name has 1000000 characters; at most 256"),
+    "a 1 MB request id": ("Predict", lambda: _mlp(_tensor("input", ROW), id="r" * 1_000_000), INVALID, "request id has 1000000 characters; at most 256"),
+    "a 4 MB parameter": ("Submit", lambda: pb.SubmitRequest(request=_mlp(_tensor("input", ROW), parameters={"p": pb.Parameter(string_param="v" * 4_000_000)})), INVALID, "parameter 'p' is too long"),
+    "too many parameters": ("Predict", lambda: _mlp(_tensor("input", ROW), parameters={f"p{n}": pb.Parameter(bool_param=True) for n in range(65)}), INVALID, "request has 65 parameters; at most 64"),
+    "a 1 MB idempotency key": ("Submit", lambda: pb.SubmitRequest(request=_mlp(_tensor("input", ROW)), idempotency_key="k" * 1_000_000), INVALID, "idempotency key has 1000000 characters; at most 256"),
 }  # fmt: skip
 
 
@@ -113,3 +125,63 @@ def test_nan_and_inf_are_valid_floats_and_flow_through(client: TensorgateClient)
     out = client.predict("mlp", {"input": x})
     assert out["logits"].shape == (2, 16)
     assert np.isnan(out["logits"][0]).any()  # the model's arithmetic, not a refusal
+
+
+def test_bytes_that_are_not_a_message_get_invalid_argument_on_both_front_ends(
+    client: TensorgateClient, server: ServerThread
+) -> None:
+    channel = client._channel
+    for method, message in (
+        ("/tensorgate.v1.Inference/Predict", "tensorgate.v1.PredictRequest"),
+        ("/inference.GRPCInferenceService/ModelInfer", "inference.ModelInferRequest"),
+    ):
+        call = channel.unary_unary(method)  # bytes in, bytes out: no serializer
+        with pytest.raises(grpc.RpcError) as refused:
+            call(b"\xff\xff\xff", timeout=10)
+        assert refused.value.code() == INVALID
+        assert f"the request is not a valid {message} message" in refused.value.details()
+    # In a stream the bad message fails alone and the stream goes on.
+    stream = channel.stream_stream(
+        "/tensorgate.v1.Inference/StreamPredict",
+        response_deserializer=pb.StreamPredictResponse.FromString,
+    )
+    good = _mlp(_tensor("input", ROW), id="good").SerializeToString()
+    answers = list(stream(iter([b"\xff\xff\xff", good]), timeout=10))
+    assert len(answers) == 2
+    failed = next(a for a in answers if a.HasField("error"))
+    assert failed.error.code == INVALID.value[0]
+    assert "not a valid tensorgate.v1.PredictRequest" in failed.error.message
+    assert next(a for a in answers if a.id == "good").response.outputs
+    assert client.predict("mlp", {"input": ROW})["logits"].shape == (1, 16)
+
+
+def test_a_request_naming_a_million_tensors_is_refused_cheaply(
+    client: TensorgateClient,
+) -> None:
+    # ~20 MB, serialized by hand (field 3 repeated) so the test builds no million objects.
+    one = pb.Tensor(name="input", datatype="FP32", shape=[1, 256]).SerializeToString()
+    entry = bytes([3 << 3 | 2]) + _varint(len(one)) + one
+    request = bytes([1 << 3 | 2, 3]) + b"mlp" + entry * 1_000_000  # model = "mlp"
+    call = client._channel.unary_unary("/tensorgate.v1.Inference/Predict")
+    with pytest.raises(grpc.RpcError) as refused:
+        call(request, timeout=30)
+    assert refused.value.code() == INVALID
+    assert "request has 1000000 input tensors; at most 256" in refused.value.details()
+    assert client.predict("mlp", {"input": ROW})["logits"].shape == (1, 16)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def test_bool_inputs_must_be_zeros_and_ones() -> None:
+    spec = TensorSpec("flag", "BOOL", (-1, 2))
+    ok, _ = decode_inputs("m", [spec], [TensorInput("flag", "BOOL", [1, 2], b"\x00\x01")], 8)
+    assert ok["flag"].tolist() == [[False, True]]
+    with pytest.raises(InvalidArgument, match="is BOOL but has bytes other than 0 and 1"):
+        decode_inputs("m", [spec], [TensorInput("flag", "BOOL", [1, 2], b"\x00\x02")], 8)

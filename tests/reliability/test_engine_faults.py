@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import AsyncTensorgateClient, TensorgateClient
-from tests.harness import ServerThread
+from tests.harness import ServerThread, wait_until
 
 
 def _rows(first: float, count: int = 1, key: float = 0.0) -> np.ndarray:
@@ -118,13 +118,13 @@ def test_a_model_whose_engine_always_fails_is_not_serving_while_others_serve(
             assert failed.value.code() == grpc.StatusCode.INTERNAL
             assert "this engine is broken" in failed.value.details()
         assert c.predict("mlp", {"input": np.ones((1, 256), np.float32)})["logits"].shape == (1, 16)
-    time.sleep(0.1)  # health is updated on the loop right after the failure
     with grpc.insecure_channel(running.target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
 
         def status(service: str) -> int:
             return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
+        wait_until(lambda: status("broken") == health_pb2.HealthCheckResponse.NOT_SERVING)
         assert status("broken") == health_pb2.HealthCheckResponse.NOT_SERVING
         assert status("mlp") == health_pb2.HealthCheckResponse.SERVING
         assert status("") == health_pb2.HealthCheckResponse.SERVING

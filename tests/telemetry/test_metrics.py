@@ -1,7 +1,10 @@
-"""The Prometheus endpoint, scraped during traffic: counts match the requests sent."""
+"""The Prometheus endpoint: counts match the requests sent, gauges show traffic while it is
+queued, and the endpoint itself stays bounded."""
 
 from __future__ import annotations
 
+import socket
+import threading
 import urllib.request
 from collections.abc import Callable
 
@@ -10,8 +13,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from client import StreamItem, TensorgateClient
-from tests.harness import ServerThread
+from client import StreamItem, TensorgateClient, codec
+from tests.harness import ServerThread, wait_until
 
 X = np.ones((1, 256), np.float32)
 
@@ -41,11 +44,11 @@ def test_scraped_counts_match_the_traffic(start_server: Callable[..., ServerThre
         assert {c.get_result(j, wait_timeout_s=5).status for j in jobs} == {"SUCCEEDED"}
         items = [StreamItem(str(i), "mlp", {"input": X}) for i in range(4)]
         assert all(r.ok for r in c.stream(items))
-        during = _scrape(port)
+        after = _scrape(port)
 
     def requests(model: str, kind: str, code: str) -> float:
         key = (("code", code), ("kind", kind), ("model", model))
-        return during.get(("tensorgate_requests_total", key), 0.0)
+        return after.get(("tensorgate_requests_total", key), 0.0)
 
     assert requests("mlp", "unary", "OK") == 5
     assert requests("mlp", "unary", "INVALID_ARGUMENT") == 2
@@ -53,21 +56,86 @@ def test_scraped_counts_match_the_traffic(start_server: Callable[..., ServerThre
     assert requests("mlp", "job", "OK") == 3
     assert requests("mlp", "stream", "OK") == 4
     assert (
-        during[("tensorgate_request_duration_seconds_count", (("kind", "unary"), ("model", "mlp")))]
+        after[("tensorgate_request_duration_seconds_count", (("kind", "unary"), ("model", "mlp")))]
         == 7
     )
-    rows = during[("tensorgate_batch_size_rows_sum", (("model", "mlp"),))]
+    rows = after[("tensorgate_batch_size_rows_sum", (("model", "mlp"),))]
     assert rows == 5 + 3 + 4  # every accepted row ran in some batch
-    batches = during[("tensorgate_batch_size_rows_count", (("model", "mlp"),))]
-    assert during[("tensorgate_batch_compute_seconds_count", (("model", "mlp"),))] == batches
-    assert during[("tensorgate_queue_wait_seconds_count", (("model", "mlp"),))] == 12
-    assert during[("tensorgate_queue_depth", (("model", "mlp"),))] == 0
-    assert during[("tensorgate_instances", (("model", "mlp"),))] == 2
-    assert during[("tensorgate_jobs", (("status", "SUCCEEDED"),))] == 3
-    assert during[("tensorgate_open_streams", ())] == 0
+    batches = after[("tensorgate_batch_size_rows_count", (("model", "mlp"),))]
+    assert after[("tensorgate_batch_compute_seconds_count", (("model", "mlp"),))] == batches
+    assert after[("tensorgate_queue_wait_seconds_count", (("model", "mlp"),))] == 12
+    assert after[("tensorgate_queue_depth", (("model", "mlp"),))] == 0
+    assert after[("tensorgate_instances", (("model", "mlp"),))] == 2
+    assert after[("tensorgate_jobs", (("status", "SUCCEEDED"),))] == 3
+    assert after[("tensorgate_open_streams", ())] == 0
     busy = sum(
         value
-        for (name, labels), value in during.items()
+        for (name, labels), value in after.items()
         if name == "tensorgate_instance_busy_seconds_total" and ("model", "mlp") in labels
     )
     assert busy > 0
+
+
+def test_a_scrape_during_traffic_shows_it_queued_and_idle_instances_are_not_busy(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    running = start_server(models=("mlp", "mlp_wide"), metrics_port=0)
+    port = running.server.metrics_port
+    idle = _scrape(port)
+    assert idle[("tensorgate_instances_busy", (("model", "mlp"),))] == 0
+    assert idle[("tensorgate_instances_busy", (("model", "mlp_wide"),))] == 0
+    with TensorgateClient(running.target, timeout_s=10) as c:
+        request = codec.predict_request("mlp_wide", {"input": X})
+        pending = [c._stub.Predict.future(request, timeout=10) for _ in range(3)]
+        # mlp_wide waits 300 ms for company: the scrape sees the three queued, and its one
+        # instance waiting for them is not counted as busy.
+        during: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
+        def queued_seen() -> bool:
+            during.update(_scrape(port))
+            return during[("tensorgate_queue_depth", (("model", "mlp_wide"),))] == 3
+
+        wait_until(queued_seen, what="three queued requests in a scrape")
+        assert during[("tensorgate_instances_busy", (("model", "mlp_wide"),))] == 0
+        assert all(len(f.result().outputs) == 2 for f in pending)
+
+
+def test_a_call_whose_deadline_passes_is_counted_as_deadline_exceeded(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    running = start_server(models=("mlp_wide",), metrics_port=0)
+    with TensorgateClient(running.target, timeout_s=10) as c:
+        with pytest.raises(grpc.RpcError) as late:
+            c._stub.Predict(codec.predict_request("mlp_wide", {"input": X}), timeout=0.05)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def counted(code: str) -> float:
+        key = (("code", code), ("kind", "unary"), ("model", "mlp_wide"))
+        return _scrape(running.server.metrics_port).get(("tensorgate_requests_total", key), 0.0)
+
+    wait_until(lambda: counted("DEADLINE_EXCEEDED") == 1, what="DEADLINE_EXCEEDED counted")
+    assert counted("CANCELLED") == 0
+
+
+def test_idle_connections_to_the_metrics_port_do_not_grow_threads(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    running = start_server(models=("mlp",), metrics_port=0)
+    port = running.server.metrics_port
+    assert running.server.telemetry.metrics._server.server_address[0] == "127.0.0.1"  # type: ignore[union-attr]
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(300)]
+    try:
+        wait_until(lambda: threading.active_count() >= before + 8, what="handler threads")
+        assert threading.active_count() <= before + 8 + 2
+    finally:
+        for connection in idle:
+            connection.close()
+    wait_until(lambda: _try_scrape(port), timeout_s=15, what="scrapes answered again")
+
+
+def _try_scrape(port: int) -> bool:
+    try:
+        return bool(_scrape(port))
+    except OSError:
+        return False

@@ -1,0 +1,53 @@
+"""The request queue forgets a request the moment its caller gives up."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from server.batching.queue import RequestQueue
+from server.batching.request import InferenceRequest
+from server.batching.stats import BatcherStats
+from server.errors import ResourceExhausted
+
+
+def _request(rows: int = 1) -> InferenceRequest:
+    future = asyncio.get_running_loop().create_future()
+    x = np.zeros((rows, 2), np.float32)
+    return InferenceRequest(inputs={"x": x}, rows=rows, output_names=("y",), future=future)
+
+
+async def _settle() -> None:
+    await asyncio.sleep(0)  # done-callbacks run on the next loop turn
+
+
+async def test_a_cancelled_request_stops_counting_toward_capacity_rows_and_the_oldest() -> None:
+    stats = BatcherStats()
+    queue = RequestQueue("m", capacity=2, stats=stats)
+    first, second = _request(3), _request(2)
+    queue.put(first)
+    queue.put(second)
+    with pytest.raises(ResourceExhausted):
+        queue.put(_request())
+    first.future.cancel()
+    await _settle()
+    assert (queue.live, queue.rows, stats.dropped_cancelled) == (1, 2, 1)
+    assert queue.oldest_enqueued_at() == second.enqueued_at  # the window is timed from second
+    queue.put(_request())  # the freed place is usable at once
+    assert queue.pop() is second
+
+
+async def test_many_cancellations_do_not_pile_up_dead_entries() -> None:
+    queue = RequestQueue("m", capacity=10_000, stats=BatcherStats())
+    keeper = _request()
+    queue.put(keeper)
+    for _ in range(1000):
+        gone = _request()
+        queue.put(gone)
+        gone.future.cancel()
+        await _settle()
+    assert queue.live == 1
+    assert len(queue._entries) < 200  # compacted, not 1,001
+    assert queue.pop() is keeper

@@ -1,0 +1,70 @@
+"""The layering a reader relies on: api → dataplane → scheduler (batching) → executor →
+backends, checked on the imports in the source (not on what happens to be imported at run time).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _imports(package: str) -> dict[str, set[str]]:
+    """module file -> the first-party modules it imports (lazily imported ones included)."""
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module)
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+def _layer(module: str) -> str | None:
+    """server.batching.queue → "batching"; server.model → "model"; others → None."""
+    parts = module.split(".")
+    if parts[0] != "server" or len(parts) < 2:
+        return None
+    return parts[1]
+
+
+def test_front_ends_reach_the_core_only_through_the_data_plane() -> None:
+    for path, names in _imports("server/api").items():
+        forbidden = {n for n in names if _layer(n) in {"model", "jobs", "batching", "executor"}}
+        assert not forbidden, f"{path} imports {sorted(forbidden)}"
+
+
+@pytest.mark.parametrize(
+    ("lower", "upper"),
+    [
+        ("executor", "batching"),
+        ("backends", "executor"),
+        ("backends", "batching"),
+        ("batching", "jobs"),
+        ("batching", "dataplane"),
+        ("jobs", "dataplane"),
+        ("model", "dataplane"),
+        ("telemetry", "batching"),
+    ],
+)
+def test_lower_layers_never_import_higher_ones(lower: str, upper: str) -> None:
+    files = _imports("server")
+    for path, names in files.items():
+        if Path(path).parts[1].removesuffix(".py") != lower:
+            continue
+        wrong = {n for n in names if _layer(n) == upper}
+        assert not wrong, f"{path} ({lower}) imports {sorted(wrong)} ({upper})"
+
+
+def test_server_and_client_packages_do_not_import_each_other() -> None:
+    for path, names in _imports("server").items():
+        assert not {n for n in names if n.split(".")[0] == "client"}, path
+    for path, names in _imports("client").items():
+        assert not {n for n in names if n.split(".")[0] == "server"}, path
