@@ -10,6 +10,7 @@ COPY pyproject.toml README.md build_engines.py ./
 COPY protos protos
 COPY server server
 COPY client client
+COPY tensorgate_cli tensorgate_cli
 COPY engines engines
 RUN pip install --no-cache-dir . \
  && python build_engines.py \
