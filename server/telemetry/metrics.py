@@ -132,6 +132,9 @@ class _ScrapeServer(WSGIServer):
     at once (Prometheus retries at its next scrape).
     """
 
+    # socketserver's default listen backlog of 5 leaves connects beyond it retrying for seconds.
+    request_queue_size = 128
+
     def __init__(self, address: tuple[str, int], threads: int) -> None:
         self._slots = threading.BoundedSemaphore(threads)
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
