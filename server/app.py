@@ -63,10 +63,6 @@ class TensorgateServer:
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
-
     async def start(self) -> None:
         try:
             await self._start()

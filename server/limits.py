@@ -21,22 +21,10 @@ MAX_MODEL_NAME_CHARS = 256
 
 def check_request(request: Request) -> None:
     """InvalidArgument naming the first bound a request breaks."""
-    if len(request.model) > MAX_MODEL_NAME_CHARS:
-        raise InvalidArgument(
-            f"model name has {len(request.model)} characters; at most {MAX_MODEL_NAME_CHARS}"
-        )
-    if len(request.inputs) > MAX_TENSORS:
-        raise InvalidArgument(
-            f"request has {len(request.inputs)} input tensors; at most {MAX_TENSORS}"
-        )
-    if len(request.id) > MAX_ID_CHARS:
-        raise InvalidArgument(
-            f"request id has {len(request.id)} characters; at most {MAX_ID_CHARS}"
-        )
-    if len(request.parameters) > MAX_PARAMETERS:
-        raise InvalidArgument(
-            f"request has {len(request.parameters)} parameters; at most {MAX_PARAMETERS}"
-        )
+    _at_most("model name has {} characters", len(request.model), MAX_MODEL_NAME_CHARS)
+    _at_most("request has {} input tensors", len(request.inputs), MAX_TENSORS)
+    _at_most("request id has {} characters", len(request.id), MAX_ID_CHARS)
+    _at_most("request has {} parameters", len(request.parameters), MAX_PARAMETERS)
     for name, value in request.parameters.items():
         if len(name) > MAX_PARAMETER_CHARS or (
             isinstance(value, str) and len(value) > MAX_PARAMETER_CHARS
@@ -48,7 +36,9 @@ def check_request(request: Request) -> None:
 
 
 def check_idempotency_key(key: str) -> None:
-    if len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
-        raise InvalidArgument(
-            f"idempotency key has {len(key)} characters; at most {MAX_IDEMPOTENCY_KEY_CHARS}"
-        )
+    _at_most("idempotency key has {} characters", len(key), MAX_IDEMPOTENCY_KEY_CHARS)
+
+
+def _at_most(what: str, count: int, limit: int) -> None:
+    if count > limit:
+        raise InvalidArgument(f"{what.format(count)}; at most {limit}")

@@ -11,6 +11,7 @@ service, which is not wrapped, keeps answering probes however busy the server is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -50,10 +51,7 @@ def rpc(
     async def handler(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
         frontend: Frontend = self.frontend
         frontend.plane.note_call()
-        refusal = frontend.admit()
-        if refusal is not None:
-            await abort(context, refusal)
-        try:
+        async with frontend.admitted(context):
             if isinstance(request, Malformed):
                 await abort(context, request.error())
             tracing = frontend.tracing
@@ -85,8 +83,6 @@ def rpc(
                 raise AssertionError("unreachable: abort raises") from exc
             tracing.end_rpc(span, 0)
             return response
-        finally:
-            frontend.calls -= 1
 
     return handler
 
@@ -134,19 +130,25 @@ class Frontend:
         # collapse to the served ones, kinds and codes are fixed sets.
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
-    def admit(self) -> ResourceExhausted | None:
-        """Counts a call in (the caller must count it out); the refusal when over the limit,
-        which is counted out already."""
-        self.calls += 1
+    @contextlib.asynccontextmanager
+    async def admitted(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Counts a unary call or an open stream for as long as it runs; beyond
+        max_concurrent_rpcs the call ends at once with RESOURCE_EXHAUSTED and retry-after-ms."""
         limit = self.max_concurrent_rpcs
-        if limit and self.calls > limit:
-            self.calls -= 1
-            return ResourceExhausted(
-                f"the server is at its limit of {limit} concurrent calls and streams "
-                "(--max-concurrent-rpcs); retry later",
-                retry_after_s=0.05,
+        if limit and self.calls >= limit:
+            await abort(
+                context,
+                ResourceExhausted(
+                    f"the server is at its limit of {limit} concurrent calls and streams "
+                    "(--max-concurrent-rpcs); retry later",
+                    retry_after_s=0.05,
+                ),
             )
-        return None
+        self.calls += 1
+        try:
+            yield
+        finally:
+            self.calls -= 1
 
     def count(self, model: str, kind: str, error: BaseException | None, started: float) -> None:
         code = "OK" if error is None else as_domain_error(error).code
@@ -215,118 +217,98 @@ class Frontend:
         answer, and a request's slot frees when its answer is handed to gRPC, so a client that
         stops reading also stops the server from reading: memory stays bounded.
         """
-        refusal = self.admit()
-        if refusal is not None:
-            await abort(context, refusal)
-        try:
-            async for response in self._pump(
-                service, method, request_iterator, context, decode, answer, fail
-            ):
-                yield response
-        finally:
-            self.calls -= 1
+        async with self.admitted(context):
+            slots = asyncio.Semaphore(self.max_inflight_per_stream)
+            outbox: asyncio.Queue[Resp | None] = asyncio.Queue()
+            futures: set[asyncio.Future[Outputs]] = set()
+            outstanding = 0
+            deadline = deadline_of(context)
+            tracing = self.tracing
+            call_span = tracing.start_rpc(method, context.invocation_metadata(), service=service)
+            self.metrics.open_streams.inc()
 
-    async def _pump(
-        self,
-        service: str,
-        method: str,
-        request_iterator: AsyncIterator[Msg],
-        context: grpc.aio.ServicerContext,
-        decode: Callable[[Msg], Request],
-        answer: Callable[[Msg, Outputs], Resp],
-        fail: Callable[[Msg, BaseException], Resp],
-    ) -> AsyncIterator[Resp]:
-        slots = asyncio.Semaphore(self.max_inflight_per_stream)
-        outbox: asyncio.Queue[Resp | None] = asyncio.Queue()
-        futures: set[asyncio.Future[Outputs]] = set()
-        outstanding = 0
-        deadline = deadline_of(context)
-        tracing = self.tracing
-        call_span = tracing.start_rpc(method, context.invocation_metadata(), service=service)
-        self.metrics.open_streams.inc()
+            def respond(
+                message: Msg,
+                model: str,
+                span: Span | None,
+                started: float,
+                outputs: Outputs | None,
+                error: BaseException | None,
+            ) -> None:
+                if error is None and outputs is not None:
+                    outbox.put_nowait(self.encode(span, lambda: answer(message, outputs)))
+                else:
+                    outbox.put_nowait(fail(message, error or Cancelled("cancelled")))
+                tracing.end(span, error)
+                self.count(model, "stream", error, started)
 
-        def respond(
-            message: Msg,
-            model: str,
-            span: Span | None,
-            started: float,
-            outputs: Outputs | None,
-            error: BaseException | None,
-        ) -> None:
-            if error is None and outputs is not None:
-                outbox.put_nowait(self.encode(span, lambda: answer(message, outputs)))
-            else:
-                outbox.put_nowait(fail(message, error or Cancelled("cancelled")))
-            tracing.end(span, error)
-            self.count(model, "stream", error, started)
+            def answered(
+                message: Msg,
+                model: str,
+                span: Span | None,
+                started: float,
+                future: asyncio.Future[Outputs],
+            ) -> None:
+                futures.discard(future)
+                if future.cancelled():
+                    respond(message, model, span, started, None, gone(deadline))
+                elif (exc := future.exception()) is not None:
+                    respond(message, model, span, started, None, exc)
+                else:
+                    respond(message, model, span, started, future.result(), None)
 
-        def answered(
-            message: Msg,
-            model: str,
-            span: Span | None,
-            started: float,
-            future: asyncio.Future[Outputs],
-        ) -> None:
-            futures.discard(future)
-            if future.cancelled():
-                respond(message, model, span, started, None, gone(deadline))
-            elif (exc := future.exception()) is not None:
-                respond(message, model, span, started, None, exc)
-            else:
-                respond(message, model, span, started, future.result(), None)
-
-        async def read() -> None:
-            nonlocal outstanding
-            try:
-                async for message in request_iterator:
-                    self.plane.note_call()
-                    await slots.acquire()
-                    outstanding += 1
-                    started = time.perf_counter()
-                    model = ""
-                    span = None
-                    try:
-                        if isinstance(message, Malformed):
-                            raise message.error()
-                        request = decode(message)
-                        model = request.model
-                        request.deadline = deadline
-                        span = tracing.start_child(
-                            call_span, "request", model=request.model, request_id=request.id
+            async def read() -> None:
+                nonlocal outstanding
+                try:
+                    async for message in request_iterator:
+                        self.plane.note_call()
+                        await slots.acquire()
+                        outstanding += 1
+                        started = time.perf_counter()
+                        model = ""
+                        span = None
+                        try:
+                            if isinstance(message, Malformed):
+                                raise message.error()
+                            request = decode(message)
+                            model = request.model
+                            request.deadline = deadline
+                            span = tracing.start_child(
+                                call_span, "request", model=request.model, request_id=request.id
+                            )
+                            future = self.plane.start(request, span)
+                        except Exception as exc:
+                            respond(message, model, span, started, None, exc)
+                            continue
+                        futures.add(future)
+                        future.add_done_callback(
+                            functools.partial(answered, message, model, span, started)
                         )
-                        future = self.plane.start(request, span)
-                    except Exception as exc:
-                        respond(message, model, span, started, None, exc)
-                        continue
-                    futures.add(future)
-                    future.add_done_callback(
-                        functools.partial(answered, message, model, span, started)
-                    )
-            finally:
-                outbox.put_nowait(None)  # the client half-closed (or the read failed)
+                finally:
+                    outbox.put_nowait(None)  # the client half-closed (or the read failed)
 
-        reader = asyncio.create_task(read(), name="stream-reader")
-        cancelled = False
-        try:
-            reader_done = False
-            while not reader_done or outstanding:
-                item = await outbox.get()
-                if item is None:
-                    reader_done = True
-                    if reader.done() and not reader.cancelled() and reader.exception():
-                        log.warning("stream read failed: %s", reader.exception())
-                    continue
-                outstanding -= 1
-                slots.release()
-                yield item
-        except asyncio.CancelledError:
-            cancelled = True
-            raise
-        finally:
-            # The client went away or everything is answered; either way nothing should run on.
-            reader.cancel()
-            for future in list(futures):
-                future.cancel()
-            self.metrics.open_streams.dec()
-            code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.OK
-            tracing.end_rpc(call_span, code.value[0])
+            reader = asyncio.create_task(read(), name="stream-reader")
+            cancelled = False
+            try:
+                reader_done = False
+                while not reader_done or outstanding:
+                    item = await outbox.get()
+                    if item is None:
+                        reader_done = True
+                        if reader.done() and not reader.cancelled() and reader.exception():
+                            log.warning("stream read failed: %s", reader.exception())
+                        continue
+                    outstanding -= 1
+                    slots.release()
+                    yield item
+            except asyncio.CancelledError:
+                cancelled = True
+                raise
+            finally:
+                # The client went away or everything is answered; either way nothing should run on.
+                reader.cancel()
+                for future in list(futures):
+                    future.cancel()
+                self.metrics.open_streams.dec()
+                code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.OK
+                tracing.end_rpc(call_span, code.value[0])

@@ -30,9 +30,6 @@ class RequestQueue:
         self.rows = 0  # their rows
         self._changed = asyncio.Event()
 
-    def __len__(self) -> int:
-        return self.live
-
     def put(self, request: InferenceRequest) -> None:
         """Queues a request or raises ResourceExhausted when the queue is full."""
         if self.live >= self.capacity:

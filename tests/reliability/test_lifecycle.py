@@ -97,7 +97,7 @@ def test_a_model_left_without_instances_fails_queued_work_and_both_health_views_
     wait_until(lambda: _health(target, "faulty") == NOT_SERVING, what="NOT_SERVING")
     assert _kserve_ready(target, "faulty") is False
     started = time.monotonic()
-    running.server_stop = running.call(running.server.stop(0.5))
+    running.call(running.server.stop(0.5))
     assert time.monotonic() - started < 0.5 + 3  # grace plus teardown, with a thread hung
 
 
