@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import grpc
 from opentelemetry.trace import Span
 
-from server.api.messages import Malformed
+from server.api.messages import Malformed, resolve
 from server.api.status import abort, as_domain_error, status_of
 from server.dataplane import DataPlane
 from server.errors import Cancelled, DeadlineExceeded, ResourceExhausted
@@ -52,6 +52,7 @@ def rpc(
         frontend: Frontend = self.frontend
         frontend.plane.note_call()
         async with frontend.admitted(context):
+            request = await resolve(request)
             if isinstance(request, Malformed):
                 await abort(context, request.error())
             tracing = frontend.tracing
@@ -268,6 +269,7 @@ class Frontend:
                         model = ""
                         span = None
                         try:
+                            message = await resolve(message)
                             if isinstance(message, Malformed):
                                 raise message.error()
                             request = decode(message)
