@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -29,7 +30,7 @@ from server.api.servicer import InferenceServicer
 from server.config import ConfigError, ServerConfig
 from server.dataplane import DataPlane
 from server.jobs.runner import JobRunner
-from server.jobs.store import MemoryJobStore
+from server.jobs.store import JobStore, MemoryJobStore
 from server.model import ModelState, ServedModel
 from server.repository import discover
 from server.telemetry import Metrics, Telemetry, Tracing
@@ -71,6 +72,7 @@ class TensorgateServer:
 
     async def _start(self) -> None:
         config = self.config
+        store = _job_store(config)
         model_configs = await asyncio.to_thread(discover, config.model_repository, config.models)
         if self._stopping:
             return
@@ -78,9 +80,7 @@ class TensorgateServer:
         tracing = self._tracing if self._tracing is not None else Tracing.from_env()
         self.telemetry = Telemetry(tracing, Metrics())
         self.telemetry.metrics.watch(self._state)
-        self._jobs = JobRunner(
-            self.models, MemoryJobStore(config.max_finished_jobs), config, self.telemetry
-        )
+        self._jobs = JobRunner(self.models, store, config, self.telemetry, self._on_jobs)
         self.plane = DataPlane(self.models, self._jobs, self.telemetry)
 
         # No gRPC-core limit on concurrent calls: the front ends refuse calls beyond
@@ -142,7 +142,7 @@ class TensorgateServer:
             failures = "; ".join(m.failure for m in self.models.values())
             await self.stop()
             raise ConfigError(f"no model could be loaded: {failures}")
-        self._jobs.start()
+        await self._jobs.start()
         await self.health.set_server(True)
         log.info("serving %s on port %d", ", ".join(m.name for m in ready), self.port)
 
@@ -154,6 +154,16 @@ class TensorgateServer:
             model.fail(str(exc))
             await asyncio.to_thread(model.close)
 
+    def _on_jobs(self, available: bool) -> None:
+        """The job store's availability, told to grpc.health.v1 (JOBS_SERVICE)."""
+        if not self._stopping:
+            self._background(self.health.set_jobs(available))
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _on_ready(self, model: ServedModel) -> Callable[[bool], None]:
         """The model's readiness, told to grpc.health.v1 (KServe reads model.ready itself)."""
 
@@ -164,9 +174,7 @@ class TensorgateServer:
                 log.info("model %s is ready: SERVING", model.name)
             else:
                 log.error("model %s is not ready: NOT_SERVING", model.name)
-            task = asyncio.create_task(self.health.set_model(model.name, ready))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._background(self.health.set_model(model.name, ready))
 
         return changed
 
@@ -191,19 +199,21 @@ class TensorgateServer:
             # start() is still loading models: it notices, releases them and returns.
             await self._started.wait()
         if self.plane is not None and self._jobs is not None:
+            # A shared job store gets back at once the jobs this process has not started.
+            await self._jobs.quiesce()
             delay_s = min(self.config.drain_delay_s, grace_s)
             if delay_s > 0 and any(m.state is ModelState.READY for m in self.models.values()):
                 log.info("NOT_SERVING; still serving for the %.1f s drain delay", delay_s)
                 await asyncio.sleep(delay_s)
             self.plane.accepting = False
             drained = await self.plane.drain(deadline)
-            left = self._jobs.fail_unfinished("the server shut down before the job finished")
+            left = await self._jobs.abandon("the server shut down before the job finished")
             if not drained:
                 log.warning(
-                    "grace period over: %d request(s) still in flight, %d job(s) failed "
-                    "unfinished%s",
+                    "grace period over: %d request(s) still in flight, %d job(s) %s%s",
                     self.plane.inflight,
                     len(left),
+                    "handed back" if self._jobs.store.shared else "failed unfinished",
                     ": " + ", ".join(job.id for job in left[:20]) if left else "",
                 )
         if self._grpc is not None:
@@ -243,3 +253,25 @@ class TensorgateServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _job_store(config: ServerConfig) -> JobStore:
+    """The store --job-store names: memory, or Redis shared by replicas."""
+    url = config.job_store
+    if url == "memory":
+        return MemoryJobStore(config.max_pending_jobs, config.job_ttl_s, config.max_finished_jobs)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from server.jobs.redis_store import RedisJobStore
+
+        return RedisJobStore(
+            url,
+            max_pending=config.max_pending_jobs,
+            ttl_s=config.job_ttl_s,
+            max_finished=config.max_finished_jobs,
+            max_attempts=config.job_max_attempts,
+            lease_s=config.job_lease_s,
+        )
+    raise ConfigError(
+        f"--job-store {url!r}: expected 'memory' or a Redis URL such as "
+        "redis://localhost:6379/0 (rediss:// for TLS)"
+    )

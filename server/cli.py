@@ -62,7 +62,18 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ig
         default=float(_env("JOB_TTL_S", str(defaults.job_ttl_s))),
         help="how long a finished job's result is kept",
     )
+    serve.add_argument(
+        "--job-store",
+        default=_env("JOB_STORE", defaults.job_store),
+        help="where jobs are kept: memory (this process) or redis://HOST:PORT/DB, shared by "
+        "replicas (rediss:// for TLS; password in the URL or REDIS_PASSWORD)",
+    )
     for flag, kind, help_text in (
+        (
+            "job_lease_s",
+            float,
+            "Redis store: jobs of a replica silent this long are taken over by another",
+        ),
         ("max_finished_jobs", int, "finished job results kept; the oldest go first beyond it"),
         (
             "job_max_attempts",
@@ -122,6 +133,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_inflight_per_stream=args.max_inflight_per_stream,
         max_pending_jobs=args.max_pending_jobs,
         job_ttl_s=args.job_ttl_s,
+        job_store=args.job_store,
+        job_lease_s=args.job_lease_s,
         max_finished_jobs=args.max_finished_jobs,
         metrics_port=args.metrics_port,
         job_max_attempts=args.job_max_attempts,

@@ -35,6 +35,12 @@ class ServerConfig:
     job_max_attempts: int = 3
     job_retry_base_s: float = 0.1
     max_result_wait_s: float = 60.0
+    # Where jobs are kept: "memory" (this process only) or redis://HOST:PORT/DB (rediss:// for
+    # TLS), shared by every replica using it.
+    job_store: str = "memory"
+    # With a shared store: a job held by a replica that stops renewing it for this long (it died)
+    # is taken over by another replica.
+    job_lease_s: float = 30.0
     shutdown_grace_s: float = 10.0
     # On shutdown, health says NOT_SERVING while calls are still served for this long (part of
     # the grace period), so probes and load balancers move traffic away before the port closes.

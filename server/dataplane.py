@@ -82,7 +82,7 @@ class DataPlane:
         model = self._admit(request)
         queued = model.new_request(request, default_deadline=False)
         job, deduplicated, estimate_s = await self._jobs.submit(
-            model, queued, idempotency_key, span
+            model, request, queued, idempotency_key, span
         )
         return Submitted(self._jobs.view(job), deduplicated, estimate_s)
 

@@ -1,8 +1,12 @@
 """Where jobs are kept: the JobStore seam, and the in-memory store (the default).
 
-The runner owns running jobs; the store owns finding them again: by id, by idempotency key, by
-status, and waking whoever waits for one to finish. A store shared by replicas (Redis) plugs in
-behind the same interface.
+The store owns a job's life outside the engine: it accepts it (idempotency, the pending bound),
+queues it until a process takes it to run, records attempts and the final state, wakes whoever
+waits for it, and forgets it when its result expires. The runner (runner.py) takes jobs from the
+store and feeds them to the model schedulers.
+
+Two stores implement it: MemoryJobStore (this process only) and RedisJobStore (redis_store.py:
+shared by replicas, outlives a process).
 
 The memory store keeps finished jobs in finish order, so expiry (TTL) and the bound on stored
 jobs both remove the oldest finished ones first, without scanning the unfinished.
@@ -13,37 +17,86 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Callable
 from typing import Protocol
 
+from server.errors import Cancelled, ResourceExhausted, Unavailable
 from server.jobs.job import Job, JobStatus
 
 
 class JobStore(Protocol):
-    async def add(self, job: Job) -> Job:
-        """Stores a new job. When its idempotency key already names a live job of the same
-        tenant, stores nothing and returns that job instead (atomically)."""
+    # True when other processes share the jobs: a job this process took but has not started may
+    # be handed back at shutdown instead of failing.
+    shared: bool
+    # False while the store cannot be reached (a health service name reports it).
+    available: bool
+
+    async def open(
+        self,
+        models: list[str],
+        on_available: Callable[[bool], None],
+        on_cancelled: Callable[[str], None],
+    ) -> None:
+        """Connects and prepares queues for these models. From then on on_available hears
+        availability changes, and on_cancelled the id of each job cancelled (by any process)."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def add(self, job: Job) -> tuple[Job, bool]:
+        """Stores and queues a new job: (job, False). When its idempotency key already names a
+        live job of the same tenant, stores nothing: (that job, True). Atomic. Raises
+        ResourceExhausted beyond the pending bound, Unavailable when the store is unreachable."""
+        ...
+
+    async def take(self, model: str, limit: int, wait_s: float) -> list[Job]:
+        """Up to `limit` queued jobs of the model for this process to run, marked RUNNING with
+        their attempt counted; waits up to wait_s for one when none is queued. Jobs are given with
+        their payload (the Request to run)."""
+        ...
+
+    async def renew(self, jobs: list[Job]) -> None:
+        """This process still holds these jobs (keeps their lease)."""
+        ...
+
+    async def retrying(self, job: Job) -> None:
+        """A held job failed and runs again here (job.attempts and job.error are set)."""
+        ...
+
+    async def finish(self, job: Job) -> Job:
+        """Records a held job's final state and wakes its waiters. Returns the final word: a job
+        cancelled meanwhile (by any process) stays CANCELLED and its result is discarded."""
+        ...
+
+    async def release(self, jobs: list[Job], started: bool) -> None:
+        """Hands held, unfinished jobs back to the queue for another process (shutdown). started:
+        they ran (their attempt stays counted)."""
+        ...
+
+    async def abandon(self, reason: str) -> list[Job]:
+        """At shutdown: the queued jobs that no process will run now turn FAILED (UNAVAILABLE)
+        with the reason; returns them. A shared store has none: other processes run them."""
+        ...
+
+    async def cancel(self, job_id: str, tenant: str = "") -> Job | None:
+        """Marks an unfinished job CANCELLED (a queued one then never runs); returns the job as it
+        now stands, or None when unknown."""
         ...
 
     async def get(self, job_id: str, tenant: str = "") -> Job | None:
         """The live job with that id and tenant, or None (unknown, expired, or another's)."""
         ...
 
-    async def by_key(self, key: str, tenant: str = "") -> Job | None: ...
-
     async def wait(self, job: Job, timeout_s: float) -> Job:
         """The job once finished, or as it is when timeout_s has passed."""
-        ...
-
-    async def finished(self, job: Job) -> None:
-        """Records a job's final state (it is kept until it expires or is evicted)."""
         ...
 
     async def find(self, status: JobStatus | None, limit: int, tenant: str = "") -> list[Job]:
         """Up to `limit` live jobs with that status (any for None), newest first."""
         ...
 
-    def unfinished(self) -> list[Job]:
-        """This process's jobs that have not finished."""
+    def queued_here(self) -> int:
+        """Queued jobs that only this process can run (none, for a shared store)."""
         ...
 
     def count_by_status(self) -> dict[str, int]:
@@ -59,43 +112,135 @@ class MemoryJobStore:
     """Holds the jobs of this process: every unfinished job, and finished ones until they expire
     or until more than max_finished are kept."""
 
-    def __init__(self, max_finished: int = 100_000) -> None:
+    shared = False
+    available = True
+
+    def __init__(self, max_pending: int, ttl_s: float, max_finished: int = 100_000) -> None:
         self._jobs: dict[str, Job] = {}
         self._by_key: dict[tuple[str, str], Job] = {}
         self._finished: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self._queues: dict[str, collections.deque[Job]] = collections.defaultdict(collections.deque)
+        self._arrived: dict[str, asyncio.Event] = collections.defaultdict(asyncio.Event)
+        self._max_pending = max_pending
+        self._ttl_s = ttl_s
         self._max_finished = max_finished
+        self.unfinished = 0
+        self._queued = 0
 
     def __len__(self) -> int:
         return len(self._jobs)
 
-    async def add(self, job: Job) -> Job:
+    async def open(
+        self,
+        models: list[str],
+        on_available: Callable[[bool], None],
+        on_cancelled: Callable[[str], None],
+    ) -> None:
+        on_available(True)  # held jobs are cancelled by the runner itself
+
+    async def close(self) -> None:
+        pass
+
+    async def add(self, job: Job) -> tuple[Job, bool]:
+        key = (job.tenant, job.idempotency_key)
         if job.idempotency_key:
-            key = (job.tenant, job.idempotency_key)
             existing = self._by_key.get(key)
-            if existing is not None and not _expired(existing, time.monotonic()):
-                return existing
+            if existing is not None and not _expired(existing, time.time()):
+                return existing, True
+        if self.unfinished >= self._max_pending:
+            raise ResourceExhausted(
+                f"{self.unfinished} jobs are pending, the limit is {self._max_pending}; "
+                "retry later",
+                retry_after_s=1.0,
+            )
+        if job.idempotency_key:
             self._by_key[key] = job
         self._jobs[job.id] = job
+        self.unfinished += 1
+        self._queues[job.model].append(job)
+        self._queued += 1
+        self._arrived[job.model].set()
+        return job, False
+
+    async def take(self, model: str, limit: int, wait_s: float) -> list[Job]:
+        queue = self._queues[model]
+        if not queue and wait_s > 0:
+            arrived = self._arrived[model]
+            arrived.clear()
+            try:
+                async with asyncio.timeout(wait_s):
+                    await arrived.wait()
+            except TimeoutError:
+                pass
+        taken: list[Job] = []
+        while queue and len(taken) < limit:
+            job = queue.popleft()
+            self._queued -= 1
+            if job.status is JobStatus.PENDING:  # a cancelled one is skipped
+                job.status = JobStatus.RUNNING
+                job.attempts += 1
+                taken.append(job)
+        return taken
+
+    async def renew(self, jobs: list[Job]) -> None:
+        pass
+
+    async def retrying(self, job: Job) -> None:
+        pass
+
+    async def finish(self, job: Job) -> Job:
+        if job.status.finished and job.finished.is_set():
+            return job  # cancelled through the store first: that is the final word
+        self._settle(job)
         return job
 
-    async def finished(self, job: Job) -> None:
+    async def release(self, jobs: list[Job], started: bool) -> None:
+        """Not shared: nobody else could run them. They stay held here."""
+
+    async def abandon(self, reason: str) -> list[Job]:
+        failed = []
+        for queue in self._queues.values():
+            while queue:
+                job = queue.popleft()
+                self._queued -= 1
+                if job.status is JobStatus.PENDING:
+                    job.status = JobStatus.FAILED
+                    job.error = Unavailable(reason)
+                    job.finished_at = time.time()
+                    self._settle(job)
+                    failed.append(job)
+        return failed
+
+    async def cancel(self, job_id: str, tenant: str = "") -> Job | None:
+        job = await self.get(job_id, tenant)
+        if job is None or job.status.finished:
+            return job
+        if job.status is JobStatus.PENDING:  # still queued: it never runs
+            job.status = JobStatus.CANCELLED
+            job.error = Cancelled("the job was cancelled")
+            job.finished_at = time.time()
+            self._settle(job)
+        return job
+
+    def _settle(self, job: Job) -> None:
+        job.expires_at = (job.finished_at or time.time()) + self._ttl_s
+        job.payload = None
+        job.run = None
+        self.unfinished -= 1
         self._finished[job.id] = job
         while len(self._finished) > self._max_finished:
             _, oldest = self._finished.popitem(last=False)
             self._remove(oldest)
+        job.finished.set()
 
     async def get(self, job_id: str, tenant: str = "") -> Job | None:
         job = self._jobs.get(job_id)
-        if job is None or job.tenant != tenant or _expired(job, time.monotonic()):
+        if job is None or job.tenant != tenant or _expired(job, time.time()):
             return None
         return job
 
-    async def by_key(self, key: str, tenant: str = "") -> Job | None:
-        job = self._by_key.get((tenant, key))
-        return None if job is None or _expired(job, time.monotonic()) else job
-
     async def wait(self, job: Job, timeout_s: float) -> Job:
-        if timeout_s > 0 and not job.status.finished:
+        if timeout_s > 0 and not job.finished.is_set():
             try:
                 async with asyncio.timeout(timeout_s):
                     await job.finished.wait()
@@ -106,7 +251,7 @@ class MemoryJobStore:
     async def find(self, status: JobStatus | None, limit: int, tenant: str = "") -> list[Job]:
         # Jobs are kept in the order they were added, so walking backwards is newest first and
         # stops after `limit` matches: no sort of the whole store on the event loop.
-        now = time.monotonic()
+        now = time.time()
         found: list[Job] = []
         for job in reversed(self._jobs.values()):
             if len(found) >= limit:
@@ -119,17 +264,17 @@ class MemoryJobStore:
                 found.append(job)
         return found
 
+    def queued_here(self) -> int:
+        return self._queued
+
     def count_by_status(self) -> dict[str, int]:
         counts = dict.fromkeys((s.value for s in JobStatus), 0)
         for job in list(self._jobs.values()):
             counts[job.status.value] += 1
         return counts
 
-    def unfinished(self) -> list[Job]:
-        return [job for job in self._jobs.values() if not job.status.finished]
-
     async def sweep(self) -> int:
-        now = time.monotonic()
+        now = time.time()
         removed = 0
         while self._finished:
             job = next(iter(self._finished.values()))

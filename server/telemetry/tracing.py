@@ -127,6 +127,23 @@ class Tracing:
         attrs = {f"tensorgate.{k}": v for k, v in attributes.items() if v not in (None, "")}
         return self._tracer.start_span(name, context=context, attributes=attrs)
 
+    def traceparent(self, span: Span | None) -> str:
+        """The W3C traceparent of a span, to continue its trace in another process ("" when
+        not traced)."""
+        if span is None or not span.is_recording():
+            return ""
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+        return carrier.get("traceparent", "")
+
+    def start_remote_child(self, traceparent: str, name: str, **attributes: Any) -> Span | None:
+        """A span under a parent from another process (its traceparent); None when untraced."""
+        if self._tracer is None or not traceparent:
+            return None
+        context = _PROPAGATOR.extract({"traceparent": traceparent})
+        attrs = {f"tensorgate.{k}": v for k, v in attributes.items() if v not in (None, "")}
+        return self._tracer.start_span(name, context=context, attributes=attrs)
+
     def end(self, span: Span | None, error: BaseException | None = None) -> None:
         if span is None:
             return

@@ -141,7 +141,7 @@ def test_finished_results_are_bounded_oldest_evicted_first(
     store = running.server._jobs.store  # type: ignore[union-attr]
     assert len(store) == 5
     kept = running.call(store.find(None, 100))
-    assert all(job.request.inputs == {} for job in kept)  # inputs released when finished
+    assert all(job.payload is None and job.run is None for job in kept)  # inputs released
 
 
 async def test_cancel_job_answers_with_the_jobs_final_word_even_racing_completion(

@@ -1,0 +1,214 @@
+"""The Lua scripts of the Redis job store: each change to a job runs atomically in Redis, so
+replicas racing on one job (submit with one idempotency key, cancel against finish, a lease taken
+over) always agree on its final state.
+
+All keys share the prefix (PREFIX, passed in as ARGV[1]); see redis_store.py for the layout.
+"""
+
+from __future__ import annotations
+
+PREFIX = "tg:"
+
+# Shared by the scripts below: remove a job (expired, or evicted by the bound on kept results),
+# and settle one (record its final state, count it, wake every replica's waiters).
+_COMMON = """
+local P = ARGV[1]
+
+local function remove(id)
+  local job = P .. 'job:' .. id
+  local fields = redis.call('HMGET', job, 'status', 'idem')
+  if fields[1] then
+    redis.call('HINCRBY', P .. 'count', fields[1], -1)
+  end
+  if fields[2] and fields[2] ~= '' and redis.call('GET', fields[2]) == id then
+    redis.call('DEL', fields[2])
+  end
+  redis.call('DEL', job)
+  redis.call('ZREM', P .. 'jobs', id)
+  redis.call('ZREM', P .. 'done', id)
+end
+
+local function settle(id, status, now_ms, ttl_ms, max_finished, code, message, outputs)
+  local job = P .. 'job:' .. id
+  redis.call('HSET', job, 'status', status, 'finished', now_ms, 'code', code,
+             'message', message, 'owner', '')
+  if outputs ~= '' then
+    redis.call('HSET', job, 'outputs', outputs)
+  end
+  redis.call('HDEL', job, 'request')
+  -- The sweep removes it once ttl_ms has passed; the key's own expiry is a safety net.
+  redis.call('PEXPIRE', job, ttl_ms + 3600000)
+  redis.call('ZADD', P .. 'done', now_ms, id)
+  redis.call('HINCRBY', P .. 'count', status, 1)
+  local over = redis.call('ZCARD', P .. 'done') - max_finished
+  if over > 0 then
+    for _, old in ipairs(redis.call('ZRANGE', P .. 'done', 0, over - 1)) do
+      remove(old)
+    end
+  end
+  redis.call('PUBLISH', P .. 'finished', id .. ' ' .. status)
+end
+
+local function expired(job, now_ms, ttl_ms)
+  local finished = redis.call('HGET', job, 'finished')
+  return finished and finished ~= '' and tonumber(finished) + ttl_ms <= now_ms
+end
+"""
+
+# KEYS: the job, its model's stream, the idempotency key ('' when none), then every model's stream.
+# ARGV: prefix, id, now_ms, ttl_ms, max_pending, has_key, then the job's fields.
+# Returns {0, existing id} (deduplicated), {-1, pending} (over the bound) or {1, id}.
+SUBMIT = (
+    _COMMON
+    + """
+local id, now_ms, ttl_ms = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+if ARGV[6] == '1' then
+  local existing = redis.call('GET', KEYS[3])
+  if existing then
+    local job = P .. 'job:' .. existing
+    if redis.call('EXISTS', job) == 1 and not expired(job, now_ms, ttl_ms) then
+      return {0, existing}
+    end
+  end
+end
+local pending = 0
+for i = 4, #KEYS do
+  pending = pending + redis.call('XLEN', KEYS[i])
+end
+if pending >= tonumber(ARGV[5]) then
+  return {-1, tostring(pending)}
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+local entry = redis.call('XADD', KEYS[2], '*', 'id', id)
+redis.call('HSET', KEYS[1], 'entry', entry)
+if ARGV[6] == '1' then
+  redis.call('SET', KEYS[3], id)
+  redis.call('HSET', KEYS[1], 'idem', KEYS[3])
+end
+redis.call('ZADD', P .. 'jobs', now_ms, id)
+return {1, id}
+"""
+)
+
+# A stream entry delivered to this replica: start the job, drop the entry of a job that finished
+# (cancelled) or was handed back meanwhile, or dead-letter a job whose attempts ran out.
+# KEYS: the job, its stream. ARGV: prefix, entry, group, consumer, max_attempts, now_ms, ttl_ms,
+# max_finished, id. Returns the job's fields, or false.
+CLAIM = (
+    _COMMON
+    + """
+local entry, group, consumer = ARGV[2], ARGV[3], ARGV[4]
+local max_attempts, now_ms = tonumber(ARGV[5]), tonumber(ARGV[6])
+local fields = redis.call('HMGET', KEYS[1], 'status', 'entry', 'attempts', 'code', 'message')
+local status = fields[1]
+if not status or fields[2] ~= entry or (status ~= 'PENDING' and status ~= 'RUNNING') then
+  redis.call('XACK', KEYS[2], group, entry)
+  redis.call('XDEL', KEYS[2], entry)
+  return false
+end
+local attempts = tonumber(fields[3])
+if attempts >= max_attempts then
+  local last = fields[5] or ''
+  if last == '' then
+    last = 'the replicas running it stopped before it finished'
+  end
+  local code = fields[4] or ''
+  if code == '' then
+    code = 'UNAVAILABLE'
+  end
+  redis.call('XACK', KEYS[2], group, entry)
+  redis.call('XDEL', KEYS[2], entry)
+  settle(ARGV[9], 'FAILED', now_ms, tonumber(ARGV[7]), tonumber(ARGV[8]), code,
+         'gave up after ' .. attempts .. ' attempts: ' .. last, '')
+  redis.call('XADD', P .. 'dead', 'MAXLEN', '~', '100000', '*', 'id', ARGV[9],
+             'model', redis.call('HGET', KEYS[1], 'model'), 'attempts', attempts,
+             'error', last)
+  return false
+end
+redis.call('HSET', KEYS[1], 'status', 'RUNNING', 'owner', consumer, 'attempts', attempts + 1)
+return redis.call('HMGET', KEYS[1], 'model', 'tenant', 'rid', 'attempts', 'created',
+                  'request', 'tp', 'idem')
+"""
+)
+
+# A held job's outcome. KEYS: the job, its stream. ARGV: prefix, entry, group, status, now_ms,
+# ttl_ms, max_finished, code, message, outputs, id. Returns the final status (a cancellation
+# recorded first stays), or 'GONE'.
+FINISH = (
+    _COMMON
+    + """
+redis.call('XACK', KEYS[2], ARGV[3], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then
+  return 'GONE'
+end
+if status ~= 'RUNNING' and status ~= 'PENDING' then
+  if status ~= 'CANCELLED' then
+    redis.call('HINCRBY', P .. 'stats', 'duplicate_runs', 1)
+  end
+  return status
+end
+settle(ARGV[11], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8],
+       ARGV[9], ARGV[10])
+if ARGV[4] == 'FAILED' then
+  redis.call('XADD', P .. 'dead', 'MAXLEN', '~', '100000', '*', 'id', ARGV[11],
+             'model', redis.call('HGET', KEYS[1], 'model'),
+             'attempts', redis.call('HGET', KEYS[1], 'attempts'), 'error', ARGV[9])
+end
+return ARGV[4]
+"""
+)
+
+# Cancel an unfinished job. KEYS: the job. ARGV: prefix, tenant, now_ms, ttl_ms, max_finished, id.
+# Returns 1, or 0 when unknown or another tenant's.
+CANCEL = (
+    _COMMON
+    + """
+local fields = redis.call('HMGET', KEYS[1], 'status', 'tenant', 'entry', 'model')
+if not fields[1] or fields[2] ~= ARGV[2] then
+  return 0
+end
+if fields[1] == 'PENDING' then
+  -- Not delivered yet (or delivered and not started): it never runs.
+  redis.call('XDEL', P .. 'q:' .. fields[4], fields[3])
+end
+if fields[1] == 'PENDING' or fields[1] == 'RUNNING' then
+  settle(ARGV[6], 'CANCELLED', tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
+         'CANCELLED', 'the job was cancelled', '')
+end
+return 1
+"""
+)
+
+# Hand a held job back to its stream (shutdown). KEYS: the job, its stream. ARGV: prefix, entry,
+# group, consumer, started ('1': its attempt stays counted), id.
+RELEASE = (
+    _COMMON
+    + """
+redis.call('XACK', KEYS[2], ARGV[3], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+local fields = redis.call('HMGET', KEYS[1], 'status', 'entry', 'owner')
+if fields[1] ~= 'RUNNING' or fields[2] ~= ARGV[2] or fields[3] ~= ARGV[4] then
+  return 0
+end
+local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[6])
+redis.call('HSET', KEYS[1], 'status', 'PENDING', 'entry', entry, 'owner', '')
+if ARGV[5] ~= '1' then
+  redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+end
+return 1
+"""
+)
+
+# Remove results older than the TTL. ARGV: prefix, cutoff_ms, limit. Returns how many.
+SWEEP = (
+    _COMMON
+    + """
+local old = redis.call('ZRANGEBYSCORE', P .. 'done', '-inf', ARGV[2], 'LIMIT', 0, ARGV[3])
+for _, id in ipairs(old) do
+  remove(id)
+end
+return #old
+"""
+)

@@ -1,0 +1,590 @@
+"""Jobs in Redis, shared by every replica that uses the same Redis, outliving any one process.
+
+Layout (every key starts with tg:, so one Redis database can be inspected at a glance):
+
+    tg:job:<id>        hash: model, tenant, rid (request id), status, attempts, created and
+                       finished (ms since the epoch), code and message (the error), request (the
+                       inputs, codec.py), outputs, entry (its stream entry), owner, tp, idem
+    tg:q:<model>       stream of job ids, read through the consumer group "tensorgate"; each
+                       replica is one consumer. XLEN is the model's unfinished jobs.
+    tg:key:<tenant>:<key>  the job an idempotency key names
+    tg:jobs            sorted set: job id by creation time (ListJobs, newest first)
+    tg:done            sorted set: finished job id by finish time (expiry, the bound on results)
+    tg:dead            stream: jobs whose attempts ran out (dead letters), for operators
+    tg:count           hash: finished jobs kept, by status (the metrics)
+    tg:finished        pub/sub channel: "<id> <STATUS>" whenever a job finishes
+
+Every change of state is one Lua script (redis_scripts.py), so racing replicas agree. A job is
+acknowledged (XACK) only once its outcome is stored. A replica that dies leaves its jobs in the
+group's pending list; live replicas renew the lease on what they hold every lease/3 and take over
+entries idle longer than the lease (XAUTOCLAIM). Execution is therefore at least once: a job whose
+replica died mid-run runs again; `attempts` counts the runs, and a run finishing after another
+already recorded the job is discarded (counted in tg:stats duplicate_runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from server.config import ConfigError
+from server.errors import ResourceExhausted, Unavailable
+from server.jobs import codec
+from server.jobs.job import Job, JobStatus
+from server.jobs.redis_scripts import (
+    CANCEL,
+    CLAIM,
+    FINISH,
+    PREFIX,
+    RELEASE,
+    SUBMIT,
+    SWEEP,
+)
+
+log = logging.getLogger(__name__)
+
+GROUP = "tensorgate"
+_FIELDS = (
+    "model",
+    "tenant",
+    "rid",
+    "status",
+    "attempts",
+    "created",
+    "finished",
+    "code",
+    "message",
+    "outputs",
+)
+# How often availability is checked; a failed check turns the jobs health name NOT_SERVING.
+_PING_EVERY_S = 1.0
+# A long-poll re-reads its job this often even without a wake-up (a missed message's bound).
+_WAIT_SLICE_S = 5.0
+# ListJobs reads at most this many recent jobs looking for matches.
+_FIND_SCAN = 5000
+_SWEEP_BATCH = 1000
+# What a lost or refused connection raises.
+_LOST: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+)
+
+
+class RedisJobStore:
+    """The JobStore on Redis (see the module doc for the layout and guarantees)."""
+
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        max_pending: int,
+        ttl_s: float,
+        max_finished: int,
+        max_attempts: int,
+        lease_s: float,
+    ) -> None:
+        parts = urlsplit(url)
+        self.where = f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or ''}"
+        password = None if parts.password else os.environ.get("REDIS_PASSWORD")
+        try:
+            # Any: redis-py types each reply as a union of every protocol's shapes.
+            self._client: Any = aioredis.from_url(
+                url,
+                password=password,
+                socket_timeout=5.0,
+                socket_connect_timeout=2.0,
+                # One quick retry covers a connection Redis closed (a restart); more would hold
+                # Submit for seconds while Redis is down.
+                retry=Retry(NoBackoff(), 1),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"--job-store {url!r}: {exc}") from None
+        self._pubsub_client: Any = aioredis.from_url(
+            url, password=password, socket_timeout=None, socket_connect_timeout=2.0
+        )
+        self._max_pending = max_pending
+        self._ttl_ms = int(ttl_s * 1000)
+        self._max_finished = max_finished
+        self._max_attempts = max_attempts
+        self._lease_ms = int(lease_s * 1000)
+        self._reclaim_every_s = max(min(lease_s / 4, 5.0), 0.05)
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.available = False
+        self._models: list[str] = []
+        self._next_reclaim: dict[str, float] = {}
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._counts: dict[str, int] = dict.fromkeys((s.value for s in JobStatus), 0)
+        self._on_available: Callable[[bool], None] = lambda _: None
+        self._on_cancelled: Callable[[str], None] = lambda _: None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listener: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()
+        client = self._client
+        self._submit = client.register_script(SUBMIT)
+        self._claim = client.register_script(CLAIM)
+        self._finish = client.register_script(FINISH)
+        self._cancel = client.register_script(CANCEL)
+        self._release = client.register_script(RELEASE)
+        self._sweep = client.register_script(SWEEP)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def open(
+        self,
+        models: list[str],
+        on_available: Callable[[bool], None],
+        on_cancelled: Callable[[str], None],
+    ) -> None:
+        """Starts the availability check (it prepares the streams once Redis answers) and the
+        listener for finished jobs. Redis being down does not stop the server from starting."""
+        self._models = list(models)
+        self._on_available, self._on_cancelled = on_available, on_cancelled
+        on_available(False)
+        await self._check()
+        self._tasks.append(asyncio.create_task(self._watch(), name="redis-job-store-check"))
+        log.info("jobs in Redis at %s as consumer %s", self.where, self.consumer)
+
+    async def close(self) -> None:
+        for task in [*self._tasks, *([self._listener] if self._listener else [])]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._listener is not None:
+            await asyncio.gather(self._listener, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self._client.aclose()
+        with contextlib.suppress(Exception):
+            await self._pubsub_client.aclose()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(_PING_EVERY_S)
+            await self._check()
+
+    async def _check(self) -> None:
+        """Pings Redis; on a change of availability tells the server, and on recovery prepares
+        the streams (Redis may have restarted empty) and restarts the listener."""
+        try:
+            async with asyncio.timeout(_PING_EVERY_S):
+                await self._client.ping()
+                if not self.available:
+                    await self._prepare()
+            ok = True
+        except (redis.exceptions.RedisError, OSError) as exc:
+            ok = False
+            if self.available:
+                log.error("job store: Redis at %s is unreachable: %s", self.where, exc)
+        if ok == self.available:
+            return
+        self.available = ok
+        if ok:
+            log.info("job store: Redis at %s is reachable", self.where)
+            self._restart_listener()
+        self._on_available(ok)
+
+    async def _prepare(self) -> None:
+        for model in self._models:
+            try:
+                await self._client.xgroup_create(_stream(model), GROUP, id="0", mkstream=True)
+            except Exception as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        await self._refresh_counts()
+
+    def _restart_listener(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+        self._listener = asyncio.create_task(self._listen(), name="redis-job-listener")
+
+    async def _listen(self) -> None:
+        """Wakes the long-polls of a job when any replica finishes it; tells the runner of
+        cancellations (a job it holds stops here)."""
+        while True:
+            pubsub = self._pubsub_client.pubsub()
+            try:
+                await pubsub.subscribe(PREFIX + "finished")
+                self._listening.set()
+                self._wake_all()  # anything finished while not listening is seen now
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    job_id, _, status = message["data"].decode().partition(" ")
+                    for event in self._waiters.get(job_id, ()):
+                        event.set()
+                    if status == JobStatus.CANCELLED.value:
+                        self._on_cancelled(job_id)
+            except _LOST as exc:
+                log.debug("job listener: %s", exc)
+            finally:
+                self._listening.clear()
+                self._wake_all()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(_PING_EVERY_S / 2)
+
+    def _wake_all(self) -> None:
+        for events in self._waiters.values():
+            for event in events:
+                event.set()
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """Turns a lost connection into UNAVAILABLE naming Redis."""
+        try:
+            yield
+        except _LOST as exc:
+            raise Unavailable(
+                f"the job store (Redis at {self.where}) is unreachable: {exc}; "
+                "Predict and StreamPredict still work"
+            ) from None
+
+    # --- accepting and reading ------------------------------------------------------------------
+
+    async def add(self, job: Job) -> tuple[Job, bool]:
+        assert job.payload is not None
+        key = _key(job.tenant, job.idempotency_key) if job.idempotency_key else ""
+        now_ms = int(job.created_at * 1000)
+        fields: list[Any] = [
+            "model", job.model, "tenant", job.tenant, "rid", job.request_id,
+            "status", JobStatus.PENDING.value, "attempts", 0, "created", now_ms,
+            "finished", "", "code", "", "message", "", "owner", "", "tp", job.traceparent,
+            "idem", "", "request", codec.encode_request(job.payload),
+        ]  # fmt: skip
+        with self._reachable():
+            outcome, value = await self._submit(
+                keys=[_job(job.id), _stream(job.model), key or _job(job.id)]
+                + [_stream(m) for m in self._models],
+                args=[
+                    PREFIX,
+                    job.id,
+                    now_ms,
+                    self._ttl_ms,
+                    self._max_pending,
+                    "1" if key else "0",
+                    *fields,
+                ],
+            )
+            if outcome == 0:
+                existing = await self.get(value.decode(), job.tenant)
+                if existing is not None:
+                    return existing, True
+        if outcome == -1:
+            raise ResourceExhausted(
+                f"{int(value)} jobs are pending, the limit is {self._max_pending}; retry later",
+                retry_after_s=1.0,
+            )
+        job.payload = None  # stored; whoever takes the job reads it back
+        return job, False
+
+    async def get(self, job_id: str, tenant: str = "") -> Job | None:
+        with self._reachable():
+            values = await self._client.hmget(_job(job_id), _FIELDS)
+        fields = dict(zip(_FIELDS, values, strict=True))
+        if fields["status"] is None or fields["tenant"].decode() != tenant:
+            return None
+        job = _job_from(job_id, fields, self._ttl_ms)
+        if job.expires_at is not None and job.expires_at <= time.time():
+            return None
+        return job
+
+    async def wait(self, job: Job, timeout_s: float) -> Job:
+        if timeout_s <= 0 or job.status.finished:
+            return job
+        event = asyncio.Event()
+        waiters = self._waiters.setdefault(job.id, set())
+        waiters.add(event)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                event.clear()
+                # Read after registering, so a finish between the first read and now is seen.
+                current = await self.get(job.id, job.tenant)
+                if current is None:
+                    return job
+                job = current
+                left = deadline - time.monotonic()
+                if job.status.finished or left <= 0:
+                    return job
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(left, _WAIT_SLICE_S)):
+                        await event.wait()
+        finally:
+            waiters.discard(event)
+            if not waiters:
+                self._waiters.pop(job.id, None)
+
+    async def find(self, status: JobStatus | None, limit: int, tenant: str = "") -> list[Job]:
+        found: list[Job] = []
+        now = time.time()
+        page = max(limit * 2, 100)
+        with self._reachable():
+            for start in range(0, _FIND_SCAN, page):
+                ids = await self._client.zrevrange(PREFIX + "jobs", start, start + page - 1)
+                if not ids:
+                    break
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for job_id in ids:
+                        pipe.hmget(_job(job_id.decode()), _FIELDS)
+                    rows = await pipe.execute()
+                for job_id, values in zip(ids, rows, strict=True):
+                    fields = dict(zip(_FIELDS, values, strict=True))
+                    if fields["status"] is None or fields["tenant"].decode() != tenant:
+                        continue
+                    job = _job_from(job_id.decode(), fields, self._ttl_ms)
+                    if status is not None and job.status is not status:
+                        continue
+                    if job.expires_at is not None and job.expires_at <= now:
+                        continue
+                    found.append(job)
+                    if len(found) >= limit:
+                        return found
+        return found
+
+    async def cancel(self, job_id: str, tenant: str = "") -> Job | None:
+        with self._reachable():
+            known = await self._cancel(
+                keys=[_job(job_id)],
+                args=[PREFIX, tenant, _now_ms(), self._ttl_ms, self._max_finished, job_id],
+            )
+        return await self.get(job_id, tenant) if known else None
+
+    # --- running --------------------------------------------------------------------------------
+
+    async def take(self, model: str, limit: int, wait_s: float) -> list[Job]:
+        stream = _stream(model)
+        with self._reachable():
+            entries: list[tuple[bytes, Any]] = []
+            now = time.monotonic()
+            if now >= self._next_reclaim.get(model, 0.0):
+                # Jobs of replicas that stopped renewing their lease.
+                self._next_reclaim[model] = now + self._reclaim_every_s
+                _, claimed, _ = await self._client.xautoclaim(
+                    stream, GROUP, self.consumer, self._lease_ms, "0-0", count=limit
+                )
+                entries = [(entry_id, fields) for entry_id, fields in claimed if fields]
+                if entries:
+                    log.info("took over %d job(s) of %s from a silent replica", len(entries), model)
+            if not entries:
+                try:
+                    reply = await self._client.xreadgroup(
+                        GROUP,
+                        self.consumer,
+                        {stream: ">"},
+                        count=limit,
+                        block=max(int(wait_s * 1000), 1),
+                    )
+                except Exception as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    await self._prepare()  # Redis lost the group (restarted without AOF)
+                    return []
+                entries = reply[0][1] if reply else []
+            if not entries:
+                return []
+            now_ms = _now_ms()
+            async with self._client.pipeline(transaction=False) as pipe:
+                for entry_id, fields in entries:
+                    job_id = fields[b"id"].decode()
+                    await self._claim(
+                        keys=[_job(job_id), stream],
+                        args=[
+                            PREFIX,
+                            entry_id,
+                            GROUP,
+                            self.consumer,
+                            self._max_attempts,
+                            now_ms,
+                            self._ttl_ms,
+                            self._max_finished,
+                            job_id,
+                        ],
+                        client=pipe,
+                    )
+                claims = await pipe.execute()
+        jobs = []
+        for (entry_id, fields), claim in zip(entries, claims, strict=True):
+            if not claim:
+                continue
+            model_name, tenant, rid, attempts, created, blob, traceparent, _ = claim
+            tenant_name = tenant.decode()
+            jobs.append(
+                Job(
+                    id=fields[b"id"].decode(),
+                    model=model_name.decode(),
+                    tenant=tenant_name,
+                    request_id=rid.decode(),
+                    status=JobStatus.RUNNING,
+                    attempts=int(attempts),
+                    created_at=int(created) / 1000,
+                    payload=codec.decode_request(model_name.decode(), tenant_name, blob),
+                    receipt=entry_id.decode(),
+                    traceparent=traceparent.decode(),
+                )
+            )
+        return jobs
+
+    async def renew(self, jobs: list[Job]) -> None:
+        by_model: dict[str, list[str]] = {}
+        for job in jobs:
+            if job.receipt:
+                by_model.setdefault(job.model, []).append(job.receipt)
+        with self._reachable():
+            for model, receipts in by_model.items():
+                await self._client.xclaim(
+                    _stream(model), GROUP, self.consumer, 0, receipts, justid=True
+                )
+
+    async def retrying(self, job: Job) -> None:
+        error = job.error
+        with self._reachable():
+            await self._client.hset(
+                _job(job.id),
+                mapping={
+                    "attempts": job.attempts,
+                    "code": error.code if error is not None else "",
+                    "message": str(error) if error is not None else "",
+                },
+            )
+
+    async def finish(self, job: Job) -> Job:
+        error = job.error
+        outputs = codec.encode_outputs(job.outputs) if job.outputs is not None else b""
+        finished_ms = int((job.finished_at or time.time()) * 1000)
+        with self._reachable():
+            final = await self._finish(
+                keys=[_job(job.id), _stream(job.model)],
+                args=[
+                    PREFIX,
+                    job.receipt,
+                    GROUP,
+                    job.status.value,
+                    finished_ms,
+                    self._ttl_ms,
+                    self._max_finished,
+                    error.code if error is not None else "",
+                    str(error) if error is not None else "",
+                    outputs,
+                    job.id,
+                ],
+            )
+        final_status = final.decode()
+        if final_status != job.status.value and final_status != "GONE":
+            # Cancelled meanwhile (or recorded by another replica's run): that stands.
+            stored = await self.get(job.id, job.tenant)
+            if stored is not None:
+                return stored
+        job.expires_at = finished_ms / 1000 + self._ttl_ms / 1000
+        return job
+
+    async def release(self, jobs: list[Job], started: bool) -> None:
+        with self._reachable():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for job in jobs:
+                    await self._release(
+                        keys=[_job(job.id), _stream(job.model)],
+                        args=[
+                            PREFIX,
+                            job.receipt,
+                            GROUP,
+                            self.consumer,
+                            "1" if started else "0",
+                            job.id,
+                        ],
+                        client=pipe,
+                    )
+                await pipe.execute()
+        log.info("handed %d job(s) back to Redis for other replicas", len(jobs))
+
+    async def abandon(self, reason: str) -> list[Job]:
+        return []  # queued jobs stay in Redis for the other replicas
+
+    def queued_here(self) -> int:
+        return 0
+
+    # --- housekeeping ---------------------------------------------------------------------------
+
+    async def sweep(self) -> int:
+        with self._reachable():
+            removed = int(await self._sweep(args=[PREFIX, _now_ms() - self._ttl_ms, _SWEEP_BATCH]))
+            await self._refresh_counts()
+        return removed
+
+    async def _refresh_counts(self) -> None:
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(PREFIX + "count")
+            for model in self._models:
+                pipe.xlen(_stream(model))
+                pipe.xpending(_stream(model), GROUP)
+            replies = await pipe.execute(raise_on_error=False)
+        counts = dict.fromkeys((s.value for s in JobStatus), 0)
+        if isinstance(replies[0], dict):
+            for status, count in replies[0].items():
+                if status.decode() in counts:
+                    counts[status.decode()] = int(count)
+        for length, pending in zip(replies[1::2], replies[2::2], strict=True):
+            if isinstance(length, int) and isinstance(pending, dict):
+                counts["RUNNING"] += int(pending.get("pending", 0))
+                counts["PENDING"] += max(length - int(pending.get("pending", 0)), 0)
+        self._counts = counts
+
+    def count_by_status(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    async def duplicate_runs(self) -> int:
+        """Runs whose result was discarded because another run had recorded the job first."""
+        with self._reachable():
+            value = await self._client.hget(PREFIX + "stats", "duplicate_runs")
+        return int(value or 0)
+
+
+def _job(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def _stream(model: str) -> str:
+    return f"{PREFIX}q:{model}"
+
+
+def _key(tenant: str, key: str) -> str:
+    return f"{PREFIX}key:{len(tenant)}:{tenant}:{key}"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _job_from(job_id: str, fields: dict[str, Any], ttl_ms: int) -> Job:
+    status = JobStatus(fields["status"].decode())
+    finished = fields["finished"].decode() if fields["finished"] else ""
+    code = fields["code"].decode() if fields["code"] else ""
+    error = codec.error_from(code, fields["message"].decode()) if code else None
+    outputs = codec.decode_outputs(fields["outputs"]) if fields["outputs"] else None
+    finished_at = int(finished) / 1000 if finished else None
+    return Job(
+        id=job_id,
+        model=fields["model"].decode(),
+        tenant=fields["tenant"].decode(),
+        request_id=fields["rid"].decode(),
+        status=status,
+        attempts=int(fields["attempts"]),
+        created_at=int(fields["created"]) / 1000,
+        finished_at=finished_at,
+        expires_at=None if finished_at is None else finished_at + ttl_ms / 1000,
+        # A retried job keeps its last error while it runs again; only a finished one shows it.
+        error=error if status.finished else None,
+        outputs=outputs,
+    )
