@@ -95,3 +95,8 @@ class ServeProcess:
     def stop(self) -> int:
         self.process.terminate()
         return self.process.wait(60)
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no goodbye (a crash)."""
+        self.process.kill()
+        self.process.wait(60)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bench.redisproc import RedisProcess
 from client import AsyncTensorgateClient, TensorgateClient
 from server.config import ServerConfig
 from tests.harness import MlpReference, ServerThread, build_repository
@@ -67,3 +69,37 @@ async def aclient(server: ServerThread) -> Any:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+# Database 0 is the shared Redis-backed server's; tests take 1..15 in turn.
+_DATABASES = itertools.cycle(range(1, 16))
+
+
+@pytest.fixture(scope="session")
+def redis_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    running = RedisProcess(tmp_path_factory.mktemp("redis")).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def redis_db(redis_process: RedisProcess) -> Callable[[], str]:
+    """Returns the URL of a fresh (flushed) database on the shared Redis."""
+
+    def fresh() -> str:
+        db = next(_DATABASES)
+        with redis_process.client() as admin:
+            admin.execute_command("SELECT", db)
+            admin.flushdb()
+        return f"redis://127.0.0.1:{redis_process.port}/{db}"
+
+    return fresh
+
+
+@pytest.fixture(params=["memory", "redis"])
+def job_store(request: pytest.FixtureRequest) -> str:
+    """Which store a test's dedicated servers use ("memory", or a fresh Redis database)."""
+    if request.param == "memory":
+        return "memory"
+    fresh: Callable[[], str] = request.getfixturevalue("redis_db")
+    return fresh()

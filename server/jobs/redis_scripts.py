@@ -57,7 +57,8 @@ end
 
 # KEYS: the job, its model's stream, the idempotency key ('' when none), then every model's stream.
 # ARGV: prefix, id, now_ms, ttl_ms, max_pending, has_key, then the job's fields.
-# Returns {0, existing id} (deduplicated), {-1, pending} (over the bound) or {1, id}.
+# Returns {0, existing id} (deduplicated), {-1, pending} (over the bound) or {1, jobs of the
+# model waiting to be taken before this one}.
 SUBMIT = (
     _COMMON
     + """
@@ -75,6 +76,11 @@ local pending = 0
 for i = 4, #KEYS do
   pending = pending + redis.call('XLEN', KEYS[i])
 end
+local ahead = redis.call('XLEN', KEYS[2])
+local ok, summary = pcall(redis.call, 'XPENDING', KEYS[2], 'tensorgate')
+if ok then
+  ahead = ahead - summary[1]
+end
 if pending >= tonumber(ARGV[5]) then
   return {-1, tostring(pending)}
 end
@@ -86,7 +92,7 @@ if ARGV[6] == '1' then
   redis.call('HSET', KEYS[1], 'idem', KEYS[3])
 end
 redis.call('ZADD', P .. 'jobs', now_ms, id)
-return {1, id}
+return {1, ahead}
 """
 )
 

@@ -254,7 +254,7 @@ class RedisJobStore:
 
     # --- accepting and reading ------------------------------------------------------------------
 
-    async def add(self, job: Job) -> tuple[Job, bool]:
+    async def add(self, job: Job) -> tuple[Job, bool, int]:
         assert job.payload is not None
         key = _key(job.tenant, job.idempotency_key) if job.idempotency_key else ""
         now_ms = int(job.created_at * 1000)
@@ -281,14 +281,14 @@ class RedisJobStore:
             if outcome == 0:
                 existing = await self.get(value.decode(), job.tenant)
                 if existing is not None:
-                    return existing, True
+                    return existing, True, 0
         if outcome == -1:
             raise ResourceExhausted(
                 f"{int(value)} jobs are pending, the limit is {self._max_pending}; retry later",
                 retry_after_s=1.0,
             )
         job.payload = None  # stored; whoever takes the job reads it back
-        return job, False
+        return job, False, int(value)
 
     async def get(self, job_id: str, tenant: str = "") -> Job | None:
         with self._reachable():

@@ -148,8 +148,9 @@ class JobRunner:
         if self.store.shared:
             request.future.cancel()  # whichever process takes the job validates it again
             job.traceparent = self._tracing.traceparent(span)
+        rows = request.rows
         try:
-            stored, deduplicated = await self.store.add(job)
+            stored, deduplicated, ahead = await self.store.add(job)
         except TensorgateError:
             request.future.cancel()
             raise
@@ -160,7 +161,9 @@ class JobRunner:
             job.span = self._tracing.start_child(
                 span, "job", model=model.name, **{"job.id": job.id}
             )
-        return job, False, self._estimate(model.name, request.rows)
+        # The jobs waiting ahead are counted at this one's size; those taken already are in a
+        # scheduler's queue, which the model's estimate counts.
+        return job, False, self._estimate(model.name, (ahead + 1) * rows)
 
     async def get(self, job_id: str, tenant: str = "", wait_s: float = 0.0) -> Job:
         """The job; with wait_s > 0, waits (up to max_result_wait_s) for it to finish first."""
@@ -223,10 +226,7 @@ class JobRunner:
 
     def _estimate(self, model_name: str, rows: int) -> float:
         lane = self._lanes.get(model_name)
-        if lane is None:
-            return 0.0
-        waiting = sum(job.run.rows for job in lane.ready if job.run is not None)
-        return lane.model.estimated_wait_s(extra_rows=waiting + rows)
+        return 0.0 if lane is None else lane.model.estimated_wait_s(extra_rows=rows)
 
     # --- running held jobs --------------------------------------------------------------------
 

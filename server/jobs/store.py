@@ -43,10 +43,12 @@ class JobStore(Protocol):
 
     async def close(self) -> None: ...
 
-    async def add(self, job: Job) -> tuple[Job, bool]:
-        """Stores and queues a new job: (job, False). When its idempotency key already names a
-        live job of the same tenant, stores nothing: (that job, True). Atomic. Raises
-        ResourceExhausted beyond the pending bound, Unavailable when the store is unreachable."""
+    async def add(self, job: Job) -> tuple[Job, bool, int]:
+        """Stores and queues a new job: (job, False, jobs of its model waiting to be taken
+        before it).
+        When its idempotency key already names a live job of the same tenant, stores nothing:
+        (that job, True, 0). Atomic. Raises ResourceExhausted beyond the pending bound,
+        Unavailable when the store is unreachable."""
         ...
 
     async def take(self, model: str, limit: int, wait_s: float) -> list[Job]:
@@ -141,12 +143,12 @@ class MemoryJobStore:
     async def close(self) -> None:
         pass
 
-    async def add(self, job: Job) -> tuple[Job, bool]:
+    async def add(self, job: Job) -> tuple[Job, bool, int]:
         key = (job.tenant, job.idempotency_key)
         if job.idempotency_key:
             existing = self._by_key.get(key)
             if existing is not None and not _expired(existing, time.time()):
-                return existing, True
+                return existing, True, 0
         if self.unfinished >= self._max_pending:
             raise ResourceExhausted(
                 f"{self.unfinished} jobs are pending, the limit is {self._max_pending}; "
@@ -157,10 +159,12 @@ class MemoryJobStore:
             self._by_key[key] = job
         self._jobs[job.id] = job
         self.unfinished += 1
-        self._queues[job.model].append(job)
+        queue = self._queues[job.model]
+        ahead = len(queue)
+        queue.append(job)
         self._queued += 1
         self._arrived[job.model].set()
-        return job, False
+        return job, False, ahead
 
     async def take(self, model: str, limit: int, wait_s: float) -> list[Job]:
         queue = self._queues[model]

@@ -77,8 +77,10 @@ def test_a_hung_engine_call_is_cut_off_and_the_instance_replaced(
     assert len(running.server.models["faulty"]._pool.instances) == 1
 
 
-def test_a_failed_job_is_retried_and_succeeds(fault_server: Callable[..., ServerThread]) -> None:
-    running = fault_server()
+def test_a_failed_job_is_retried_and_succeeds(
+    fault_server: Callable[..., ServerThread], job_store: str
+) -> None:
+    running = fault_server(job_store=job_store)
     with TensorgateClient(running.target, timeout_s=20) as c:
         job = c.submit("faulty", {"x": _rows(-3, key=42)})
         result = c.get_result(job.job_id, wait_timeout_s=10)
@@ -89,9 +91,9 @@ def test_a_failed_job_is_retried_and_succeeds(fault_server: Callable[..., Server
 
 
 def test_a_job_that_keeps_failing_becomes_a_dead_letter(
-    fault_server: Callable[..., ServerThread],
+    fault_server: Callable[..., ServerThread], job_store: str
 ) -> None:
-    running = fault_server(job_max_attempts=3)
+    running = fault_server(job_max_attempts=3, job_store=job_store)
     with TensorgateClient(running.target, timeout_s=20) as c:
         ok = c.submit("faulty", {"x": _rows(1)})
         bad = c.submit("faulty", {"x": _rows(-1)})

@@ -1,0 +1,153 @@
+"""The Redis job store on its own, against a real redis-server: leases, dead letters, cancel
+against finish, hand-back. Two store objects stand for two replicas."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from server.errors import Internal
+from server.jobs.job import Job, JobStatus
+from server.jobs.redis_store import RedisJobStore
+from server.records import Request
+from server.tensors import TensorInput
+
+X = np.arange(4, dtype=np.float32).reshape(1, 4)
+
+
+def _job() -> Job:
+    tensor = TensorInput("x", "FP32", [1, 4], X.tobytes())
+    return Job(
+        id=secrets.token_hex(16),
+        model="m",
+        request_id="r1",
+        created_at=time.time(),
+        payload=Request("m", [tensor], id="r1"),
+    )
+
+
+@pytest.fixture
+async def replicas(redis_db: Callable[[], str]) -> AsyncIterator[Callable[..., Any]]:
+    url = redis_db()
+    opened: list[RedisJobStore] = []
+
+    async def replica(**settings: Any) -> RedisJobStore:
+        settings = {
+            "max_pending": 100, "ttl_s": 60.0, "max_finished": 100, "max_attempts": 3,
+            "lease_s": 30.0, **settings,
+        }  # fmt: skip
+        store = RedisJobStore(url, **settings)
+        await store.open(["m"], lambda _: None, lambda _: None)
+        opened.append(store)
+        return store
+
+    yield replica
+    for store in opened:
+        await store.close()
+
+
+async def test_a_job_held_by_a_silent_replica_is_taken_over_then_dead_lettered(
+    replicas: Callable[..., Any],
+) -> None:
+    a = await replicas(lease_s=0.2, max_attempts=2)
+    b = await replicas(lease_s=0.2, max_attempts=2)
+    job, _, _ = await a.add(_job())
+    [first] = await a.take("m", 10, 0.1)  # a "dies" holding it: never finishes, never renews
+    assert first.id == job.id and first.attempts == 1
+    np.testing.assert_array_equal(
+        np.frombuffer(first.payload.inputs[0].contents, np.float32), X.ravel()
+    )
+    assert await b.take("m", 10, 0.05) == []  # the lease has not expired yet
+    taken: list[Job] = []
+    deadline = time.monotonic() + 5
+    while not taken and time.monotonic() < deadline:
+        taken = await b.take("m", 10, 0.05)
+    assert [j.id for j in taken] == [job.id] and taken[0].attempts == 2
+    # b dies too; the next delivery finds the attempts used up.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        assert await a.take("m", 10, 0.05) == []
+        stored = await a.get(job.id)
+        if stored is not None and stored.status is JobStatus.FAILED:
+            break
+    assert stored is not None and stored.status is JobStatus.FAILED
+    assert stored.error is not None and "gave up after 2 attempts" in str(stored.error)
+    assert [j.id for j in await b.find(JobStatus.FAILED, 10)] == [job.id]
+    dead = await a._client.xrange("tg:dead")
+    assert [fields[b"id"].decode() for _, fields in dead] == [job.id]
+
+
+async def test_a_job_cancelled_before_it_is_taken_never_runs(
+    replicas: Callable[..., Any],
+) -> None:
+    a = await replicas()
+    b = await replicas()
+    job, _, _ = await a.add(_job())
+    cancelled = await b.cancel(job.id)
+    assert cancelled is not None and cancelled.status is JobStatus.CANCELLED
+    assert await a.take("m", 10, 0.1) == []
+    assert await a._client.xlen("tg:q:m") == 0  # nothing left counting against the bound
+
+
+async def test_a_result_arriving_after_a_cancel_elsewhere_is_discarded(
+    replicas: Callable[..., Any],
+) -> None:
+    a = await replicas()
+    b = await replicas()
+    job, _, _ = await a.add(_job())
+    [held] = await a.take("m", 10, 0.1)
+    assert (await b.cancel(job.id)).status is JobStatus.CANCELLED  # type: ignore[union-attr]
+    held.status, held.outputs, held.finished_at = JobStatus.SUCCEEDED, {"y": X * 2}, time.time()
+    final = await a.finish(held)
+    assert final.status is JobStatus.CANCELLED and final.outputs is None
+    assert (await b.get(job.id)).status is JobStatus.CANCELLED  # type: ignore[union-attr]
+    assert await a._client.xpending("tg:q:m", "tensorgate") == {
+        "pending": 0, "min": None, "max": None, "consumers": []
+    }  # fmt: skip
+
+
+async def test_a_finished_job_keeps_its_outputs_and_error(replicas: Callable[..., Any]) -> None:
+    a = await replicas()
+    ok, _, _ = await a.add(_job())
+    bad, _, _ = await a.add(_job())
+    held = {j.id: j for j in await a.take("m", 10, 0.1)}
+    held[ok.id].status, held[ok.id].outputs = JobStatus.SUCCEEDED, {"y": X * 2}
+    held[bad.id].status, held[bad.id].error = JobStatus.FAILED, Internal("engine broke")
+    for job in held.values():
+        job.finished_at = time.time()
+        await a.finish(job)
+    succeeded, failed = await a.get(ok.id), await a.get(bad.id)
+    assert succeeded is not None and succeeded.outputs is not None
+    np.testing.assert_array_equal(succeeded.outputs["y"], X * 2)
+    assert succeeded.request_id == "r1" and 59 < succeeded.expires_at - time.time() <= 60
+    assert failed is not None and isinstance(failed.error, Internal)
+    assert str(failed.error) == "engine broke"
+    assert await a.get(ok.id, tenant="someone-else") is None
+
+
+async def test_handed_back_jobs_are_taken_at_once_without_counting_an_attempt(
+    replicas: Callable[..., Any],
+) -> None:
+    a = await replicas()
+    b = await replicas()
+    job, _, _ = await a.add(_job())
+    held = await a.take("m", 10, 0.1)
+    await a.release(held, started=False)
+    [again] = await b.take("m", 10, 0.1)  # no lease to wait out
+    assert again.id == job.id and again.attempts == 1
+
+
+async def test_the_pending_bound_holds_over_replicas(replicas: Callable[..., Any]) -> None:
+    from server.errors import ResourceExhausted
+
+    a = await replicas(max_pending=3)
+    b = await replicas(max_pending=3)
+    for store in (a, b, a):
+        await store.add(_job())
+    with pytest.raises(ResourceExhausted, match="3 jobs are pending, the limit is 3"):
+        await b.add(_job())
