@@ -14,10 +14,11 @@ COPY tensorgate_cli tensorgate_cli
 COPY engines engines
 RUN pip install --no-cache-dir . \
  && python build_engines.py \
- && useradd --system --no-create-home tensorgate
+ && useradd --system --uid 10001 --no-create-home tensorgate
 
 USER tensorgate
-EXPOSE 50051
+# gRPC, and the Prometheus metrics endpoint.
+EXPOSE 50051 8002
 ENV TENSORGATE_MODEL_REPOSITORY=/app/engines
 ENTRYPOINT ["tensorgate"]
 CMD ["serve"]
