@@ -1,7 +1,7 @@
 """Before/after: the same load against the server of another revision (checked out into a
 temporary git worktree) and of this tree, alternating, in one run.
 
-    python -m bench.compare --before 06c8d13 --concurrency 1 64 --rounds 3
+    python -m bench.compare --before 06c8d13 --concurrency 1 64 --rounds 3 [--mode job]
 
 Prints medians and the after ÷ before ratios; writes bench/results/compare.json.
 """
@@ -29,6 +29,9 @@ def main() -> int:
     parser.add_argument("--before", required=True, help="git revision to compare against")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--mode", default="unary", choices=["unary", "job", "submit", "stream"], help="the load"
+    )
     parser.add_argument("--seconds", type=float, default=8.0)
     args = parser.parse_args()
     results: dict[str, dict[int, list[dict[str, float]]]] = {"before": {}, "after": {}}
@@ -48,7 +51,7 @@ def main() -> int:
                         step += 1
                         server = ServeProcess(repository, ("mlp",), root=roots[side])
                         try:
-                            spec = LoadSpec(server.target, "mlp", concurrency=c,
+                            spec = LoadSpec(server.target, "mlp", mode=args.mode, concurrency=c,
                                             seconds=args.seconds, processes=1 if c <= 4 else 2)  # fmt: skip
                             result = run(spec)
                         finally:

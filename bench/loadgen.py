@@ -25,7 +25,7 @@ class LoadSpec:
     target: str
     model: str
     protocol: str = "tensorgate"  # tensorgate | kserve
-    mode: str = "unary"  # unary | job | stream
+    mode: str = "unary"  # unary | job (Submit + GetResult) | submit (Submit only) | stream
     concurrency: int = 1  # requests in flight (closed loop), summed over processes
     streams: int = 1  # stream mode: streams, each keeping concurrency // streams in flight
     rate: float = 0.0  # > 0: open loop at this many requests per second instead
@@ -184,6 +184,17 @@ class _Process:
             stub = pb_grpc.InferenceStub(self.channel)
             request = codec.predict_request(spec.model, {spec.input_name: self.x})
             method = stub.Predict
+            if spec.mode == "submit":
+                accept = pb.SubmitRequest(request=request)
+
+                async def submit_only() -> str | None:
+                    try:
+                        await stub.Submit(accept, timeout=60)
+                        return None
+                    except grpc.aio.AioRpcError as exc:
+                        return exc.code().name
+
+                return submit_only
             if spec.mode == "job":
                 submit = pb.SubmitRequest(request=request)
 

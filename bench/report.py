@@ -118,8 +118,38 @@ def write_report(report: dict[str, Any], docs: Path) -> None:
         )
     lines += ["", f"Highest rate held: **{_fmt(max(held) if held else None, 0)} req/s**.", ""]
     lines += ["![throughput](bench_throughput.png)", "", "![p99](bench_p99.png)", ""]
-    (docs / "benchmarks.md").write_text("\n".join(lines))
+    path = docs / "benchmarks.md"
+    kept = _sections(path.read_text()) if path.exists() else ""
+    path.write_text("\n".join(lines) + kept)
     _plots(report, docs)
+
+
+def _marks(name: str) -> tuple[str, str]:
+    return f"<!-- section:{name} -->", f"<!-- /section:{name} -->"
+
+
+def _sections(text: str) -> str:
+    """The sections other benchmarks wrote (replace_section), to keep when the suite rewrites
+    the file."""
+    kept, at = [], 0
+    while (start := text.find("<!-- section:", at)) >= 0:
+        name = text[start + len("<!-- section:") : text.index(" -->", start)]
+        end = text.index(_marks(name)[1], start) + len(_marks(name)[1])
+        kept.append(text[start:end])
+        at = end
+    return "".join("\n" + section + "\n" for section in kept)
+
+
+def replace_section(path: Path, name: str, body: str) -> None:
+    """Writes (or rewrites) one benchmark's own section of a report, leaving the rest alone."""
+    begin, end = _marks(name)
+    text = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
 
 
 def _plots(report: dict[str, Any], docs: Path) -> None:

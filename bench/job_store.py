@@ -1,0 +1,217 @@
+"""The job stores side by side: memory (one process) vs Redis (shared by replicas).
+
+    python -m bench.job_store                 # about 2 minutes at --seconds 5
+
+For each store, one `tensorgate serve` on the bundled mlp: Submit→result (Submit, then long-poll
+GetResult) and Submit alone (accept rate), closed loop at 1 and 64 in flight; then, through Redis,
+a burst of 10,000 jobs from 64 senders: the accept rate, and every accepted job's final status
+(none may be lost). Writes docs/job_store.json, the "Job stores" section of docs/benchmarks.md
+and docs/bench_job_store.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
+
+from bench.loadgen import LoadSpec, run  # noqa: E402
+from bench.redisproc import RedisProcess  # noqa: E402
+from bench.report import replace_section  # noqa: E402
+from bench.serverproc import ServeProcess  # noqa: E402
+from build_engines import build  # noqa: E402
+
+DOCS = ROOT / "docs"
+SECTION = "job-store"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per point")
+    parser.add_argument("--burst", type=int, default=10_000, help="jobs in the Redis burst")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        repository = Path(tmp) / "engines"
+        build("mlp", repository)
+        redis = RedisProcess(Path(tmp) / "redis").start()
+        try:
+            rows, burst = _measure(args, repository, redis)
+        finally:
+            redis.stop()
+    report = {
+        "machine": f"{platform.node()} ({platform.processor() or platform.machine()})",
+        "seconds": args.seconds,
+        "rows": rows,
+        "burst": burst,
+    }
+    (DOCS / "job_store.json").write_text(json.dumps(report, indent=2) + "\n")
+    replace_section(DOCS / "benchmarks.md", SECTION, _markdown(report))
+    _plot(rows, DOCS / "bench_job_store.png")
+    print(f"wrote {DOCS / 'job_store.json'}, the '{SECTION}' section of benchmarks.md, the plot")
+    return 0
+
+
+def _measure(
+    args: argparse.Namespace, repository: Path, redis: RedisProcess
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    burst: dict[str, Any] = {}
+    plan = [(mode, c) for mode in ("job", "submit") for c in (1, 64)]
+    total = 2 * len(plan) + 1
+    step = 0
+    for store in ("memory", "redis"):
+        flags = ["--job-store", redis.url if store == "redis" else "memory", "--drain-delay-s", "0"]
+        server = ServeProcess(repository, models=["mlp"], extra_args=flags)
+        try:
+            for mode, concurrency in plan:
+                step += 1
+                print(f"[{step}/{total}] {store}: {mode} at {concurrency} in flight", flush=True)
+                spec = LoadSpec(
+                    target=server.target,
+                    model="mlp",
+                    mode=mode,
+                    concurrency=concurrency,
+                    seconds=args.seconds,
+                    processes=2 if concurrency > 1 else 1,
+                )
+                result = run(spec)
+                rows.append(
+                    {"store": store, "mode": mode, "concurrency": concurrency, **result.as_dict()}
+                )
+                _wait_idle(server)
+            if store == "redis":
+                step += 1
+                print(f"[{step}/{total}] redis: burst of {args.burst} jobs", flush=True)
+                burst = asyncio.run(_burst(server.target, args.burst))
+        finally:
+            server.stop()
+    return rows, burst
+
+
+def _wait_idle(server: ServeProcess) -> None:
+    """Lets the jobs a submit-only run left behind finish before the next point."""
+    from client import TensorgateClient
+
+    with TensorgateClient(server.target, timeout_s=120) as client:
+        probe = client.submit("mlp", {"input": np.zeros((1, 256), np.float32)})
+        client.get_result(probe.job_id, wait_timeout_s=120)
+
+
+async def _burst(target: str, count: int, senders: int = 64) -> dict[str, Any]:
+    import grpc
+
+    from client import AsyncTensorgateClient
+
+    x = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)
+    accepted: list[str] = []
+    refused: dict[str, int] = {}
+    async with AsyncTensorgateClient(target, timeout_s=120) as client:
+        left = iter(range(count))
+
+        async def sender() -> None:
+            for _ in left:
+                try:
+                    accepted.append((await client.submit("mlp", {"input": x})).job_id)
+                except grpc.RpcError as exc:  # counted: the figure is what was accepted
+                    refused[exc.code().name] = refused.get(exc.code().name, 0) + 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(sender() for _ in range(senders)))
+        accept_s = time.perf_counter() - started
+        statuses: dict[str, int] = {}
+        ids = iter(accepted)
+
+        async def collector() -> None:
+            for job_id in ids:
+                result = await client.get_result(job_id, wait_timeout_s=60)
+                statuses[result.status] = statuses.get(result.status, 0) + 1
+
+        await asyncio.gather(*(collector() for _ in range(senders)))
+        done_s = time.perf_counter() - started
+    return {
+        "jobs": count,
+        "accepted": len(accepted),
+        "refused": refused,
+        "accept_per_s": len(accepted) / accept_s,
+        "all_finished_s": done_s,
+        "statuses": statuses,
+        "lost": len(accepted) - statuses.get("SUCCEEDED", 0),
+    }
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "## Job stores: memory vs Redis (python -m bench.job_store)",
+        "",
+        f"One `tensorgate serve` on mlp, {report['seconds']:g} s a point, on {report['machine']}; "
+        "the load generator on the same machine. Submit→result is Submit then a long-poll "
+        "GetResult; Submit alone is the accept rate (the jobs run meanwhile).",
+        "",
+        "| store | measured | in flight | per s | p50 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        what = "Submit→result" if r["mode"] == "job" else "Submit alone"
+        errors = sum(r["errors"].values())
+        lines.append(
+            f"| {r['store']} | {what} | {r['concurrency']} | {r['req_per_s']:.0f} | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {errors} |"
+        )
+    b = report["burst"]
+    if b:
+        lines += [
+            "",
+            f"Burst through Redis: {b['jobs']:,} jobs from 64 senders: {b['accepted']:,} "
+            f"accepted at {b['accept_per_s']:.0f}/s, refused {b['refused'] or 'none'}; all "
+            f"finished {b['all_finished_s']:.1f} s after the first Submit; final statuses "
+            f"{b['statuses']}; **lost: {b['lost']}**.",
+        ]
+    lines += ["", "![job stores](bench_job_store.png)", ""]
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (rate_ax, latency_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    stores = ["memory", "redis"]
+    width = 0.38
+    for i, store in enumerate(stores):
+        accept = [
+            next(r["req_per_s"] for r in rows if r["store"] == store and r["mode"] == "submit"
+                 and r["concurrency"] == c)
+            for c in (1, 64)
+        ]  # fmt: skip
+        rate_ax.bar(np.arange(2) + i * width, accept, width, label=store)
+        for j, c in enumerate((1, 64)):
+            [row] = [r for r in rows if r["store"] == store and r["mode"] == "job"
+                     and r["concurrency"] == c]  # fmt: skip
+            x = j + i * width
+            latency_ax.bar(x, row["p99_ms"], width, color=f"C{i}", alpha=0.35)
+            latency_ax.bar(x, row["p50_ms"], width, color=f"C{i}",
+                           label=store if j == 0 else None)  # fmt: skip
+    for ax in (rate_ax, latency_ax):
+        ax.set_xticks(np.arange(2) + width / 2, ["1 in flight", "64 in flight"])
+        ax.legend()
+    rate_ax.set_title("Submit alone: accepted jobs per second")
+    latency_ax.set_title("Submit→result latency, ms (solid p50, pale p99)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
