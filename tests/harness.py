@@ -44,6 +44,27 @@ class ServerThread:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
         return future.result(timeout_s)
 
+    def _tasks(self) -> str:
+        """The server loop's tasks and where each waits (for a stop that hangs)."""
+        import io
+
+        async def dump() -> str:
+            out = io.StringIO()
+            for task in asyncio.all_tasks():
+                print(f"task {task.get_name()}:", file=out)
+                awaited: Any = task.get_coro()
+                while awaited is not None:  # the chain of awaits, innermost last
+                    frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+                    if frame is not None:
+                        code = frame.f_code
+                        print(f"  {code.co_filename}:{frame.f_lineno} {code.co_name}", file=out)
+                    awaited = getattr(awaited, "cr_await", None) or getattr(
+                        awaited, "gi_yieldfrom", None
+                    )
+            return out.getvalue()
+
+        return self.call(dump(), timeout_s=5)
+
     def stats(self, model: str) -> Any:
         """A snapshot of the model's batcher counters, read on the server's loop."""
 
@@ -75,6 +96,8 @@ class ServerThread:
     def stop(self, grace_s: float = 1.0) -> None:
         try:
             self.call(self.server.stop(grace_s))
+        except TimeoutError:
+            raise AssertionError("the server did not stop:\n" + self._tasks()) from None
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)

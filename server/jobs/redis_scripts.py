@@ -57,8 +57,8 @@ end
 
 # KEYS: the job, its model's stream, the idempotency key ('' when none), then every model's stream.
 # ARGV: prefix, id, now_ms, ttl_ms, max_pending, has_key, then the job's fields.
-# Returns {0, existing id} (deduplicated), {-1, pending} (over the bound) or {1, jobs of the
-# model waiting to be taken before this one}.
+# Returns {0, existing id} (deduplicated), {-1, pending} (over the bound) or {1, unfinished jobs
+# of the model before this one}.
 SUBMIT = (
     _COMMON
     + """
@@ -77,10 +77,6 @@ for i = 4, #KEYS do
   pending = pending + redis.call('XLEN', KEYS[i])
 end
 local ahead = redis.call('XLEN', KEYS[2])
-local ok, summary = pcall(redis.call, 'XPENDING', KEYS[2], 'tensorgate')
-if ok then
-  ahead = ahead - summary[1]
-end
 if pending >= tonumber(ARGV[5]) then
   return {-1, tostring(pending)}
 end

@@ -247,6 +247,10 @@ class RedisJobStore:
         try:
             yield
         except _LOST as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # redis-py turns a cancelled read into a lost connection: keep the cancellation.
+                raise asyncio.CancelledError() from None
             raise Unavailable(
                 f"the job store (Redis at {self.where}) is unreachable: {exc}; "
                 "Predict and StreamPredict still work"

@@ -161,8 +161,8 @@ class JobRunner:
             job.span = self._tracing.start_child(
                 span, "job", model=model.name, **{"job.id": job.id}
             )
-        # The jobs waiting ahead are counted at this one's size; those taken already are in a
-        # scheduler's queue, which the model's estimate counts.
+        # The unfinished jobs ahead are counted at this one's size (those already in the model's
+        # queue twice over: an estimate that errs long).
         return job, False, self._estimate(model.name, (ahead + 1) * rows)
 
     async def get(self, job_id: str, tenant: str = "", wait_s: float = 0.0) -> Job:
@@ -232,9 +232,9 @@ class JobRunner:
 
     async def _feed(self, lane: _Lane) -> None:
         name = lane.model.name
-        while True:
+        while self._taking:  # quiesce() turns it off (a cancellation alone may be swallowed)
             room = lane.capacity - len(lane.held)
-            if room <= 0 or not self._taking:
+            if room <= 0:
                 lane.room.clear()
                 await lane.room.wait()
                 continue
@@ -339,6 +339,10 @@ class JobRunner:
                     break
                 log.warning("job %s: cannot store the result yet: %s", job.id, exc)
                 await asyncio.sleep(_STORE_RETRY_S)
+            except Exception:
+                # Not worth retrying; a shared store's lease hands the job to another replica.
+                log.exception("job %s: storing its result failed", job.id)
+                break
         lane.held.pop(job.id, None)
         lane.room.set()
         code = job.error.code if job.error is not None else "OK"
@@ -416,6 +420,8 @@ class JobRunner:
         if not self.store.shared:
             return
         self._taking = False
+        for lane in self._lanes.values():
+            lane.room.set()
         for task in self._feeders:
             task.cancel()
         await asyncio.gather(*self._feeders, return_exceptions=True)

@@ -44,8 +44,7 @@ class JobStore(Protocol):
     async def close(self) -> None: ...
 
     async def add(self, job: Job) -> tuple[Job, bool, int]:
-        """Stores and queues a new job: (job, False, jobs of its model waiting to be taken
-        before it).
+        """Stores and queues a new job: (job, False, unfinished jobs of its model before it).
         When its idempotency key already names a live job of the same tenant, stores nothing:
         (that job, True, 0). Atomic. Raises ResourceExhausted beyond the pending bound,
         Unavailable when the store is unreachable."""
@@ -127,6 +126,7 @@ class MemoryJobStore:
         self._ttl_s = ttl_s
         self._max_finished = max_finished
         self.unfinished = 0
+        self._unfinished_by_model: collections.Counter[str] = collections.Counter()
         self._queued = 0
 
     def __len__(self) -> int:
@@ -159,9 +159,9 @@ class MemoryJobStore:
             self._by_key[key] = job
         self._jobs[job.id] = job
         self.unfinished += 1
-        queue = self._queues[job.model]
-        ahead = len(queue)
-        queue.append(job)
+        ahead = self._unfinished_by_model[job.model]
+        self._unfinished_by_model[job.model] += 1
+        self._queues[job.model].append(job)
         self._queued += 1
         self._arrived[job.model].set()
         return job, False, ahead
@@ -231,6 +231,7 @@ class MemoryJobStore:
         job.payload = None
         job.run = None
         self.unfinished -= 1
+        self._unfinished_by_model[job.model] -= 1
         self._finished[job.id] = job
         while len(self._finished) > self._max_finished:
             _, oldest = self._finished.popitem(last=False)
