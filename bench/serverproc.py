@@ -30,6 +30,10 @@ class ServeProcess:
         if models:
             args += ["--models", ",".join(models)]
         paths = os.pathsep.join([str(root), str(root / "protos")])
+        # With --workers the supervisor says when every worker serves.
+        flags = list(extra_args)
+        workers = flags[flags.index("--workers") + 1] if "--workers" in flags else "1"
+        ready = r"server\.app: serving " if workers == "1" else r"server\.workers: serving "
         self.process = subprocess.Popen(
             args,
             cwd=root,
@@ -45,9 +49,10 @@ class ServeProcess:
             self.log.append(line)
             if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
                 self.port = int(match.group(1))
-            if match := re.search(r"metrics on http://127\.0\.0\.1:(\d+)", line):
+            match = re.search(r"metrics (?:of all workers )?on http://127\.0\.0\.1:(\d+)", line)
+            if match and not self.metrics_port:  # with --workers, the supervisor's comes first
                 self.metrics_port = int(match.group(1))
-            if " INFO server.app: serving " in line:
+            if re.search(ready, line):
                 break
         else:
             raise RuntimeError("server did not start:\n" + "".join(self.log))

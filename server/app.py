@@ -62,6 +62,7 @@ class TensorgateServer:
         self._stopped = asyncio.Event()
         self._started = asyncio.Event()  # start() returned, whether it served or gave up
         self._stopping = False
+        self.serving = False  # start() finished and the server serves
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -114,13 +115,19 @@ class TensorgateServer:
         if config.metrics_port >= 0:
             # Bound before any model loads, so a taken port fails at once, by name.
             try:
-                self.metrics_port = self.telemetry.metrics.serve(config.metrics_port, config.host)
+                self.metrics_port = self.telemetry.metrics.serve(
+                    config.metrics_port, config.metrics_host or config.host
+                )
             except OSError as exc:
                 raise ConfigError(
                     f"cannot serve metrics on {config.host}:{config.metrics_port}: "
                     f"{exc.strerror or exc}; choose another with --metrics-port (-1 = off)"
                 ) from None
-            log.info("metrics on http://%s:%d/metrics", config.host, self.metrics_port)
+            log.info(
+                "metrics on http://%s:%d/metrics",
+                config.metrics_host or config.host,
+                self.metrics_port,
+            )
         self._grpc = server
         await self.health.starting(self.models)
         await server.start()
@@ -144,6 +151,9 @@ class TensorgateServer:
             raise ConfigError(f"no model could be loaded: {failures}")
         await self._jobs.start()
         await self.health.set_server(True)
+        if config.worker_index >= 0:
+            await self.health.set_worker(config.worker_index)
+        self.serving = not self._stopping
         log.info("serving %s on port %d", ", ".join(m.name for m in ready), self.port)
 
     async def _load(self, model: ServedModel) -> None:

@@ -115,15 +115,43 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ig
         default=_env("EVENT_LOOP", "auto"),
         help="auto: uvloop where installed, else asyncio",
     )
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=_env("WORKERS", "1"),
+        help="serving processes sharing the port: a number, or auto (one per usable core); "
+        "more than 1 needs --job-store redis://",
+    )
     serve.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     serve.set_defaults(func=_serve)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _workers(value: str) -> int:
+    if value == "auto":
+        from server.workers import usable_cores
+
+        return usable_cores()
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or auto, got {value!r}")
+    return count
+
+
+def configure_logging(level: str, process: str = "") -> None:
+    """Log lines name the process that wrote them when there are several (--workers)."""
+    tag = f"[{process}] " if process else ""
     logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=level.upper(),
+        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s",
     )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    workers: int = args.workers
+    configure_logging(args.log_level, "supervisor pid %(process)d" if workers > 1 else "")
     config = ServerConfig(
         host=args.host,
         port=args.port,
@@ -148,15 +176,19 @@ def _serve(args: argparse.Namespace) -> int:
         max_connection_age_s=args.max_connection_age_s,
     )
     try:
-        with asyncio.Runner(loop_factory=_loop_factory(args.event_loop)) as runner:
-            runner.run(_run(config))
+        if workers > 1:
+            from server.workers import Supervisor
+
+            return Supervisor(config, workers, args.log_level, args.event_loop).run()
+        with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
+            runner.run(run_server(config))
     except ConfigError as exc:
         log.error("%s", exc)
         return 1
     return 0
 
 
-def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop when asked for ("auto": when installed), else asyncio's own loop."""
     if name == "asyncio":
         return None
@@ -170,7 +202,8 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-async def _run(config: ServerConfig) -> None:
+async def run_server(config: ServerConfig, on_ready: Callable[[int], None] | None = None) -> None:
+    """Serves until a signal stops the server. on_ready(metrics port) once it serves."""
     from server.app import TensorgateServer  # imports grpc and the backends' registry
 
     server = TensorgateServer(config)
@@ -191,4 +224,6 @@ async def _run(config: ServerConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, on_signal, signum)
     await server.start()
+    if on_ready is not None and server.serving:
+        on_ready(server.metrics_port)
     await server.wait_stopped()

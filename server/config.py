@@ -57,6 +57,13 @@ class ServerConfig:
     # clients re-resolve and load balancers can rebalance.
     max_connection_idle_s: float = 300.0
     max_connection_age_s: float = 1800.0
+    # Several serving processes share the port (--workers): each binds it with SO_REUSEPORT and
+    # serves its metrics on metrics_host (loopback) for the supervisor to add up.
+    reuse_port: bool = False
+    metrics_host: str = ""
+    # This process's index among the workers (-1: the only one). A worker answers the health name
+    # tensorgate.worker.<index> SERVING, which tells a client which process its connection reached.
+    worker_index: int = -1
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Channel arguments for the gRPC server (message sizes, keepalive, connection age)."""
@@ -64,7 +71,7 @@ class ServerConfig:
         return [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(self.reuse_port)),
             # gRPC core cancels calls it has received but not yet handed to Python beyond these
             # (default 1,000): a burst would see CANCELLED, which callers read as their own
             # doing. Admission is the application's job (max_concurrent_rpcs).

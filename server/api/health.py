@@ -15,6 +15,8 @@ from grpc_health.v1 import health, health_pb2
 SERVER_SERVICES = ("", "tensorgate.v1.Inference")
 # The job store: NOT_SERVING while Submit cannot accept jobs (Redis unreachable).
 JOBS_SERVICE = "tensorgate.jobs"
+# With several serving processes, each answers SERVING for its own name only.
+WORKER_SERVICE_PREFIX = "tensorgate.worker."
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -33,6 +35,10 @@ class HealthReporter:
 
     async def set_jobs(self, serving: bool) -> None:
         await self.servicer.set(JOBS_SERVICE, SERVING if serving else NOT_SERVING)
+
+    async def set_worker(self, index: int) -> None:
+        """Names this process among several (--workers): tensorgate.worker.<index>."""
+        await self.servicer.set(f"{WORKER_SERVICE_PREFIX}{index}", SERVING)
 
     async def set_server(self, serving: bool) -> None:
         for service in SERVER_SERVICES:

@@ -22,7 +22,7 @@ _LATENCY_BUCKETS_S = (
 )  # fmt: skip
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # Connections served at once; more are closed (Prometheus scrapes one at a time).
-_SCRAPE_THREADS = 8
+SCRAPE_THREADS = 8
 
 
 class Metrics:
@@ -84,7 +84,7 @@ class Metrics:
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Starts the scrape endpoint on host:port (a thread accepts, a small pool answers);
         returns the port (useful with port 0). OSError when the port cannot be bound."""
-        server = _ScrapeServer((host, port), _SCRAPE_THREADS)
+        server = ScrapeServer((host, port), SCRAPE_THREADS)
         server.set_app(make_wsgi_app(self.registry))
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         self._server = server
@@ -123,7 +123,7 @@ class _ScrapeHandler(WSGIRequestHandler):
         pass  # scrapes are not worth a log line each
 
 
-class _ScrapeServer(WSGIServer):
+class ScrapeServer(WSGIServer):
     """A WSGI server with a cap on connection threads.
 
     prometheus-client's own server starts a thread per connection with no timeout: 2,000 idle
