@@ -92,10 +92,19 @@ class ServeProcess:
         return int(match.group(1)) / 1024 if match else float("nan")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time the server process has used so far."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        """User + system CPU time the server has used so far: its process and, with --workers,
+        the worker processes it started."""
         ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            pid, parent = int(stat.parent.name), int(fields[1])
+            if self.process.pid in (pid, parent):
+                total += int(fields[11]) + int(fields[12])
+        return total / ticks
 
     def stop(self) -> int:
         self.process.terminate()
