@@ -112,14 +112,32 @@ def _inputs(client: TensorgateClient, args: argparse.Namespace) -> dict[str, np.
         if not sep:
             raise ValueError(f"--input {item!r}: expected NAME=@FILE.npy or NAME=JSON")
         if value.startswith("@"):
-            inputs[name] = np.load(value[1:])
+            inputs[name] = _load_npy(name, value[1:])
         else:
             spec = specs.get(name)
             typed = codec.numpy_dtype(spec.datatype) if spec else None
-            inputs[name] = np.asarray(json.loads(value), dtype=typed)
+            try:
+                inputs[name] = np.asarray(json.loads(value), dtype=typed)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"--input {name}=…: not JSON ({exc.msg} at character {exc.pos}); give a "
+                    f"JSON array such as {name}='[[0.5, 1.0]]', or {name}=@file.npy"
+                ) from None
+    if not inputs and args.random_rows and not metadata.inputs:
+        return inputs  # a model that is not ready: the server's answer says why
     if not inputs:
         raise ValueError("no inputs: give --input NAME=... or --random-rows N")
     return inputs
+
+
+def _load_npy(name: str, path: str) -> np.ndarray:
+    try:
+        array: np.ndarray = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ValueError(f"--input {name}=@{path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--input {name}=@{path}: not a .npy array file ({exc})") from None
+    return array
 
 
 def _outputs_arg(args: argparse.Namespace) -> list[str]:
@@ -248,7 +266,13 @@ def _health(args: argparse.Namespace) -> int:
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s
             )
         except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            details = exc.details() or ""
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                details = (
+                    f"the server reports no health service named {args.service!r}; "
+                    "try '' (the server), a model name or tensorgate.jobs"
+                )
+            print(f"error: {exc.code().name}: {details}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     print(json.dumps({"service": args.service, "status": status}))

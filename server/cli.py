@@ -25,11 +25,17 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ig
     serve = commands.add_parser(
         "serve",
         help="serve the models of a repository over gRPC",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Each flag also reads TENSORGATE_<FLAG> from the environment "
         "(e.g. TENSORGATE_PORT=50052).",
     )
-    serve.add_argument("--host", default=_env("HOST", defaults.host))
-    serve.add_argument("--port", type=int, default=int(_env("PORT", str(defaults.port))))
+    serve.add_argument("--host", default=_env("HOST", defaults.host), help="address to listen on")
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=int(_env("PORT", str(defaults.port))),
+        help="gRPC port (0 = any free port)",
+    )
     serve.add_argument(
         "--model-repository",
         type=Path,
@@ -45,16 +51,19 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ig
         "--max-message-bytes",
         type=int,
         default=int(_env("MAX_MESSAGE_BYTES", str(defaults.max_message_bytes))),
+        help="largest gRPC message received or sent",
     )
     serve.add_argument(
         "--max-inflight-per-stream",
         type=int,
         default=int(_env("MAX_INFLIGHT_PER_STREAM", str(defaults.max_inflight_per_stream))),
+        help="requests of one stream held at once; past it the stream is not read",
     )
     serve.add_argument(
         "--max-pending-jobs",
         type=int,
         default=int(_env("MAX_PENDING_JOBS", str(defaults.max_pending_jobs))),
+        help="unfinished jobs accepted at most; more get RESOURCE_EXHAUSTED",
     )
     serve.add_argument(
         "--job-ttl-s",
@@ -122,7 +131,9 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ig
         help="serving processes sharing the port: a number, or auto (one per usable core); "
         "more than 1 needs --job-store redis://",
     )
-    serve.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    serve.add_argument(
+        "--log-level", default=_env("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING or ERROR"
+    )
     serve.set_defaults(func=_serve)
 
 

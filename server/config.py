@@ -156,11 +156,30 @@ class ModelConfig:
             backend_options=dict(raw.pop(backend, {})),
         )
         if raw:
-            raise ConfigError(f"{path}: unknown keys {sorted(raw)}")
+            raise ConfigError(f"{path}: {_unknown_keys(raw, backend)}")
         too_big = [s for s in config.preferred_batch_sizes if s > config.max_batch_size]
         if too_big:
             raise ConfigError(f"{path}: preferred_batch_sizes {too_big} exceed max_batch_size")
         return config
+
+
+_MODEL_KEYS = (
+    "backend", "max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes",
+    "pad_to_preferred", "eager_dispatch", "queue_capacity", "instance_count",
+    "execution_timeout_ms", "default_timeout_ms",
+)  # fmt: skip
+
+
+def _unknown_keys(raw: dict[str, Any], backend: str) -> str:
+    """Names the unknown keys, with the known key each was probably meant to be."""
+    import difflib
+
+    known = (*_MODEL_KEYS, backend)
+    parts = []
+    for key in sorted(raw):
+        close = difflib.get_close_matches(key, known, n=1)
+        parts.append(f"'{key}' (did you mean '{close[0]}'?)" if close else f"'{key}'")
+    return "unknown keys " + ", ".join(parts) + f"; known keys: {', '.join(known)}"
 
 
 def _int(value: Any, key: str, path: Path, low: int) -> int:

@@ -11,7 +11,10 @@ from server.config import MODEL_CONFIG_FILE, ConfigError, ModelConfig
 def discover(repository: Path, names: Sequence[str] = ()) -> list[ModelConfig]:
     """Configs of the named models, or of every model folder when names is empty."""
     if not repository.is_dir():
-        raise ConfigError(f"model repository {repository} is not a directory")
+        raise ConfigError(
+            f"model repository {repository} is not a directory (relative to {Path.cwd()}); "
+            "point --model-repository at a folder with one sub-folder per model"
+        )
     found = {
         path.parent.name: path.parent for path in sorted(repository.glob(f"*/{MODEL_CONFIG_FILE}"))
     }

@@ -34,7 +34,10 @@ def test_defaults_and_units(tmp_path: Path) -> None:
             {"backend": "onnxruntime", "max_queue_delay_ms": -1},
             "'max_queue_delay_ms' must be a number >= 0",
         ),
-        ({"backend": "onnxruntime", "max_batch": 8}, "unknown keys ['max_batch']"),
+        (
+            {"backend": "onnxruntime", "max_batch_sise": 8},
+            "unknown keys 'max_batch_sise' (did you mean 'max_batch_size'?)",
+        ),
         (
             {"backend": "onnxruntime", "max_batch_size": 8, "preferred_batch_sizes": [16]},
             "preferred_batch_sizes [16] exceed max_batch_size",

@@ -71,7 +71,9 @@ def load(config: ModelConfig, instance_index: int) -> OnnxRuntimeInstance:
     artifact = config.path / str(options.pop("artifact", DEFAULT_ARTIFACT))
     if not artifact.exists():
         raise ConfigError(
-            f"model '{config.name}': {artifact} does not exist (run: python build_engines.py)"
+            f"model '{config.name}': {artifact} does not exist; put the ONNX file there, or set "
+            "[onnxruntime] artifact in its config.toml (the bundled models are built by "
+            "`python build_engines.py`)"
         )
     session_options = ort.SessionOptions()
     session_options.intra_op_num_threads = int(options.pop("intra_op_threads", 1))

@@ -70,4 +70,4 @@ def test_a_model_that_fails_to_load_is_reported_while_the_others_serve(
             c._stub.Predict(__import__("client").codec.predict_request("broken", {}), timeout=5)
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "model 'broken' failed to load" in failed.value.details()
-    assert "model.onnx does not exist (run: python build_engines.py)" in failed.value.details()
+    assert "model.onnx does not exist; put the ONNX file there" in failed.value.details()

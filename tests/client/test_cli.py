@@ -124,6 +124,22 @@ def test_health_command_reports_serving(serve: ServeProcess) -> None:
     assert serve.run("health", "--service", "mlp").returncode == 0
     unknown = serve.run("health", "--service", "nope")
     assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
+    assert "no health service named 'nope'" in unknown.stderr
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("input=@no-such.npy", "--input input=@no-such.npy: no such file"),
+        ("input=notjson", "--input input=…: not JSON (Expecting value at character 0)"),
+        ("input", "expected NAME=@FILE.npy or NAME=JSON"),
+    ],
+)
+def test_input_mistakes_get_one_line(serve: ServeProcess, given: str, message: str) -> None:
+    result = serve.run("predict", "--model", "mlp", "--input", given)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
 def test_sigterm_shuts_down_cleanly(serve: ServeProcess) -> None:
@@ -139,3 +155,4 @@ def test_serve_refuses_a_missing_repository_with_one_clear_line(tmp_path: Path) 
     )  # fmt: skip
     assert result.returncode == 1
     assert "model repository" in result.stderr and "is not a directory" in result.stderr
+    assert "--model-repository" in result.stderr and len(result.stderr.splitlines()) == 1
