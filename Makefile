@@ -5,20 +5,28 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
 
 .PHONY: serve test lint engines protos bench clean
 
-$(STAMP): pyproject.toml
+# make serve installs what serving needs (ONNX Runtime on the CPU); make test adds the GPU
+# runtime bindings, the test tools and the linters.
+$(SERVE_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $(SERVE_STAMP)
+
+$(STAMP): $(SERVE_STAMP)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+serve: $(SERVE_STAMP)
+	$(BIN)/python build_engines.py
+	$(BIN)/tensorgate serve
+
 engines: $(STAMP)
 	$(BIN)/python build_engines.py
-
-serve: engines
-	$(BIN)/tensorgate serve
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -5,6 +5,8 @@ manifest agrees with the server it deploys: flags, health service names, stream 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +175,31 @@ def test_compose_runs_two_replicas_on_one_redis_with_aof() -> None:
     for replica in replicas:
         for name in replica["environment"]:
             assert "--" + name.removeprefix("TENSORGATE_").lower().replace("_", "-") in flags
+
+
+def test_the_image_copies_every_package_and_probes_real_flags() -> None:
+    root = DEPLOY.parent
+    dockerfile = (root / "Dockerfile").read_text()
+    copied = {
+        line.split()[1] for line in dockerfile.splitlines() if line.startswith("COPY ")
+    } | {name for line in dockerfile.splitlines() if line.startswith("COPY ")
+         for name in line.split()[1:-1]}  # fmt: skip
+    for source in copied:
+        assert (root / source).exists(), source
+    packages = re.search(r"packages = \[(.*?)\]", (root / "pyproject.toml").read_text(), re.S)
+    assert packages is not None
+    for package in re.findall(r'"([\w.]+)"', packages.group(1)):
+        top = "protos" if package.startswith("tensorgate.") or package == "tensorgate" else package
+        assert top.split(".")[0] in copied, package
+    exposed = re.search(r"^EXPOSE (.*)$", dockerfile, re.M)
+    assert exposed is not None and set(exposed.group(1).split()) == {"50051", "8002"}
+    healthcheck = dockerfile[dockerfile.index("HEALTHCHECK") :].split("CMD", 1)[1]
+    command = json.loads(healthcheck.strip().splitlines()[0])
+    assert command[:2] == ["tensorgate", "health"]
+    parser = argparse.ArgumentParser()
+    from client.cli import add_client_commands
+
+    add_client_commands(parser.add_subparsers())
+    parser.parse_args(command[1:])  # exits with a usage error if a flag is wrong
+    ignored = (root / ".dockerignore").read_text().split()
+    assert {".venv", ".venv-*", ".git"} <= set(ignored)

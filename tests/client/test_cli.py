@@ -156,3 +156,32 @@ def test_serve_refuses_a_missing_repository_with_one_clear_line(tmp_path: Path) 
     assert result.returncode == 1
     assert "model repository" in result.stderr and "is not a directory" in result.stderr
     assert "--model-repository" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--port", "for gRPC: the port is taken or the address is not this machine's; "
+                   "choose another with --port"),
+        ("--metrics-port", "choose another with --metrics-port (-1 = off)"),
+    ],
+)  # fmt: skip
+def test_a_taken_port_gets_one_line_naming_its_flag(
+    repository: Path, flag: str, message: str
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        ports = {"--port": "0", "--metrics-port": "-1", flag: port}
+        result = subprocess.run(
+            [*TENSORGATE, "serve", "--host", "127.0.0.1", "--model-repository", str(repository),
+             *(item for pair in ports.items() for item in pair)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert message in result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
