@@ -6,13 +6,14 @@ with TensorgateClient("localhost:50051") as c:
 """
 
 from client.aio import AsyncTensorgateClient
-from client.codec import JobResult, JobSummary, StreamItem, StreamResult, Submitted
+from client.codec import JobResult, JobSummary, Security, StreamItem, StreamResult, Submitted
 from client.sync import TensorgateClient
 
 __all__ = [
     "AsyncTensorgateClient",
     "JobResult",
     "JobSummary",
+    "Security",
     "StreamItem",
     "StreamResult",
     "Submitted",

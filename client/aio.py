@@ -24,12 +24,21 @@ class AsyncTensorgateClient:
         *,
         timeout_s: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        security: codec.Security | None = None,
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            target, options=channel_options(max_message_bytes)
-        )
+        """security: TLS files and a bearer token (codec.Security); plaintext when None."""
+        self._security = security or codec.Security()
+        options = channel_options(max_message_bytes)
+        if self._security.tls:
+            credentials = self._security.channel_credentials()
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
         self._stub = pb_grpc.InferenceStub(self._channel)
         self._timeout_s = timeout_s
+
+    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return codec.call_metadata(self._security)
 
     async def predict(
         self,
@@ -42,7 +51,9 @@ class AsyncTensorgateClient:
     ) -> dict[str, np.ndarray]:
         request = codec.predict_request(model, inputs, outputs, request_id)
         response = await self._stub.Predict(
-            request, timeout=timeout_s or self._timeout_s, metadata=codec.trace_metadata()
+            request,
+            timeout=timeout_s or self._timeout_s,
+            metadata=self._metadata(),
         )
         return codec.decode_all(response.outputs)
 
@@ -57,22 +68,20 @@ class AsyncTensorgateClient:
     ) -> Submitted:
         request = codec.submit_request(model, inputs, outputs, idempotency_key, request_id)
         return codec.submitted(
-            await self._stub.Submit(
-                request, timeout=self._timeout_s, metadata=codec.trace_metadata()
-            )
+            await self._stub.Submit(request, timeout=self._timeout_s, metadata=self._metadata())
         )
 
     async def get_result(self, job_id: str, wait_timeout_s: float = 0.0) -> JobResult:
         request = pb.GetResultRequest(job_id=job_id, wait_timeout_seconds=wait_timeout_s)
         timeout = None if self._timeout_s is None else self._timeout_s + wait_timeout_s
         return codec.job_result(
-            await self._stub.GetResult(request, timeout=timeout, metadata=codec.trace_metadata())
+            await self._stub.GetResult(request, timeout=timeout, metadata=self._metadata())
         )
 
     async def cancel(self, job_id: str) -> str:
         request = pb.CancelJobRequest(job_id=job_id)
         response = await self._stub.CancelJob(
-            request, timeout=self._timeout_s, metadata=codec.trace_metadata()
+            request, timeout=self._timeout_s, metadata=self._metadata()
         )
         return pb.JobStatus.Name(response.status)
 
@@ -90,7 +99,7 @@ class AsyncTensorgateClient:
                     yield codec.stream_request(item)
 
         call = self._stub.StreamPredict(
-            requests(), timeout=self._timeout_s, metadata=codec.trace_metadata()
+            requests(), timeout=self._timeout_s, metadata=self._metadata()
         )
         async for response in call:
             yield codec.stream_result(response)
@@ -99,19 +108,21 @@ class AsyncTensorgateClient:
         """Jobs, newest first; status "FAILED" lists the dead letters."""
         request = pb.ListJobsRequest(status=status or "JOB_STATUS_UNSPECIFIED", limit=limit)
         response = await self._stub.ListJobs(
-            request, timeout=self._timeout_s, metadata=codec.trace_metadata()
+            request, timeout=self._timeout_s, metadata=self._metadata()
         )
         return [codec.job_summary(job) for job in response.jobs]
 
     async def list_models(self) -> pb.ListModelsResponse:
         return await self._stub.ListModels(
-            pb.ListModelsRequest(), timeout=self._timeout_s, metadata=codec.trace_metadata()
+            pb.ListModelsRequest(),
+            timeout=self._timeout_s,
+            metadata=self._metadata(),
         )
 
     async def model_metadata(self, model: str) -> pb.GetModelMetadataResponse:
         request = pb.GetModelMetadataRequest(model=model)
         return await self._stub.GetModelMetadata(
-            request, timeout=self._timeout_s, metadata=codec.trace_metadata()
+            request, timeout=self._timeout_s, metadata=self._metadata()
         )
 
     async def close(self) -> None:

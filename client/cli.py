@@ -32,6 +32,22 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: 
         help="server address (env TENSORGATE_TARGET; default localhost:50051)",
     )
     target.add_argument("--timeout-s", type=float, default=30.0)
+    target.add_argument(
+        "--tls-ca", default=os.environ.get("TENSORGATE_TLS_CA", ""), help="PEM CA: connect with TLS"
+    )
+    target.add_argument(
+        "--tls-cert",
+        default=os.environ.get("TENSORGATE_TLS_CERT", ""),
+        help="PEM client certificate (mutual TLS)",
+    )
+    target.add_argument(
+        "--tls-key", default=os.environ.get("TENSORGATE_TLS_KEY", ""), help="its private key"
+    )
+    target.add_argument(
+        "--token",
+        default=os.environ.get("TENSORGATE_TOKEN", ""),
+        help="bearer token (env TENSORGATE_TOKEN)",
+    )
 
     request = argparse.ArgumentParser(add_help=False)
     request.add_argument("--model", default="mlp")
@@ -79,8 +95,20 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     health.set_defaults(func=_health)
 
 
+def _security(args: argparse.Namespace) -> codec.Security:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together: give both")
+    return codec.Security(args.tls_ca, args.tls_cert, args.tls_key, args.token)
+
+
 def _call(args: argparse.Namespace, action: Any) -> int:
-    with TensorgateClient(args.target, timeout_s=args.timeout_s) as client:
+    try:
+        security = _security(args)
+        client = TensorgateClient(args.target, timeout_s=args.timeout_s, security=security)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with client:
         try:
             action(client)
         except grpc.RpcError as exc:
@@ -259,7 +287,17 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.target) as channel:
+    try:
+        security = _security(args)
+        channel = (
+            grpc.secure_channel(args.target, security.channel_credentials())
+            if security.tls
+            else grpc.insecure_channel(args.target)
+        )
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = stub.Check(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -80,6 +81,41 @@ class StreamResult:
     @property
     def ok(self) -> bool:
         return self.error_code is None
+
+
+@dataclass(slots=True, frozen=True)
+class Security:
+    """How a client proves itself: TLS (the server's CA; a client certificate and key for mutual
+    TLS) and a bearer token. Empty: plaintext, anonymous."""
+
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    token: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str) -> bytes | None:
+            return Path(path).expanduser().read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.tls_ca),
+            private_key=read(self.tls_key),
+            certificate_chain=read(self.tls_cert),
+        )
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+def call_metadata(security: Security) -> tuple[tuple[str, str], ...] | None:
+    """A call's metadata: the trace context (when tracing) and the bearer token (when set)."""
+    trace = trace_metadata() or ()
+    both = (*trace, *security.metadata())
+    return both or None
 
 
 def trace_metadata() -> tuple[tuple[str, str], ...] | None:

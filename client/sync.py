@@ -32,10 +32,21 @@ class TensorgateClient:
         *,
         timeout_s: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        security: codec.Security | None = None,
     ) -> None:
-        self._channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
+        """security: TLS files and a bearer token (codec.Security); plaintext when None."""
+        self._security = security or codec.Security()
+        options = channel_options(max_message_bytes)
+        if self._security.tls:
+            credentials = self._security.channel_credentials()
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.InferenceStub(self._channel)
         self._timeout_s = timeout_s
+
+    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return codec.call_metadata(self._security)
 
     def predict(
         self,
@@ -48,7 +59,9 @@ class TensorgateClient:
     ) -> dict[str, np.ndarray]:
         request = codec.predict_request(model, inputs, outputs, request_id)
         response = self._stub.Predict(
-            request, timeout=timeout_s or self._timeout_s, metadata=codec.trace_metadata()
+            request,
+            timeout=timeout_s or self._timeout_s,
+            metadata=self._metadata(),
         )
         return codec.decode_all(response.outputs)
 
@@ -63,7 +76,7 @@ class TensorgateClient:
     ) -> Submitted:
         request = codec.submit_request(model, inputs, outputs, idempotency_key, request_id)
         return codec.submitted(
-            self._stub.Submit(request, timeout=self._timeout_s, metadata=codec.trace_metadata())
+            self._stub.Submit(request, timeout=self._timeout_s, metadata=self._metadata())
         )
 
     def get_result(self, job_id: str, wait_timeout_s: float = 0.0) -> JobResult:
@@ -71,7 +84,7 @@ class TensorgateClient:
         request = pb.GetResultRequest(job_id=job_id, wait_timeout_seconds=wait_timeout_s)
         timeout = None if self._timeout_s is None else self._timeout_s + wait_timeout_s
         return codec.job_result(
-            self._stub.GetResult(request, timeout=timeout, metadata=codec.trace_metadata())
+            self._stub.GetResult(request, timeout=timeout, metadata=self._metadata())
         )
 
     def cancel(self, job_id: str) -> str:
@@ -79,7 +92,7 @@ class TensorgateClient:
         response = self._stub.CancelJob(
             pb.CancelJobRequest(job_id=job_id),
             timeout=self._timeout_s,
-            metadata=codec.trace_metadata(),
+            metadata=self._metadata(),
         )
         return pb.JobStatus.Name(response.status)
 
@@ -87,27 +100,27 @@ class TensorgateClient:
         """Sends items on one stream; yields each answer as it comes (not in send order)."""
         requests = (codec.stream_request(item) for item in items)
         for response in self._stub.StreamPredict(
-            requests, timeout=self._timeout_s, metadata=codec.trace_metadata()
+            requests, timeout=self._timeout_s, metadata=self._metadata()
         ):
             yield codec.stream_result(response)
 
     def list_jobs(self, status: str = "", limit: int = 100) -> list[JobSummary]:
         """Jobs, newest first; status "FAILED" lists the dead letters."""
         request = pb.ListJobsRequest(status=status or "JOB_STATUS_UNSPECIFIED", limit=limit)
-        response = self._stub.ListJobs(
-            request, timeout=self._timeout_s, metadata=codec.trace_metadata()
-        )
+        response = self._stub.ListJobs(request, timeout=self._timeout_s, metadata=self._metadata())
         return [codec.job_summary(job) for job in response.jobs]
 
     def list_models(self) -> pb.ListModelsResponse:
         return self._stub.ListModels(
-            pb.ListModelsRequest(), timeout=self._timeout_s, metadata=codec.trace_metadata()
+            pb.ListModelsRequest(),
+            timeout=self._timeout_s,
+            metadata=self._metadata(),
         )
 
     def model_metadata(self, model: str) -> pb.GetModelMetadataResponse:
         request = pb.GetModelMetadataRequest(model=model)
         return self._stub.GetModelMetadata(
-            request, timeout=self._timeout_s, metadata=codec.trace_metadata()
+            request, timeout=self._timeout_s, metadata=self._metadata()
         )
 
     def close(self) -> None:

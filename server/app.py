@@ -16,12 +16,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server.api.auth import Authenticator, AuthInterceptor, TlsFiles, server_credentials
 from server.api.health import HealthReporter
 from server.api.kserve import KServeServicer
 from server.api.messages import add_service
@@ -74,12 +76,13 @@ class TensorgateServer:
     async def _start(self) -> None:
         config = self.config
         store = _job_store(config)
+        auth, credentials = _security(config)
         model_configs = await asyncio.to_thread(discover, config.model_repository, config.models)
         if self._stopping:
             return
         self.models = {c.name: ServedModel(c) for c in model_configs}
         tracing = self._tracing if self._tracing is not None else Tracing.from_env()
-        self.telemetry = Telemetry(tracing, Metrics())
+        self.telemetry = Telemetry(tracing, Metrics(config.metrics_tenant_label))
         self.telemetry.metrics.watch(self._state)
         self._jobs = JobRunner(self.models, store, config, self.telemetry, self._on_jobs)
         self.plane = DataPlane(self.models, self._jobs, self.telemetry)
@@ -87,9 +90,16 @@ class TensorgateServer:
         # No gRPC-core limit on concurrent calls: the front ends refuse calls beyond
         # max_concurrent_rpcs themselves (RESOURCE_EXHAUSTED, retry-after-ms), which keeps the
         # health service answering however many calls and streams are open.
-        server = grpc.aio.server(options=config.grpc_options())
+        server = grpc.aio.server(
+            options=config.grpc_options(),
+            interceptors=[AuthInterceptor(auth)] if auth.enabled else None,
+        )
         frontend = self.frontend = Frontend(
-            self.plane, config.max_inflight_per_stream, config.max_concurrent_rpcs
+            self.plane,
+            config.max_inflight_per_stream,
+            config.max_concurrent_rpcs,
+            auth=auth,
+            tenant_rate=config.tenant_rate,
         )
         add_service(server, InferenceServicer(frontend), inference_pb2, "Inference")
         add_service(server, KServeServicer(frontend), grpc_service_pb2, "GRPCInferenceService")
@@ -103,8 +113,12 @@ class TensorgateServer:
             ),
             server,
         )
+        address = f"{config.host}:{config.port}"
         try:
-            self.port = server.add_insecure_port(f"{config.host}:{config.port}")
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
@@ -265,11 +279,34 @@ class TensorgateServer:
         await self._stopped.wait()
 
 
+def _security(config: ServerConfig) -> tuple[Authenticator, grpc.ServerCredentials | None]:
+    """Checks the TLS and token settings (one-line errors) and builds what enforces them."""
+    credentials = None
+    if config.tls_cert or config.tls_key:
+        if not (config.tls_cert and config.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together: give both")
+        files = TlsFiles(
+            Path(config.tls_cert),
+            Path(config.tls_key),
+            Path(config.tls_client_ca) if config.tls_client_ca else None,
+        )
+        credentials = server_credentials(files)
+    elif config.tls_client_ca:
+        raise ConfigError("--tls-client-ca needs TLS: give --tls-cert and --tls-key too")
+    tokens = Path(config.auth_tokens) if config.auth_tokens else None
+    return Authenticator(tokens, mutual_tls=bool(config.tls_client_ca)), credentials
+
+
 def _job_store(config: ServerConfig) -> JobStore:
     """The store --job-store names: memory, or Redis shared by replicas."""
     url = config.job_store
     if url == "memory":
-        return MemoryJobStore(config.max_pending_jobs, config.job_ttl_s, config.max_finished_jobs)
+        return MemoryJobStore(
+            config.max_pending_jobs,
+            config.job_ttl_s,
+            config.max_finished_jobs,
+            config.max_pending_jobs_per_tenant,
+        )
     if url.startswith(("redis://", "rediss://", "unix://")):
         from server.jobs.redis_store import RedisJobStore
 
@@ -280,6 +317,7 @@ def _job_store(config: ServerConfig) -> JobStore:
             max_finished=config.max_finished_jobs,
             max_attempts=config.job_max_attempts,
             lease_s=config.job_lease_s,
+            max_per_tenant=config.max_pending_jobs_per_tenant,
         )
     raise ConfigError(
         f"--job-store {url!r}: expected 'memory' or a Redis URL such as "

@@ -77,7 +77,28 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ig
         help="where jobs are kept: memory (this process) or redis://HOST:PORT/DB, shared by "
         "replicas (rediss:// for TLS; password in the URL or REDIS_PASSWORD)",
     )
+    for flag, help_text in (
+        ("tls_cert", "PEM certificate (chain) of the gRPC port: TLS on"),
+        ("tls_key", "PEM private key of --tls-cert"),
+        ("tls_client_ca", "PEM CA: mutual TLS, clients need a certificate it signed"),
+        ("auth_tokens", "file of 'TENANT SHA256HEX' lines: callers need a bearer token"),
+    ):
+        serve.add_argument(
+            "--" + flag.replace("_", "-"), default=_env(flag.upper(), ""), help=help_text
+        )
+    serve.add_argument(
+        "--metrics-tenant-label",
+        action="store_true",
+        default=_env("METRICS_TENANT_LABEL", "") not in ("", "0", "false"),
+        help="label request metrics with the tenant (for a few tenants only)",
+    )
     for flag, kind, help_text in (
+        ("tenant_rate", float, "inference requests per second per tenant (0 = no limit)"),
+        (
+            "max_pending_jobs_per_tenant",
+            int,
+            "unfinished jobs per tenant (0 = no limit)",
+        ),
         (
             "job_lease_s",
             float,
@@ -173,6 +194,13 @@ def _serve(args: argparse.Namespace) -> int:
         max_pending_jobs=args.max_pending_jobs,
         job_ttl_s=args.job_ttl_s,
         job_store=args.job_store,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_tokens=args.auth_tokens,
+        tenant_rate=args.tenant_rate,
+        max_pending_jobs_per_tenant=args.max_pending_jobs_per_tenant,
+        metrics_tenant_label=args.metrics_tenant_label,
         job_lease_s=args.job_lease_s,
         max_finished_jobs=args.max_finished_jobs,
         metrics_port=args.metrics_port,

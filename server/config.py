@@ -61,6 +61,18 @@ class ServerConfig:
     # serves its metrics on metrics_host (loopback) for the supervisor to add up.
     reuse_port: bool = False
     metrics_host: str = ""
+    # TLS on the gRPC port (PEM files, re-read when they change); with tls_client_ca, mutual TLS:
+    # clients must present a certificate that CA signed.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # Callers' tokens: a file of `TENANT SHA256HEX` lines (re-read when it changes).
+    auth_tokens: str = ""
+    # Per tenant: inference requests a second (0 = no limit) and unfinished jobs (0 = no limit).
+    tenant_rate: float = 0.0
+    max_pending_jobs_per_tenant: int = 0
+    # Label request metrics with the tenant (a series per tenant: for a few tenants only).
+    metrics_tenant_label: bool = False
     # This process's index among the workers (-1: the only one). A worker answers the health name
     # tensorgate.worker.<index> SERVING, which tells a client which process its connection reached.
     worker_index: int = -1

@@ -57,6 +57,12 @@ class Unavailable(TensorgateError):
     code = "UNAVAILABLE"
 
 
+class Unauthenticated(TensorgateError):
+    """The server needs credentials the call lacks (a token, a client certificate)."""
+
+    code = "UNAUTHENTICATED"
+
+
 class Internal(TensorgateError):
     """The engine failed while running the request."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import time
@@ -21,10 +22,11 @@ from typing import Any, TypeVar
 import grpc
 from opentelemetry.trace import Span
 
+from server.api.auth import Authenticator, TenantRates
 from server.api.messages import Malformed, resolve
 from server.api.status import abort, as_domain_error, status_of
 from server.dataplane import DataPlane
-from server.errors import Cancelled, DeadlineExceeded, ResourceExhausted
+from server.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unauthenticated
 from server.records import Request, Submitted
 from server.tensors import Outputs
 
@@ -34,6 +36,10 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Msg = TypeVar("Msg")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext, Span | None], Awaitable[Resp]]
+
+# The tenant of the call being handled (set by Frontend.admitted, read by the handlers and, in a
+# stream, by the reader task it starts).
+_TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="")
 
 # A deadline further away than this is treated as none (gRPC reports "infinite" as a huge number).
 _NO_DEADLINE_S = 10**8
@@ -117,24 +123,42 @@ class Frontend:
     by every front end."""
 
     def __init__(
-        self, plane: DataPlane, max_inflight_per_stream: int, max_concurrent_rpcs: int = 0
+        self,
+        plane: DataPlane,
+        max_inflight_per_stream: int,
+        max_concurrent_rpcs: int = 0,
+        auth: Authenticator | None = None,
+        tenant_rate: float = 0.0,
     ) -> None:
         self.plane = plane
+        self.auth = auth if auth is not None and auth.enabled else None
+        self.rates = TenantRates(tenant_rate)
         self.tracing = plane.tracing
         self.metrics = plane.telemetry.metrics
         self.max_inflight_per_stream = max_inflight_per_stream
         self.max_concurrent_rpcs = max_concurrent_rpcs
         # Unary calls in a handler plus streams open, across both front ends.
         self.calls = 0
-        # (model, kind, code) -> the counter and histogram children: labels() takes a lock and
-        # validates on every call, which the request path need not pay. Bounded: model names
-        # collapse to the served ones, kinds and codes are fixed sets.
-        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        # (model, kind, code, tenant) -> the counter and histogram children: labels() takes a
+        # lock and validates on every call, which the request path need not pay. Bounded: model
+        # names collapse to the served ones, kinds and codes are fixed sets, tenants are ""
+        # unless --metrics-tenant-label.
+        self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+
+    def tenant(self) -> str:
+        """The tenant of the call being handled ("" with auth off)."""
+        return _TENANT.get()
 
     @contextlib.asynccontextmanager
     async def admitted(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Counts a unary call or an open stream for as long as it runs; beyond
-        max_concurrent_rpcs the call ends at once with RESOURCE_EXHAUSTED and retry-after-ms."""
+        """Names the caller's tenant, and counts a unary call or an open stream for as long as it
+        runs; beyond max_concurrent_rpcs the call ends at once with RESOURCE_EXHAUSTED and
+        retry-after-ms."""
+        if self.auth is not None:
+            try:
+                _TENANT.set(self.auth.tenant(context.invocation_metadata(), context.auth_context()))
+            except Unauthenticated as exc:
+                await abort(context, exc)
         limit = self.max_concurrent_rpcs
         if limit and self.calls >= limit:
             await abort(
@@ -151,14 +175,18 @@ class Frontend:
         finally:
             self.calls -= 1
 
-    def count(self, model: str, kind: str, error: BaseException | None, started: float) -> None:
+    def count(
+        self, model: str, kind: str, error: BaseException | None, started: float, tenant: str = ""
+    ) -> None:
         code = "OK" if error is None else as_domain_error(error).code
-        key = (model, kind, code)
+        if not self.metrics.tenant_label:
+            tenant = ""
+        key = (model, kind, code, tenant)
         children = self._children.get(key)
         if children is None:
             label = self.plane.metric_model(model)
             children = (
-                self.metrics.requests.labels(label, kind, code),
+                self.metrics.request_counter(label, kind, code, tenant),
                 self.metrics.request_seconds.labels(label, kind),
             )
             if label == model:  # unknown names are not remembered, so the dict stays bounded
@@ -173,22 +201,26 @@ class Frontend:
         started = time.perf_counter()
         error: BaseException | None = None
         request.deadline = deadline_of(context)
+        request.tenant = _TENANT.get()
         try:
+            self.rates.charge(request.tenant)
             return await self.plane.infer(request, span)
         except BaseException as exc:
             error = gone(request.deadline) if isinstance(exc, asyncio.CancelledError) else exc
             raise
         finally:
-            self.count(request.model, "unary", error, started)
+            self.count(request.model, "unary", error, started, request.tenant)
 
     async def submit(self, request: Request, idempotency_key: str, span: Span | None) -> Submitted:
         """Accepts a job. A refused Submit is counted here; an accepted job is counted by the
         job runner when it finishes."""
         started = time.perf_counter()
+        request.tenant = _TENANT.get()
         try:
+            self.rates.charge(request.tenant)
             return await self.plane.submit(request, idempotency_key, span)
         except Exception as exc:
-            self.count(request.model, "job", exc, started)
+            self.count(request.model, "job", exc, started, request.tenant)
             raise
 
     def encode(self, span: Span | None, build: Callable[[], Resp]) -> Resp:
@@ -224,6 +256,7 @@ class Frontend:
             futures: set[asyncio.Future[Outputs]] = set()
             outstanding = 0
             deadline = deadline_of(context)
+            tenant = _TENANT.get()
             tracing = self.tracing
             call_span = tracing.start_rpc(method, context.invocation_metadata(), service=service)
             self.metrics.open_streams.inc()
@@ -241,7 +274,7 @@ class Frontend:
                 else:
                     outbox.put_nowait(fail(message, error or Cancelled("cancelled")))
                 tracing.end(span, error)
-                self.count(model, "stream", error, started)
+                self.count(model, "stream", error, started, tenant)
 
             def answered(
                 message: Msg,
@@ -275,6 +308,8 @@ class Frontend:
                             request = decode(message)
                             model = request.model
                             request.deadline = deadline
+                            request.tenant = tenant
+                            self.rates.charge(tenant)
                             span = tracing.start_child(
                                 call_span, "request", model=request.model, request_id=request.id
                             )

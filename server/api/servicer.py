@@ -70,7 +70,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self, request: pb.GetResultRequest, context: grpc.aio.ServicerContext, span: Span | None
     ) -> pb.GetResultResponse:
         job = await self._plane.job(
-            request.job_id, wait_s=max(request.wait_timeout_seconds, 0.0), span=span
+            request.job_id,
+            self.frontend.tenant(),
+            wait_s=max(request.wait_timeout_seconds, 0.0),
+            span=span,
         )
         return _job_result(job)
 
@@ -78,7 +81,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def CancelJob(
         self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext, span: Span | None
     ) -> pb.CancelJobResponse:
-        job = await self._plane.cancel_job(request.job_id)
+        job = await self._plane.cancel_job(request.job_id, self.frontend.tenant())
         return pb.CancelJobResponse(job_id=job.id, status=job.status.value)
 
     @rpc
@@ -87,7 +90,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> pb.ListJobsResponse:
         if request.limit < 0 or request.limit > _MAX_LISTED_JOBS:
             raise InvalidArgument(f"limit must be between 0 and {_MAX_LISTED_JOBS}")
-        jobs = await self._plane.list_jobs(_job_status(request.status), request.limit or 100)
+        jobs = await self._plane.list_jobs(
+            _job_status(request.status), request.limit or 100, self.frontend.tenant()
+        )
         return pb.ListJobsResponse(
             jobs=[
                 pb.JobSummary(

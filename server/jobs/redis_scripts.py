@@ -30,6 +30,7 @@ end
 
 local function settle(id, status, now_ms, ttl_ms, max_finished, code, message, outputs)
   local job = P .. 'job:' .. id
+  redis.call('HINCRBY', P .. 'pending', redis.call('HGET', job, 'tenant') or '', -1)
   redis.call('HSET', job, 'status', status, 'finished', now_ms, 'code', code,
              'message', message, 'owner', '')
   if outputs ~= '' then
@@ -56,9 +57,9 @@ end
 """
 
 # KEYS: the job, its model's stream, the idempotency key ('' when none), then every model's stream.
-# ARGV: prefix, id, now_ms, ttl_ms, max_pending, has_key, then the job's fields.
-# Returns {0, existing id} (deduplicated), {-1, pending} (over the bound) or {1, unfinished jobs
-# of the model before this one}.
+# ARGV: prefix, id, now_ms, ttl_ms, max_pending, has_key, tenant, max_per_tenant (0 = none), then
+# the job's fields. Returns {0, existing id} (deduplicated), {-1, pending} (over the bound), {-2,
+# the tenant's unfinished jobs} (over its bound) or {1, unfinished jobs of the model before it}.
 SUBMIT = (
     _COMMON
     + """
@@ -80,7 +81,12 @@ local ahead = redis.call('XLEN', KEYS[2])
 if pending >= tonumber(ARGV[5]) then
   return {-1, tostring(pending)}
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+local held = tonumber(redis.call('HGET', P .. 'pending', ARGV[7]) or '0')
+if tonumber(ARGV[8]) > 0 and held >= tonumber(ARGV[8]) then
+  return {-2, tostring(held)}
+end
+redis.call('HINCRBY', P .. 'pending', ARGV[7], 1)
+redis.call('HSET', KEYS[1], unpack(ARGV, 9))
 local entry = redis.call('XADD', KEYS[2], '*', 'id', id)
 redis.call('HSET', KEYS[1], 'entry', entry)
 if ARGV[6] == '1' then

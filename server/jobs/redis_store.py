@@ -12,6 +12,7 @@ Layout (every key starts with tg:, so one Redis database can be inspected at a g
     tg:done            sorted set: finished job id by finish time (expiry, the bound on results)
     tg:dead            stream: jobs whose attempts ran out (dead letters), for operators
     tg:count           hash: finished jobs kept, by status (the metrics)
+    tg:pending         hash: unfinished jobs by tenant (--max-pending-jobs-per-tenant)
     tg:finished        pub/sub channel: "<id> <STATUS>" whenever a job finishes
 
 Every change of state is one Lua script (redis_scripts.py), so racing replicas agree. A job is
@@ -97,6 +98,7 @@ class RedisJobStore:
         max_finished: int,
         max_attempts: int,
         lease_s: float,
+        max_per_tenant: int = 0,
     ) -> None:
         parts = urlsplit(url)
         self.where = f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or ''}"
@@ -118,6 +120,7 @@ class RedisJobStore:
             url, password=password, socket_timeout=None, socket_connect_timeout=2.0
         )
         self._max_pending = max_pending
+        self._max_per_tenant = max_per_tenant
         self._ttl_ms = int(ttl_s * 1000)
         self._max_finished = max_finished
         self._max_attempts = max_attempts
@@ -279,6 +282,8 @@ class RedisJobStore:
                     self._ttl_ms,
                     self._max_pending,
                     "1" if key else "0",
+                    job.tenant,
+                    self._max_per_tenant,
                     *fields,
                 ],
             )
@@ -286,6 +291,12 @@ class RedisJobStore:
                 existing = await self.get(value.decode(), job.tenant)
                 if existing is not None:
                     return existing, True, 0
+        if outcome == -2:
+            raise ResourceExhausted(
+                f"tenant '{job.tenant}' has {int(value)} unfinished jobs, its limit "
+                "(--max-pending-jobs-per-tenant); retry later",
+                retry_after_s=1.0,
+            )
         if outcome == -1:
             raise ResourceExhausted(
                 f"{int(value)} jobs are pending, the limit is {self._max_pending}; retry later",

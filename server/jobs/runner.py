@@ -346,7 +346,7 @@ class JobRunner:
         lane.held.pop(job.id, None)
         lane.room.set()
         code = job.error.code if job.error is not None else "OK"
-        self._metrics.requests.labels(job.model, "job", code).inc()
+        self._metrics.request_counter(job.model, "job", code, job.tenant).inc()
         self._metrics.request_seconds.labels(job.model, "job").observe(
             max((job.finished_at or time.time()) - job.created_at, 0.0)
         )

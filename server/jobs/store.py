@@ -116,7 +116,9 @@ class MemoryJobStore:
     shared = False
     available = True
 
-    def __init__(self, max_pending: int, ttl_s: float, max_finished: int = 100_000) -> None:
+    def __init__(
+        self, max_pending: int, ttl_s: float, max_finished: int = 100_000, max_per_tenant: int = 0
+    ) -> None:
         self._jobs: dict[str, Job] = {}
         self._by_key: dict[tuple[str, str], Job] = {}
         self._finished: collections.OrderedDict[str, Job] = collections.OrderedDict()
@@ -127,6 +129,8 @@ class MemoryJobStore:
         self._max_finished = max_finished
         self.unfinished = 0
         self._unfinished_by_model: collections.Counter[str] = collections.Counter()
+        self._unfinished_by_tenant: collections.Counter[str] = collections.Counter()
+        self._max_per_tenant = max_per_tenant
         self._queued = 0
 
     def __len__(self) -> int:
@@ -155,10 +159,14 @@ class MemoryJobStore:
                 "retry later",
                 retry_after_s=1.0,
             )
+        held = self._unfinished_by_tenant[job.tenant]
+        if self._max_per_tenant and held >= self._max_per_tenant:
+            raise ResourceExhausted(_over_tenant_limit(job.tenant, held), retry_after_s=1.0)
         if job.idempotency_key:
             self._by_key[key] = job
         self._jobs[job.id] = job
         self.unfinished += 1
+        self._unfinished_by_tenant[job.tenant] += 1
         ahead = self._unfinished_by_model[job.model]
         self._unfinished_by_model[job.model] += 1
         self._queues[job.model].append(job)
@@ -232,6 +240,7 @@ class MemoryJobStore:
         job.run = None
         self.unfinished -= 1
         self._unfinished_by_model[job.model] -= 1
+        self._unfinished_by_tenant[job.tenant] -= 1
         self._finished[job.id] = job
         while len(self._finished) > self._max_finished:
             _, oldest = self._finished.popitem(last=False)
@@ -295,6 +304,13 @@ class MemoryJobStore:
         key = (job.tenant, job.idempotency_key)
         if job.idempotency_key and self._by_key.get(key) is job:
             del self._by_key[key]
+
+
+def _over_tenant_limit(tenant: str, held: int) -> str:
+    return (
+        f"tenant '{tenant}' has {held} unfinished jobs, its limit "
+        "(--max-pending-jobs-per-tenant); retry later"
+    )
 
 
 def _expired(job: Job, now: float) -> bool:

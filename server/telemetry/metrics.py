@@ -28,13 +28,17 @@ SCRAPE_THREADS = 8
 class Metrics:
     """The server's metrics. Constructing it does no I/O; serve() starts the HTTP endpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, tenant_label: bool = False) -> None:
+        """tenant_label: count requests by tenant too (one series per tenant: only when the
+        tenants are few)."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.tenant_label = tenant_label
         self.requests = Counter(
             "tensorgate_requests",
-            "Inference requests answered, by model, RPC kind and gRPC status code",
-            ["model", "kind", "code"],
+            "Inference requests answered, by model, RPC kind and gRPC status code"
+            + (", and tenant" if tenant_label else ""),
+            ["model", "kind", "code", *(["tenant"] if tenant_label else [])],
             registry=r,
         )
         self.request_seconds = Histogram(
@@ -75,6 +79,12 @@ class Metrics:
             "tensorgate_open_streams", "StreamPredict calls open now", registry=r
         )
         self._server: Any = None
+
+    def request_counter(self, model: str, kind: str, code: str, tenant: str = "") -> Any:
+        """The requests counter's child for these labels (tenant only when it is a label)."""
+        if self.tenant_label:
+            return self.requests.labels(model, kind, code, tenant)
+        return self.requests.labels(model, kind, code)
 
     def watch(self, state: Callable[[], Mapping[str, Any]]) -> None:
         """Reads current state at scrape time: state() returns {"queue_depth": {model: n},

@@ -151,3 +151,25 @@ async def test_the_pending_bound_holds_over_replicas(replicas: Callable[..., Any
         await store.add(_job())
     with pytest.raises(ResourceExhausted, match="3 jobs are pending, the limit is 3"):
         await b.add(_job())
+
+
+async def test_pending_jobs_are_bounded_per_tenant_over_replicas(
+    replicas: Callable[..., Any],
+) -> None:
+    from server.errors import ResourceExhausted
+
+    a = await replicas(max_per_tenant=1)
+    b = await replicas(max_per_tenant=1)
+
+    def of(tenant: str) -> Job:
+        job = _job()
+        job.tenant = job.payload.tenant = tenant  # type: ignore[union-attr]
+        return job
+
+    first, _, _ = await a.add(of("team-a"))
+    with pytest.raises(ResourceExhausted, match="tenant 'team-a' has 1 unfinished jobs"):
+        await b.add(of("team-a"))
+    await b.add(of("team-b"))  # another tenant is not held back
+    cancelled = await a.cancel(first.id, "team-a")
+    assert cancelled is not None and cancelled.status is JobStatus.CANCELLED
+    await b.add(of("team-a"))  # a finished job no longer counts
