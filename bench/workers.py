@@ -40,6 +40,11 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--load-processes", type=int, default=2)
+    parser.add_argument(
+        "--results-only",
+        action="store_true",
+        help="write bench/results/workers.json only (docs untouched, no plot)",
+    )
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
     total = (len(args.workers) + 1) * len(args.concurrency)
@@ -90,6 +95,13 @@ def main() -> int:
         "load_processes": args.load_processes,
         "rows": rows,
     }
+    if args.results_only:
+        out = ROOT / "bench" / "results" / "workers.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(_markdown(report))
+        print(f"wrote {out}")
+        return 0
     (DOCS / "workers.json").write_text(json.dumps(report, indent=2) + "\n")
     replace_section(DOCS / "benchmarks.md", "workers", _markdown(report))
     _plot(rows, DOCS / "bench_workers.png")
