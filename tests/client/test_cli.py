@@ -21,7 +21,12 @@ ROOT = Path(__file__).resolve().parents[2]
 class ServeProcess:
     def __init__(self, repository: Path) -> None:
         # Flags and their TENSORGATE_* environment equivalents, both exercised.
-        env = {**os.environ, "TENSORGATE_MODELS": "mlp,pair", "TENSORGATE_PORT": "0"}
+        env = {
+            **os.environ,
+            "TENSORGATE_MODELS": "mlp,pair",
+            "TENSORGATE_PORT": "0",
+            "TENSORGATE_METRICS_PORT": "0",  # never the default 8002 `make serve` may hold
+        }
         self.process = subprocess.Popen(
             [*TENSORGATE, "serve", "--host", "127.0.0.1", "--model-repository", str(repository)],
             cwd=ROOT,

@@ -26,7 +26,8 @@ UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 def _start(repository: Path) -> tuple[subprocess.Popen[str], int, list[str]]:
     process = subprocess.Popen(
         [sys.executable, "-m", "tensorgate_cli", "serve", "--host", "127.0.0.1", "--port", "0",
-         "--model-repository", str(repository), "--models", "mlp", "--shutdown-grace-s", "10"],
+         "--metrics-port", "-1", "--model-repository", str(repository), "--models", "mlp",
+         "--shutdown-grace-s", "10"],
         cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     assert process.stderr is not None
