@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -40,6 +41,11 @@ from tensorgate.kserve import grpc_service_pb2
 from tensorgate.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
+
+_PORT_TAKEN = (
+    "cannot listen on {host}:{port} for gRPC: the port is taken or the address is not this "
+    "machine's; choose another with --port"
+)
 
 # Time to stop gRPC, the schedulers and the backends after the grace period ends.
 _TEARDOWN_S = 2.0
@@ -114,6 +120,8 @@ class TensorgateServer:
             server,
         )
         address = f"{config.host}:{config.port}"
+        if config.port and not config.reuse_port and not _bindable(config.host, config.port):
+            raise ConfigError(_PORT_TAKEN.format(host=config.host, port=config.port))
         try:
             if credentials is None:
                 self.port = server.add_insecure_port(address)
@@ -122,10 +130,7 @@ class TensorgateServer:
         except RuntimeError:
             self.port = 0
         if self.port == 0:
-            raise ConfigError(
-                f"cannot listen on {config.host}:{config.port} for gRPC: the port is taken or "
-                "the address is not this machine's; choose another with --port"
-            )
+            raise ConfigError(_PORT_TAKEN.format(host=config.host, port=config.port))
         if config.metrics_port >= 0:
             # Bound before any model loads, so a taken port fails at once, by name.
             try:
@@ -277,6 +282,25 @@ class TensorgateServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _bindable(host: str, port: int) -> bool:
+    """Whether host:port can be bound now (asked before gRPC, which would log a core error line
+    of its own first)."""
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError:
+        return True  # let gRPC report it
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError:
+                return False
+    return True
 
 
 def _security(config: ServerConfig) -> tuple[Authenticator, grpc.ServerCredentials | None]:
