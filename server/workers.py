@@ -144,7 +144,7 @@ class Supervisor:
         config = dataclasses.replace(self._child, worker_index=index)
         process = self._context.Process(
             target=_worker_main,
-            args=(config, index, self._events, self._log_level, self._event_loop),
+            args=(config, index, self._events, self._log_level, self._event_loop, os.getpid()),
             name=f"tensorgate-worker-{index}",
         )
         process.start()
@@ -232,13 +232,19 @@ class Supervisor:
 
 
 def _worker_main(
-    config: ServerConfig, index: int, events: Any, log_level: str, event_loop: str
+    config: ServerConfig,
+    index: int,
+    events: Any,
+    log_level: str,
+    event_loop: str,
+    supervisor: int,
 ) -> None:
     """A worker process: one whole server, telling the supervisor when it serves."""
     from server.cli import configure_logging, loop_factory, run_server
 
     configure_logging(log_level, f"worker {index} pid %(process)d")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; it sends SIGTERM
+    _stop_with_parent(supervisor)
 
     def ready(metrics_port: int) -> None:
         events.put(("ready", index, os.getpid(), metrics_port))
@@ -250,6 +256,20 @@ def _worker_main(
         logging.getLogger("tensorgate").error("%s", exc)
         events.put(("failed", index, str(exc)))
         raise SystemExit(1) from None
+
+
+def _stop_with_parent(supervisor: int) -> None:
+    """A worker whose supervisor dies (even by SIGKILL) gets SIGTERM and drains, instead of
+    serving on as an orphan nobody supervises (Linux: PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        log.warning("cannot ask to be stopped with the supervisor on this system")
+    if os.getppid() != supervisor:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _address(host: str) -> tuple[socket.AddressFamily, str]:

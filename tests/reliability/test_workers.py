@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -45,7 +46,7 @@ def workers(repository: Path, redis_db: Callable[[], str]) -> Iterator[Callable[
     yield start
     for server in started:
         if server.process.poll() is None:
-            server.kill()
+            server.stop()  # SIGTERM: the supervisor drains and stops its workers
 
 
 def _channel(target: str) -> grpc.Channel:
@@ -161,6 +162,23 @@ def test_a_killed_worker_is_replaced_and_the_others_calls_never_fail(
     assert _value(_metrics(server.metrics_port), "tensorgate_workers") == 2
     for channel in channels:
         channel.close()
+
+
+def test_workers_stop_when_the_supervisor_is_killed(
+    workers: Callable[..., ServeProcess],
+) -> None:
+    server = workers()
+    pids = list(_worker_pids(server).values())
+    server.kill()  # SIGKILL: the supervisor cannot pass anything on
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") >= 0
+
+    wait_until(lambda: all(gone(pid) for pid in pids), timeout_s=20, what="orphan workers gone")
 
 
 def test_sigterm_drains_every_worker_with_exit_code_0(
