@@ -166,6 +166,7 @@ class TensorgateServer:
         ready = [m for m in self.models.values() if m.state is ModelState.READY]
         if not ready:
             failures = "; ".join(m.failure for m in self.models.values())
+            self._started.set()  # stop() waits for start() to finish: this is its end
             await self.stop()
             raise ConfigError(f"no model could be loaded: {failures}")
         await self._jobs.start()

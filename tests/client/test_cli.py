@@ -190,3 +190,16 @@ def test_a_taken_port_gets_one_line_naming_its_flag(
     assert message in result.stderr
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_serve_exits_with_one_line_when_no_model_loads(tmp_path: Path) -> None:
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.toml").write_text('backend = "onnxruntime"\n')
+    result = subprocess.run(
+        [*TENSORGATE, "serve", "--port", "0", "--metrics-port", "-1",
+         "--model-repository", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "no model could be loaded: model 'broken':" in result.stderr
+    assert "Traceback" not in result.stderr
