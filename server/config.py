@@ -118,6 +118,11 @@ class ModelConfig:
     # Send a batch at once while another instance is idle, instead of waiting up to
     # max_queue_delay_s for company: lower latency at low load, smaller batches near saturation.
     eager_dispatch: bool = False
+    # "adaptive" (the default): wait for company only when it is coming soon enough to be worth
+    # it (batching/policy.py); "static": always wait up to max_queue_delay_s.
+    batching: str = "adaptive"
+    # Adaptive batching keeps queue wait plus run time within this while the load allows; 0 = none.
+    latency_budget_s: float = 0.0
     # Most requests waiting in the model's queue; more are refused with RESOURCE_EXHAUSTED.
     queue_capacity: int = 1024
     instance_count: int = 1
@@ -157,6 +162,9 @@ class ModelConfig:
             ),
             pad_to_preferred=_bool(raw.pop("pad_to_preferred", False), "pad_to_preferred", path),
             eager_dispatch=_bool(raw.pop("eager_dispatch", False), "eager_dispatch", path),
+            batching=_choice(raw.pop("batching", "adaptive"), "batching", path, _POLICIES),
+            latency_budget_s=_number(raw.pop("latency_budget_ms", 0), "latency_budget_ms", path)
+            / 1000.0,
             queue_capacity=_int(raw.pop("queue_capacity", 1024), "queue_capacity", path, low=1),
             instance_count=_int(raw.pop("instance_count", 1), "instance_count", path, low=1),
             execution_timeout_s=_number(
@@ -177,7 +185,8 @@ class ModelConfig:
 
 _MODEL_KEYS = (
     "backend", "max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes",
-    "pad_to_preferred", "eager_dispatch", "queue_capacity", "instance_count",
+    "pad_to_preferred", "eager_dispatch", "batching", "latency_budget_ms", "queue_capacity",
+    "instance_count",
     "execution_timeout_ms", "default_timeout_ms",
 )  # fmt: skip
 
@@ -192,6 +201,15 @@ def _unknown_keys(raw: dict[str, Any], backend: str) -> str:
         close = difflib.get_close_matches(key, known, n=1)
         parts.append(f"'{key}' (did you mean '{close[0]}'?)" if close else f"'{key}'")
     return "unknown keys " + ", ".join(parts) + f"; known keys: {', '.join(known)}"
+
+
+_POLICIES = ("adaptive", "static")
+
+
+def _choice(value: Any, key: str, path: Path, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{path}: '{key}' must be one of {', '.join(allowed)}, got {value!r}")
+    return str(value)
 
 
 def _int(value: Any, key: str, path: Path, low: int) -> int:

@@ -161,9 +161,16 @@ def build_repository(root: Path) -> Path:
     build("mlp", root)
     artifact = root / "mlp" / "model.onnx"
     for name, settings in {
-        "mlp_wide": dict(max_batch_size=8, max_queue_delay_ms=300.0, instance_count=1),
+        # These two hold requests for their whole window (the static policy) on purpose.
+        "mlp_wide": dict(
+            max_batch_size=8, max_queue_delay_ms=300.0, instance_count=1, batching="static"
+        ),
         "mlp_tiny_queue": dict(
-            max_batch_size=64, max_queue_delay_ms=2000.0, queue_capacity=2, instance_count=1
+            max_batch_size=64,
+            max_queue_delay_ms=2000.0,
+            queue_capacity=2,
+            instance_count=1,
+            batching="static",
         ),
     }.items():
         write_config(

@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from server.batching.execution import BatchExecution, InstanceHung
-from server.batching.policy import StaticWindow
+from server.batching.policy import AdaptiveWindow, BatchingPolicy, StaticWindow
 from server.batching.queue import RequestQueue
 from server.batching.request import InferenceRequest
 from server.batching.stats import BatcherStats
@@ -46,11 +46,20 @@ class DynamicBatcher:
         self._model_outputs = tuple(output_names)
         self._pool = pool
         self._replace_instance = replace_instance
-        self.policy = StaticWindow(
-            config.max_batch_size,
-            config.max_queue_delay_s,
-            config.preferred_batch_sizes,
-            config.eager_dispatch,
+        self.policy: BatchingPolicy = (
+            StaticWindow(
+                config.max_batch_size,
+                config.max_queue_delay_s,
+                config.preferred_batch_sizes,
+                config.eager_dispatch,
+            )
+            if config.batching == "static"
+            else AdaptiveWindow(
+                config.max_batch_size,
+                config.max_queue_delay_s,
+                config.preferred_batch_sizes,
+                config.latency_budget_s,
+            )
         )
         telemetry = telemetry or Telemetry.quiet()
         self._m_queue = telemetry.metrics.queue_seconds.labels(config.name)
@@ -59,7 +68,9 @@ class DynamicBatcher:
         # Batches on instances, and instance replacements under way.
         self._batches: dict[asyncio.Task[None], Batch[InferenceRequest]] = {}
         self._replacing: set[asyncio.Task[None]] = set()
-        self._execution = BatchExecution(config, self.stats, telemetry, on_health)
+        self._execution = BatchExecution(
+            config, self.stats, telemetry, on_health, on_batch=self.policy.ran
+        )
 
     @property
     def healthy(self) -> bool:
@@ -86,6 +97,7 @@ class DynamicBatcher:
         if not self._pool.instances:
             raise Unavailable(f"model '{self._config.name}' has no working instance")
         self._queue.put(request)
+        self.policy.arrived(request.rows, request.enqueued_at)
         if request.trace is not None:
             request.trace.enqueued_ns = time.time_ns()
             request.trace.queue_depth = self._queue.live - 1

@@ -42,10 +42,14 @@ class BatchExecution:
         stats: BatcherStats,
         telemetry: Telemetry,
         on_health: Callable[[bool], None] = lambda healthy: None,
+        on_batch: Callable[[int, float], None] = lambda rows, seconds: None,
     ) -> None:
+        """on_batch(rows, seconds): a batch succeeded, holding its instance that long (what the
+        batching policy learns the engine's cost from)."""
         self._config = config
         self.stats = stats
         self._on_health = on_health
+        self._on_batch = on_batch
         self._tracing = telemetry.tracing
         metrics, model = telemetry.metrics, config.name
         self._m_compute = metrics.compute_seconds.labels(model)
@@ -98,6 +102,7 @@ class BatchExecution:
             elapsed_s = time.perf_counter() - started
             compute_s = result.stage_s.get("compute", 0.0)
             self._record(batch, elapsed_s, compute_s)
+            self._on_batch(batch.rows, elapsed_s)
             self._m_rows.observe(batch.rows)
             self._m_compute.observe(compute_s)
             self._m_busy.labels(config.name, str(instance.index)).inc(elapsed_s)

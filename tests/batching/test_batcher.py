@@ -96,6 +96,7 @@ def test_request_whose_deadline_passes_in_the_queue_fails_before_compute(
         backend="onnxruntime",
         onnxruntime={"artifact": str(repository / "mlp" / "model.onnx")},
         max_queue_delay_ms=300.0,
+        batching="static",
         default_timeout_ms=100,
         instance_count=1,
     )
@@ -136,6 +137,7 @@ def test_eager_dispatch_skips_the_window_while_another_instance_is_idle(
             backend="onnxruntime",
             onnxruntime={"artifact": str(repository / "mlp" / "model.onnx")},
             max_queue_delay_ms=500.0,
+            batching="static",
             instance_count=2,
             eager_dispatch=eager,
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.batching.policy import StaticWindow
+from server.batching.policy import AdaptiveWindow, StaticWindow
 
 WINDOW = StaticWindow(max_batch_size=8, max_queue_delay_s=0.002, preferred_batch_sizes=(4,))
 
@@ -45,3 +45,70 @@ def test_eager_dispatch_skips_the_window_only_while_another_instance_is_idle() -
     eager = StaticWindow(8, 0.002, eager_dispatch=True)
     assert eager.wait_s(1, 3.0, 3.0, idle_instances=1) == 0.0
     assert eager.wait_s(1, 3.0, 3.0, idle_instances=0) == pytest.approx(0.002)
+
+
+# --- the adaptive policy ------------------------------------------------------------------------
+
+
+def _adaptive(gap_s: float, call_s: float = 0.0005, budget_s: float = 0.0) -> AdaptiveWindow:
+    """An adaptive policy that has seen 50 arrivals `gap_s` apart and batches costing call_s."""
+    policy = AdaptiveWindow(max_batch_size=8, max_queue_delay_s=0.002, latency_budget_s=budget_s)
+    for i in range(50):
+        policy.arrived(1, 100.0 + i * gap_s)
+    for _ in range(50):
+        policy.ran(1, call_s)
+    return policy
+
+
+def test_adaptive_sends_a_lone_request_at_once_when_nothing_has_been_learned() -> None:
+    fresh = AdaptiveWindow(max_batch_size=8, max_queue_delay_s=0.002)
+    assert fresh.wait_s(1, 1.0, 1.0, idle_instances=1) == 0.0
+
+
+def test_adaptive_idle_arrivals_slower_than_an_engine_call_go_without_a_window() -> None:
+    # One caller in a loop: a request every 3 ms, an engine call 0.5 ms.
+    policy = _adaptive(gap_s=0.003)
+    assert policy.wait_s(1, 1.0, 1.0, idle_instances=1) == 0.0
+
+
+def test_adaptive_steady_fast_arrivals_wait_for_the_company_expected() -> None:
+    # A row every 0.1 ms, an engine call 0.5 ms: waiting fills the batch sooner than the window.
+    policy = _adaptive(gap_s=0.0001)
+    wait = policy.wait_s(3, 1.0, 1.0, idle_instances=1)
+    assert wait == pytest.approx(5 * 0.0001, rel=0.05)  # 5 more rows to a full batch of 8
+    # Never past the window, however slowly the batch fills.
+    slow_fill = _adaptive(gap_s=0.0004)
+    assert slow_fill.wait_s(1, 1.0, 1.0, idle_instances=0) == pytest.approx(0.002)
+
+
+def test_adaptive_saturated_waits_while_every_other_instance_is_busy() -> None:
+    # Rows arrive every 1 ms (slower than a call) but no other instance is free: company is
+    # worth waiting for, within the window.
+    policy = _adaptive(gap_s=0.001)
+    assert policy.wait_s(2, 1.0, 1.0, idle_instances=0) == pytest.approx(0.002)
+    assert policy.wait_s(2, 1.0, 1.0, idle_instances=1) == 0.0  # spare capacity: go
+    assert policy.wait_s(8, 1.0, 1.0, idle_instances=0) == 0.0  # full: go
+
+
+def test_adaptive_bursty_goes_when_the_next_row_is_not_expected_in_time() -> None:
+    policy = _adaptive(gap_s=0.0001)
+    # The oldest has waited 1.95 ms of the 2 ms window: 0.05 ms left, the next row due in 0.1.
+    assert policy.wait_s(3, 1.0, 1.00195, idle_instances=0) == 0.0
+
+
+def test_adaptive_keeps_queue_plus_run_time_within_the_latency_budget() -> None:
+    # Budget 1 ms, a batch of 3 costs ~0.5 ms to run: at most ~0.5 ms of waiting.
+    policy = _adaptive(gap_s=0.00005, budget_s=0.001)
+    wait = policy.wait_s(3, 1.0, 1.0, idle_instances=0)
+    assert 0 < wait <= 0.0005 + 1e-9
+    assert policy.wait_s(3, 1.0, 1.0006, idle_instances=0) == 0.0  # budget spent
+
+
+def test_adaptive_learns_the_arrival_rate_as_load_changes() -> None:
+    policy = _adaptive(gap_s=0.0001)
+    assert policy.wait_s(1, 1.0, 1.0, idle_instances=1) > 0  # busy: waits
+    clock = 200.0
+    for _ in range(60):  # the load falls to one request every 5 ms
+        clock += 0.005
+        policy.arrived(1, clock)
+    assert policy.wait_s(1, clock, clock, idle_instances=1) == 0.0

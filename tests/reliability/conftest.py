@@ -67,6 +67,7 @@ def fault_repository(repository: Path, tmp_path_factory: pytest.TempPathFactory)
             backend="python",
             max_batch_size=16,
             max_queue_delay_ms=50.0,
+            batching="static",
             execution_timeout_ms=500,
             instance_count=1,
             python={"device": "cpu", **IO, **extra},

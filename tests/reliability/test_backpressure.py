@@ -130,6 +130,7 @@ def test_the_models_default_timeout_applies_when_the_caller_set_none(
         backend="onnxruntime",
         onnxruntime={"artifact": str(repository / "mlp" / "model.onnx")},
         max_queue_delay_ms=1000.0,
+        batching="static",
         default_timeout_ms=200,
     )
     running = start_server(model_repository=tmp_path)
