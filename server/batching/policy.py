@@ -88,9 +88,10 @@ class AdaptiveWindow:
     size; when waiting longer would break max_queue_delay_s or the latency budget (queue time
     plus the batch's own run time); when the next row is not expected before then; and while
     another instance is idle and running each request on its own would keep an instance busy
-    less than half the time (spare capacity, light load: company is not worth the wait). Otherwise it waits for as many rows as
-    are expected within those limits, up to a full batch. So a lone caller is answered without a
-    window, and under load batches fill as under the static window.
+    less than half the time (spare capacity, light load: company is not worth the wait).
+    Otherwise it waits for as many rows as are expected within those limits, up to a full batch.
+    So a lone caller is answered without a window, and under load batches fill as under the
+    static window.
     """
 
     max_batch_size: int
