@@ -121,6 +121,11 @@ class ModelConfig:
     # "adaptive" (the default): wait for company only when it is coming soon enough to be worth
     # it (batching/policy.py); "static": always wait up to max_queue_delay_s.
     batching: str = "adaptive"
+    # Priorities of requests that set none (higher is taken first): interactive calls, and jobs
+    # (below them unless configured). A passed-over request waits at most priority_aging_s.
+    default_priority: int = 0
+    job_priority: int = -1
+    priority_aging_s: float = 0.1
     # Adaptive batching keeps queue wait plus run time within this while the load allows; 0 = none.
     latency_budget_s: float = 0.0
     # Most requests waiting in the model's queue; more are refused with RESOURCE_EXHAUSTED.
@@ -165,6 +170,12 @@ class ModelConfig:
             batching=_choice(raw.pop("batching", "adaptive"), "batching", path, _POLICIES),
             latency_budget_s=_number(raw.pop("latency_budget_ms", 0), "latency_budget_ms", path)
             / 1000.0,
+            default_priority=_int(
+                raw.pop("default_priority", 0), "default_priority", path, low=-1000
+            ),
+            job_priority=_int(raw.pop("job_priority", -1), "job_priority", path, low=-1000),
+            priority_aging_s=_number(raw.pop("priority_aging_ms", 100), "priority_aging_ms", path)
+            / 1000.0,
             queue_capacity=_int(raw.pop("queue_capacity", 1024), "queue_capacity", path, low=1),
             instance_count=_int(raw.pop("instance_count", 1), "instance_count", path, low=1),
             execution_timeout_s=_number(
@@ -185,8 +196,8 @@ class ModelConfig:
 
 _MODEL_KEYS = (
     "backend", "max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes",
-    "pad_to_preferred", "eager_dispatch", "batching", "latency_budget_ms", "queue_capacity",
-    "instance_count",
+    "pad_to_preferred", "eager_dispatch", "batching", "latency_budget_ms", "default_priority",
+    "job_priority", "priority_aging_ms", "queue_capacity", "instance_count",
     "execution_timeout_ms", "default_timeout_ms",
 )  # fmt: skip
 

@@ -80,7 +80,7 @@ class DataPlane:
         a `job` span under it."""
         check_idempotency_key(idempotency_key)
         model = self._admit(request)
-        queued = model.new_request(request, default_deadline=False)
+        queued = model.new_request(request, job=True)
         job, deduplicated, estimate_s = await self._jobs.submit(
             model, request, queued, idempotency_key, span
         )

@@ -209,17 +209,18 @@ class ServedModel:
         self.failure = reason
         self._notify()
 
-    def new_request(self, request: Request, default_deadline: bool = True) -> InferenceRequest:
+    def new_request(self, request: Request, job: bool = False) -> InferenceRequest:
         """Validates a request against this model and wraps it with a fresh future.
 
-        Without a caller deadline the model's default_timeout applies, unless default_deadline
-        is False (jobs: nobody is waiting on the call).
+        Without a caller deadline the model's default_timeout applies, except to a job (nobody
+        waits on the call). Without a priority (0) the request gets the model's default for its
+        kind: default_priority, or job_priority for a job.
         """
         # A model whose engine keeps failing still takes requests: a success is how it recovers.
         if self.state is not ModelState.READY or self._pool is None or not self._pool.instances:
             raise Unavailable(self.not_ready_message())
         deadline = request.deadline
-        if deadline is None and default_deadline and self.config.default_timeout_s > 0:
+        if deadline is None and not job and self.config.default_timeout_s > 0:
             deadline = time.monotonic() + self.config.default_timeout_s
         arrays, rows = decode_inputs(self.name, self.inputs, request.inputs, self.max_batch_size)
         known = [spec.name for spec in self.outputs]
@@ -241,7 +242,8 @@ class ServedModel:
             deadline=deadline,
             id=request.id,
             parameters=request.parameters,
-            priority=request.priority,
+            priority=request.priority
+            or (self.config.job_priority if job else self.config.default_priority),
             tenant=request.tenant,
         )
 

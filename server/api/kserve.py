@@ -13,7 +13,7 @@ from opentelemetry.trace import Span
 from server.api import kserve_codec as codec
 from server.api.rpc import Frontend, rpc
 from server.api.status import MAX_MESSAGE_CHARS, as_domain_error
-from server.errors import Unavailable, clip
+from server.errors import InvalidArgument, Unavailable, clip
 from server.records import ModelInfo, ModelStatistics, Request
 from tensorgate.kserve import grpc_service_pb2 as kpb
 from tensorgate.kserve import grpc_service_pb2_grpc as kpb_grpc
@@ -164,13 +164,23 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
 
 def _request(message: kpb.ModelInferRequest) -> Request:
+    parameters = codec.parameters(message.parameters)
     return Request(
         model=message.model_name,
         inputs=codec.tensor_inputs(message),
         requested_outputs=[output.name for output in message.outputs],
         id=message.id,
-        parameters=codec.parameters(message.parameters),
+        parameters=parameters,
+        priority=_priority(parameters.get("priority", 0)),
     )
+
+
+def _priority(level: object) -> int:
+    """Triton's `priority` parameter: level 1 is the highest, 0 the default. As tensorgate
+    priorities (higher first, 0 the default): level L becomes 100 - L, above the default."""
+    if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+        raise InvalidArgument(f"parameter 'priority' must be an integer >= 0, got {level!r}")
+    return 0 if level == 0 else max(100 - level, 1)
 
 
 def _stream_error(

@@ -144,6 +144,7 @@ def _request(message: pb.PredictRequest) -> Request:
         requested_outputs=message.requested_outputs,
         id=message.id,
         parameters=codec.parameters(message.parameters),
+        priority=message.priority,
     )
 
 

@@ -64,7 +64,9 @@ class DynamicBatcher:
         telemetry = telemetry or Telemetry.quiet()
         self._m_queue = telemetry.metrics.queue_seconds.labels(config.name)
         self.stats = BatcherStats()
-        self._queue = RequestQueue(config.name, config.queue_capacity, self.stats)
+        self._queue = RequestQueue(
+            config.name, config.queue_capacity, self.stats, config.priority_aging_s
+        )
         # Batches on instances, and instance replacements under way.
         self._batches: dict[asyncio.Task[None], Batch[InferenceRequest]] = {}
         self._replacing: set[asyncio.Task[None]] = set()

@@ -1,8 +1,13 @@
-"""A model's bounded request queue, which forgets a request the moment its caller gives up.
+"""A model's bounded request queue, which forgets a request the moment its caller gives up, and
+takes higher priorities first.
 
 A cancelled request stops counting at once toward the capacity, the queued rows (which decide a
 full batch and the job wait estimate) and the age of the oldest request (which times the batch
 window); its entry is skipped when reached and compacted away when dead entries pile up.
+
+Requests wait in one first-in-first-out line per priority. The next request is the head of the
+highest priority, unless a lower one's head has waited longer than max_passed_over_s: then the
+oldest such head goes first, so a low priority is delayed, never starved.
 """
 
 from __future__ import annotations
@@ -21,11 +26,16 @@ _COMPACT_SLACK = 64
 
 
 class RequestQueue:
-    def __init__(self, model: str, capacity: int, stats: BatcherStats) -> None:
+    def __init__(
+        self, model: str, capacity: int, stats: BatcherStats, max_passed_over_s: float = 0.1
+    ) -> None:
         self._model = model
         self._stats = stats
         self.capacity = capacity
-        self._entries: collections.deque[InferenceRequest] = collections.deque()
+        self.max_passed_over_s = max_passed_over_s
+        # priority -> its line; _order: the priorities present, highest first.
+        self._lines: dict[int, collections.deque[InferenceRequest]] = {}
+        self._order: list[int] = []
         self.live = 0  # requests queued whose caller still waits
         self.rows = 0  # their rows
         self._changed = asyncio.Event()
@@ -39,7 +49,11 @@ class RequestQueue:
             )
         request.enqueued_at = time.monotonic()
         request.queued = True
-        self._entries.append(request)
+        line = self._lines.get(request.priority)
+        if line is None:
+            line = self._lines[request.priority] = collections.deque()
+            self._order = sorted(self._lines, reverse=True)
+        line.append(request)
         self.live += 1
         self.rows += request.rows
         request.future.add_done_callback(functools.partial(self._settled, request))
@@ -53,28 +67,54 @@ class RequestQueue:
         self.live -= 1
         self.rows -= request.rows
         self._stats.dropped_cancelled += 1
-        if len(self._entries) > 2 * self.live + _COMPACT_SLACK:
-            self._entries = collections.deque(r for r in self._entries if r.queued)
+        line = self._lines.get(request.priority)
+        if line is not None and len(line) > 2 * self.live + _COMPACT_SLACK:
+            self._lines[request.priority] = collections.deque(r for r in line if r.queued)
         self._changed.set()
 
-    def _drop_dead_head(self) -> None:
-        entries = self._entries
-        while entries and not entries[0].queued:
-            entries.popleft()
+    def _heads(self) -> list[collections.deque[InferenceRequest]]:
+        """The non-empty lines, highest priority first, each with a live head (dead heads and
+        emptied lines are dropped on the way)."""
+        heads = []
+        emptied = False
+        for priority in self._order:
+            line = self._lines[priority]
+            while line and not line[0].queued:
+                line.popleft()
+            if line:
+                heads.append(line)
+            else:
+                del self._lines[priority]
+                emptied = True
+        if emptied:
+            self._order = sorted(self._lines, reverse=True)
+        return heads
+
+    def _next_line(self) -> collections.deque[InferenceRequest] | None:
+        heads = self._heads()
+        if len(heads) <= 1:
+            return heads[0] if heads else None
+        overdue = time.monotonic() - self.max_passed_over_s
+        waited = [line for line in heads[1:] if line[0].enqueued_at <= overdue]
+        if waited:
+            return min(waited, key=lambda line: line[0].enqueued_at)
+        return heads[0]
 
     def oldest_enqueued_at(self) -> float | None:
         """When the oldest live request arrived (monotonic), or None when there is none."""
-        self._drop_dead_head()
-        return self._entries[0].enqueued_at if self._entries else None
+        heads = self._heads()
+        return min(line[0].enqueued_at for line in heads) if heads else None
 
     def head_rows(self) -> int:
-        self._drop_dead_head()
-        return self._entries[0].rows if self._entries else 0
+        """The rows of the request pop() would return (0 when empty)."""
+        line = self._next_line()
+        return line[0].rows if line else 0
 
     def pop(self) -> InferenceRequest:
-        """Removes and returns the oldest live request (the queue must not be empty)."""
-        self._drop_dead_head()
-        request = self._entries.popleft()
+        """Removes and returns the next live request (the queue must not be empty)."""
+        line = self._next_line()
+        assert line is not None, "pop() on an empty queue"
+        request = line.popleft()
         request.queued = False
         self.live -= 1
         self.rows -= request.rows
@@ -94,4 +134,5 @@ class RequestQueue:
             request = self.pop()
             if not request.future.done():
                 request.future.set_exception(error)
-        self._entries.clear()
+        self._lines.clear()
+        self._order = []

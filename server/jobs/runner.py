@@ -252,7 +252,7 @@ class JobRunner:
         if job.run is None:
             assert job.payload is not None
             try:
-                job.run = lane.model.new_request(job.payload, default_deadline=False)
+                job.run = lane.model.new_request(job.payload, job=True)
             except TensorgateError as exc:
                 lane.held[job.id] = job
                 self._settle(lane, job, JobStatus.FAILED, error=exc)

@@ -13,10 +13,12 @@ from server.batching.stats import BatcherStats
 from server.errors import ResourceExhausted
 
 
-def _request(rows: int = 1) -> InferenceRequest:
+def _request(rows: int = 1, priority: int = 0) -> InferenceRequest:
     future = asyncio.get_running_loop().create_future()
     x = np.zeros((rows, 2), np.float32)
-    return InferenceRequest(inputs={"x": x}, rows=rows, output_names=("y",), future=future)
+    return InferenceRequest(
+        inputs={"x": x}, rows=rows, output_names=("y",), future=future, priority=priority
+    )
 
 
 async def _settle() -> None:
@@ -49,5 +51,23 @@ async def test_many_cancellations_do_not_pile_up_dead_entries() -> None:
         gone.future.cancel()
         await _settle()
     assert queue.live == 1
-    assert len(queue._entries) < 200  # compacted, not 1,001
+    assert sum(map(len, queue._lines.values())) < 200  # compacted, not 1,001
     assert queue.pop() is keeper
+
+
+async def test_higher_priority_goes_first_and_a_passed_over_request_waits_at_most_the_bound() -> (
+    None
+):
+    queue = RequestQueue("m", capacity=100, stats=BatcherStats(), max_passed_over_s=0.05)
+    low, normal, high = _request(priority=-1), _request(), _request(priority=5)
+    for request in (low, normal, high):
+        queue.put(request)
+    assert queue.live == 3 and queue.oldest_enqueued_at() == low.enqueued_at
+    assert queue.pop() is high
+    assert queue.pop() is normal
+    # Passed over for longer than the bound, the low one goes before a newer, higher one.
+    queue.put(newer := _request(priority=3))
+    assert queue.head_rows() == 1
+    low.enqueued_at -= 1.0
+    assert queue.pop() is low
+    assert queue.pop() is newer and queue.live == 0

@@ -47,7 +47,7 @@ class Parameter(_message.Message):
     def __init__(self, bool_param: _Optional[bool] = ..., int64_param: _Optional[int] = ..., string_param: _Optional[str] = ..., double_param: _Optional[float] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model", "id", "inputs", "requested_outputs", "parameters")
+    __slots__ = ("model", "id", "inputs", "requested_outputs", "parameters", "priority")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -60,12 +60,14 @@ class PredictRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     model: str
     id: str
     inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
     requested_outputs: _containers.RepeatedScalarFieldContainer[str]
     parameters: _containers.MessageMap[str, Parameter]
-    def __init__(self, model: _Optional[str] = ..., id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., requested_outputs: _Optional[_Iterable[str]] = ..., parameters: _Optional[_Mapping[str, Parameter]] = ...) -> None: ...
+    priority: int
+    def __init__(self, model: _Optional[str] = ..., id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., requested_outputs: _Optional[_Iterable[str]] = ..., parameters: _Optional[_Mapping[str, Parameter]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("model", "id", "outputs")

@@ -1,0 +1,108 @@
+"""Priorities over real gRPC: a higher-priority request overtakes queued lower ones, jobs queue
+below interactive calls by default, and KServe's `priority` parameter maps as Triton's does."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from client import codec
+from tensorgate.kserve import grpc_service_pb2 as kpb
+from tensorgate.kserve import grpc_service_pb2_grpc as kpb_grpc
+from tensorgate.v1 import inference_pb2_grpc as pb_grpc
+from tests.harness import ServerThread, write_config
+
+# One row at a time, 30 ms each: a queue forms behind the first request.
+SLOW = """
+import time
+
+class Model:
+    def load(self, config):
+        pass
+
+    def execute(self, inputs, stream):
+        time.sleep(0.03)
+        return {"y": inputs["x"] * 2}
+"""
+
+
+@pytest.fixture
+def serial(tmp_path: Path, start_server: Callable[..., ServerThread]) -> ServerThread:
+    write_config(
+        tmp_path / "serial",
+        backend="python",
+        max_batch_size=1,
+        instance_count=1,
+        priority_aging_ms=10_000,
+        python={
+            "device": "cpu",
+            "inputs": '[{ name = "x", datatype = "FP32", shape = [-1, 4] }]',
+            "outputs": '[{ name = "y", datatype = "FP32", shape = [-1, 4] }]',
+        },
+    )
+    (tmp_path / "serial" / "model.py").write_text(SLOW)
+    return start_server(model_repository=tmp_path, models=("serial",))
+
+
+def _request(tag: int, priority: int = 0) -> object:
+    request = codec.predict_request("serial", {"x": np.full((1, 4), tag, np.float32)}, (), str(tag))
+    request.priority = priority
+    return request
+
+
+async def test_a_high_priority_request_overtakes_the_queue(serial: ServerThread) -> None:
+    finished: list[str] = []
+    async with grpc.aio.insecure_channel(serial.target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+
+        async def call(tag: int, priority: int) -> None:
+            response = await stub.Predict(_request(tag, priority), timeout=30)
+            finished.append(response.id)
+
+        first = asyncio.create_task(call(0, 0))  # takes the instance
+        await asyncio.sleep(0.01)
+        queued = [asyncio.create_task(call(tag, -1)) for tag in range(1, 6)]
+        await asyncio.sleep(0.01)
+        urgent = asyncio.create_task(call(99, 5))
+        await asyncio.gather(first, urgent, *queued)
+    assert finished[0] == "0"
+    assert finished[1] == "99", finished  # before the five that were queued first
+    assert finished[2:] == ["1", "2", "3", "4", "5"]
+
+
+async def test_kserve_priority_parameter_follows_triton_levels(serial: ServerThread) -> None:
+    async with grpc.aio.insecure_channel(serial.target) as channel:
+        stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+
+        def infer(priority: object) -> kpb.ModelInferRequest:
+            request = kpb.ModelInferRequest(model_name="serial")
+            request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+            request.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
+            if isinstance(priority, int):
+                request.parameters["priority"].int64_param = priority
+            else:
+                request.parameters["priority"].string_param = str(priority)
+            return request
+
+        assert (await stub.ModelInfer(infer(1), timeout=30)).outputs[0].shape == [1, 4]
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await stub.ModelInfer(infer("urgent"), timeout=30)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "parameter 'priority' must be an integer >= 0" in (bad.value.details() or "")
+
+
+def test_jobs_queue_below_interactive_calls_by_default(serial: ServerThread) -> None:
+    from client import TensorgateClient
+
+    with TensorgateClient(serial.target, timeout_s=30) as client:
+        x = {"x": np.ones((1, 4), np.float32)}
+        jobs = [client.submit("serial", x).job_id for _ in range(6)]
+        client.predict("serial", x)  # overtakes the jobs queued before it
+        unfinished = [j for j in jobs if not client.get_result(j).finished]
+        assert len(unfinished) >= 4, unfinished
+        assert {client.get_result(j, wait_timeout_s=10).status for j in jobs} == {"SUCCEEDED"}
