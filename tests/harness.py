@@ -116,6 +116,36 @@ def write_config(folder: Path, **settings: Any) -> None:
     (folder / "config.toml").write_text("\n".join(lines + tables) + "\n")
 
 
+_SLEEPY_MODEL = """
+import time
+
+class Model:
+    def load(self, config):
+        self.sleep_s = config["parameters"]["sleep_s"]
+
+    def execute(self, inputs, stream):
+        time.sleep(self.sleep_s)
+        return {"y": inputs["x"] * 2}
+"""
+
+
+def write_sleepy_model(folder: Path, sleep_s: float, **settings: Any) -> None:
+    """A `python` model y = 2x over x FP32 [-1, 4] that takes sleep_s a batch (a model slow
+    enough for queues to form); settings go to its config.toml."""
+    write_config(
+        folder,
+        backend="python",
+        python={
+            "device": "cpu",
+            "sleep_s": sleep_s,
+            "inputs": '[{ name = "x", datatype = "FP32", shape = [-1, 4] }]',
+            "outputs": '[{ name = "y", datatype = "FP32", shape = [-1, 4] }]',
+        },
+        **settings,
+    )
+    (folder / "model.py").write_text(_SLEEPY_MODEL)
+
+
 def _toml(value: Any) -> str:
     if isinstance(value, str) and value.startswith("[{"):
         return value  # an inline array of tables, written as TOML already

@@ -316,23 +316,19 @@ class RedisJobStore:
             return None
         return job
 
-    async def wait(self, job: Job, timeout_s: float) -> Job:
-        if timeout_s <= 0 or job.status.finished:
-            return job
+    async def wait(self, job_id: str, tenant: str, timeout_s: float) -> Job | None:
+        """Registers for the job's finish message before each read, so a finish between the
+        read and the wait is not missed."""
         event = asyncio.Event()
-        waiters = self._waiters.setdefault(job.id, set())
+        waiters = self._waiters.setdefault(job_id, set())
         waiters.add(event)
         deadline = time.monotonic() + timeout_s
         try:
             while True:
                 event.clear()
-                # Read after registering, so a finish between the first read and now is seen.
-                current = await self.get(job.id, job.tenant)
-                if current is None:
-                    return job
-                job = current
+                job = await self.get(job_id, tenant)
                 left = deadline - time.monotonic()
-                if job.status.finished or left <= 0:
+                if job is None or job.status.finished or left <= 0:
                     return job
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(left, _WAIT_SLICE_S)):
@@ -340,7 +336,7 @@ class RedisJobStore:
         finally:
             waiters.discard(event)
             if not waiters:
-                self._waiters.pop(job.id, None)
+                self._waiters.pop(job_id, None)
 
     async def find(self, status: JobStatus | None, limit: int, tenant: str = "") -> list[Job]:
         found: list[Job] = []
@@ -558,12 +554,6 @@ class RedisJobStore:
 
     def count_by_status(self) -> dict[str, int]:
         return dict(self._counts)
-
-    async def duplicate_runs(self) -> int:
-        """Runs whose result was discarded because another run had recorded the job first."""
-        with self._reachable():
-            value = await self._client.hget(PREFIX + "stats", "duplicate_runs")
-        return int(value or 0)
 
 
 def _job(job_id: str) -> str:

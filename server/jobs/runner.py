@@ -167,8 +167,10 @@ class JobRunner:
 
     async def get(self, job_id: str, tenant: str = "", wait_s: float = 0.0) -> Job:
         """The job; with wait_s > 0, waits (up to max_result_wait_s) for it to finish first."""
-        job = await self._find(job_id, tenant)
-        return await self.store.wait(job, min(wait_s, self._max_wait_s))
+        if wait_s <= 0:
+            return await self._find(job_id, tenant)
+        _check_id(job_id)
+        return _known(job_id, await self.store.wait(job_id, tenant, min(wait_s, self._max_wait_s)))
 
     async def cancel(self, job_id: str, tenant: str = "") -> Job:
         """Cancels an unfinished job wherever it is. The answer is the job's final word: a job
@@ -182,9 +184,7 @@ class JobRunner:
                 # It succeeded, and the callback recording that has not run yet: record it now.
                 self._done(held, future)
                 return held
-        job = await self.store.cancel(job_id, tenant)
-        if job is None:
-            raise NotFound(f"job '{job_id}' is unknown or its result has expired")
+        job = _known(job_id, await self.store.cancel(job_id, tenant))
         if held is not None and held.tenant == tenant:
             self._cancelled(job_id)
             return held if job.status is JobStatus.RUNNING else job
@@ -212,10 +212,7 @@ class JobRunner:
 
     async def _find(self, job_id: str, tenant: str) -> Job:
         _check_id(job_id)
-        job = await self.store.get(job_id, tenant)
-        if job is None:
-            raise NotFound(f"job '{job_id}' is unknown or its result has expired")
-        return job
+        return _known(job_id, await self.store.get(job_id, tenant))
 
     def _held(self, job_id: str) -> Job | None:
         for lane in self._lanes.values():
@@ -519,6 +516,13 @@ class JobRunner:
 def _check_id(job_id: str) -> None:
     if len(job_id) != 32 or not all(c in "0123456789abcdef" for c in job_id):
         raise InvalidArgument(f"job id '{job_id[:64]}' is malformed: expected 32 hex digits")
+
+
+def _known(job_id: str, job: Job | None) -> Job:
+    """The job, or NOT_FOUND: unknown, expired and another tenant's read alike."""
+    if job is None:
+        raise NotFound(f"job '{job_id}' is unknown or its result has expired")
+    return job
 
 
 def _mark_started(job: Job) -> None:

@@ -88,8 +88,9 @@ class JobStore(Protocol):
         """The live job with that id and tenant, or None (unknown, expired, or another's)."""
         ...
 
-    async def wait(self, job: Job, timeout_s: float) -> Job:
-        """The job once finished, or as it is when timeout_s has passed."""
+    async def wait(self, job_id: str, tenant: str, timeout_s: float) -> Job | None:
+        """The live job with that id and tenant once it has finished, or as it is when timeout_s
+        has passed; None when unknown (as get())."""
         ...
 
     async def find(self, status: JobStatus | None, limit: int, tenant: str = "") -> list[Job]:
@@ -132,9 +133,6 @@ class MemoryJobStore:
         self._unfinished_by_tenant: collections.Counter[str] = collections.Counter()
         self._max_per_tenant = max_per_tenant
         self._queued = 0
-
-    def __len__(self) -> int:
-        return len(self._jobs)
 
     async def open(
         self,
@@ -253,8 +251,9 @@ class MemoryJobStore:
             return None
         return job
 
-    async def wait(self, job: Job, timeout_s: float) -> Job:
-        if timeout_s > 0 and not job.finished.is_set():
+    async def wait(self, job_id: str, tenant: str, timeout_s: float) -> Job | None:
+        job = await self.get(job_id, tenant)
+        if job is not None and timeout_s > 0 and not job.finished.is_set():
             try:
                 async with asyncio.timeout(timeout_s):
                     await job.finished.wait()

@@ -15,37 +15,15 @@ from client import codec
 from tensorgate.kserve import grpc_service_pb2 as kpb
 from tensorgate.kserve import grpc_service_pb2_grpc as kpb_grpc
 from tensorgate.v1 import inference_pb2_grpc as pb_grpc
-from tests.harness import ServerThread, write_config
-
-# One row at a time, 30 ms each: a queue forms behind the first request.
-SLOW = """
-import time
-
-class Model:
-    def load(self, config):
-        pass
-
-    def execute(self, inputs, stream):
-        time.sleep(0.03)
-        return {"y": inputs["x"] * 2}
-"""
+from tests.harness import ServerThread, write_sleepy_model
 
 
 @pytest.fixture
 def serial(tmp_path: Path, start_server: Callable[..., ServerThread]) -> ServerThread:
-    write_config(
-        tmp_path / "serial",
-        backend="python",
-        max_batch_size=1,
-        instance_count=1,
-        priority_aging_ms=10_000,
-        python={
-            "device": "cpu",
-            "inputs": '[{ name = "x", datatype = "FP32", shape = [-1, 4] }]',
-            "outputs": '[{ name = "y", datatype = "FP32", shape = [-1, 4] }]',
-        },
+    # One row at a time, 30 ms each: a queue forms behind the first request.
+    write_sleepy_model(
+        tmp_path / "serial", 0.03, max_batch_size=1, instance_count=1, priority_aging_ms=10_000
     )
-    (tmp_path / "serial" / "model.py").write_text(SLOW)
     return start_server(model_repository=tmp_path, models=("serial",))
 
 

@@ -22,23 +22,9 @@ from server.jobs.job import Job
 from server.jobs.redis_store import RedisJobStore
 from server.records import Request
 from server.tensors import TensorInput
-from tests.harness import wait_until, write_config
+from tests.harness import wait_until, write_sleepy_model
 
 X = np.linspace(-1, 1, 256, dtype=np.float32).reshape(1, 256)
-
-# y = 2x, 20 ms a batch of at most 4 rows: a replica works through ~200 jobs a second, so a burst
-# is still running when a replica is killed or stopped.
-SLOW_MODEL = """
-import time
-
-class Model:
-    def load(self, config):
-        pass
-
-    def execute(self, inputs, stream):
-        time.sleep(0.02)
-        return {"y": inputs["x"] * 2}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +32,11 @@ def replica_repository(repository: Path, tmp_path_factory: pytest.TempPathFactor
     root = tmp_path_factory.mktemp("replica-engines")
     shutil.copytree(repository / "mlp", root / "mlp")
     shutil.copytree(repository / "mlp_wide", root / "mlp_wide")
-    write_config(
-        root / "slow",
-        backend="python",
-        max_batch_size=4,
-        max_queue_delay_ms=1.0,
-        instance_count=1,
-        python={
-            "device": "cpu",
-            "inputs": '[{ name = "x", datatype = "FP32", shape = [-1, 4] }]',
-            "outputs": '[{ name = "y", datatype = "FP32", shape = [-1, 4] }]',
-        },
+    # 20 ms a batch of at most 4 rows: a replica works through ~200 jobs a second, so a burst
+    # is still running when a replica is killed or stopped.
+    write_sleepy_model(
+        root / "slow", 0.02, max_batch_size=4, max_queue_delay_ms=1.0, instance_count=1
     )
-    (root / "slow" / "model.py").write_text(SLOW_MODEL)
     return root
 
 
