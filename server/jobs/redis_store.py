@@ -77,6 +77,8 @@ _WAIT_SLICE_S = 5.0
 # ListJobs reads at most this many recent jobs looking for matches.
 _FIND_SCAN = 5000
 _SWEEP_BATCH = 1000
+# The longest close() waits for the store's own tasks to end.
+_CLOSE_S = 2.0
 # What a lost or refused connection raises.
 _LOST: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
@@ -163,11 +165,12 @@ class RedisJobStore:
         log.info("jobs in Redis at %s as consumer %s", self.where, self.consumer)
 
     async def close(self) -> None:
-        for task in [*self._tasks, *([self._listener] if self._listener else [])]:
+        tasks = [*self._tasks, *([self._listener] if self._listener else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._listener is not None:
-            await asyncio.gather(self._listener, return_exceptions=True)
+        # Bounded: shutdown must not hang on a Redis call that ignores its cancellation.
+        if tasks:
+            await asyncio.wait(tasks, timeout=_CLOSE_S)
         with contextlib.suppress(Exception):
             await self._client.aclose()
         with contextlib.suppress(Exception):
@@ -177,6 +180,7 @@ class RedisJobStore:
         while True:
             await asyncio.sleep(_PING_EVERY_S)
             await self._check()
+            _keep_cancellation()
 
     async def _check(self) -> None:
         """Pings Redis; on a change of availability tells the server, and on recovery prepares
@@ -188,6 +192,7 @@ class RedisJobStore:
                     await self._prepare()
             ok = True
         except (redis.exceptions.RedisError, OSError) as exc:
+            _keep_cancellation()
             ok = False
             if self.available:
                 log.error("job store: Redis at %s is unreachable: %s", self.where, exc)
@@ -217,6 +222,7 @@ class RedisJobStore:
         """Wakes the long-polls of a job when any replica finishes it; tells the runner of
         cancellations (a job it holds stops here)."""
         while True:
+            _keep_cancellation()
             pubsub = self._pubsub_client.pubsub()
             try:
                 await pubsub.subscribe(PREFIX + "finished")
@@ -231,6 +237,7 @@ class RedisJobStore:
                     if status == JobStatus.CANCELLED.value:
                         self._on_cancelled(job_id)
             except _LOST as exc:
+                _keep_cancellation()
                 log.debug("job listener: %s", exc)
             finally:
                 self._listening.clear()
@@ -250,10 +257,7 @@ class RedisJobStore:
         try:
             yield
         except _LOST as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # redis-py turns a cancelled read into a lost connection: keep the cancellation.
-                raise asyncio.CancelledError() from None
+            _keep_cancellation()
             raise Unavailable(
                 f"the job store (Redis at {self.where}) is unreachable: {exc}; "
                 "Predict and StreamPredict still work"
@@ -554,6 +558,14 @@ class RedisJobStore:
 
     def count_by_status(self) -> dict[str, int]:
         return dict(self._counts)
+
+
+def _keep_cancellation() -> None:
+    """redis-py can turn a cancelled call into a lost-connection error; where one is caught, a
+    task that was being cancelled must still end."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
 
 
 def _job(job_id: str) -> str:

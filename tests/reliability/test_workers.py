@@ -178,7 +178,14 @@ def test_workers_stop_when_the_supervisor_is_killed(
             return True
         return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") >= 0
 
-    wait_until(lambda: all(gone(pid) for pid in pids), timeout_s=20, what="orphan workers gone")
+    try:
+        wait_until(lambda: all(gone(pid) for pid in pids), timeout_s=20, what="orphans gone")
+    except AssertionError:
+        alive = [pid for pid in pids if not gone(pid)]
+        states = {pid: Path(f"/proc/{pid}/status").read_text().splitlines()[2] for pid in alive}
+        for pid in alive:
+            os.kill(pid, 9)
+        raise AssertionError(f"{states}\n{''.join(server.log[-15:])}") from None
 
 
 def test_sigterm_drains_every_worker_with_exit_code_0(
