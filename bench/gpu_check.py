@@ -13,7 +13,7 @@ built there).
 no network, then runs each step, timed, its outcome recorded: the `gpu`-marked tests; the
 GPU-instance benchmark (1, 2, 4 instances, answers checked against ONNX Runtime on the CPU);
 compute-sanitizer racecheck and memcheck on a short run; a traced request whose `h2d`, `compute`
-and `d2h` spans come from CUDA events; the multi-process benchmark (--workers; it needs a
+and `d2h` times come from CUDA events; the multi-process benchmark (--workers; it needs a
 redis-server on the PATH, which no wheel provides). Writes gpu_check.json (and into $OUT when set) and prints a
 table. Steps that need a GPU are reported as skipped, with the reason, where there is none.
 """
@@ -235,12 +235,12 @@ def run(args: argparse.Namespace) -> int:
 
     def trace() -> dict[str, Any]:
         done = _run(python, "-m", "bench.gpu_check_trace")
-        spans = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
-        ok = {"h2d", "compute", "d2h"} <= set(spans)
-        return {"status": "passed" if ok else "failed", "detail": f"spans: {sorted(set(spans))}"
+        stages = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
+        ok = {"h2d", "compute", "d2h"} <= set(stages)
+        return {"status": "passed" if ok else "failed", "detail": f"stages: {sorted(set(stages))}"
                 + ("" if done.returncode == 0 else done.stderr[-400:])}  # fmt: skip
 
-    steps.run("a traced request: h2d / compute / d2h spans from CUDA events", needs_gpu(trace))
+    steps.run("a traced request: h2d / compute / d2h times from CUDA events", needs_gpu(trace))
 
     def workers() -> dict[str, Any]:
         redis = shutil.which("redis-server")

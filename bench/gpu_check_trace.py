@@ -1,5 +1,5 @@
-"""One traced Predict on a GPU instance (the MLP in CuPy); prints the names of the spans it made
-as JSON on the last line. Used by bench.gpu_check: `h2d`, `compute` and `d2h` come from CUDA
+"""One traced Predict on a GPU instance (the MLP in CuPy); prints the stages of its batch
+timed as JSON on the last line. Used by bench.gpu_check: `h2d`, `compute` and `d2h` come from CUDA
 events on the instance's stream.
 
     python -m bench.gpu_check_trace
@@ -29,7 +29,7 @@ from server.config import ServerConfig  # noqa: E402
 from server.telemetry import Tracing  # noqa: E402
 
 
-async def traced_spans(repository: Path) -> list[str]:
+async def traced_stages(repository: Path) -> list[str]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -44,7 +44,14 @@ async def traced_spans(repository: Path) -> list[str]:
             await client.predict("gpu_mlp", {"input": np.ones((4, 256), np.float32)})
     finally:
         await server.stop(2.0)
-    return [span.name for span in exporter.get_finished_spans()]
+    # The batch's stage times (tensorgate.h2d_ms, ...), on the request's span since the batch
+    # held one traced request, named by stage.
+    return [
+        key.removeprefix("tensorgate.").removesuffix("_ms")
+        for span in exporter.get_finished_spans()
+        for key in span.attributes or {}
+        if key in ("tensorgate.h2d_ms", "tensorgate.compute_ms", "tensorgate.d2h_ms")
+    ]
 
 
 def main() -> int:
@@ -54,7 +61,7 @@ def main() -> int:
         shutil.copytree(ROOT / "engines" / "mlp_python", repository / "gpu_mlp")
         config = repository / "gpu_mlp" / "config.toml"
         config.write_text(config.read_text().replace('device = "auto"', 'device = "gpu"'))
-        names = asyncio.run(traced_spans(repository))
+        names = asyncio.run(traced_stages(repository))
     print(json.dumps(names))
     return 0
 

@@ -1,5 +1,6 @@
-"""Prints the span tree of one Predict, one StreamPredict and one job, as a collector would receive
-them, with start offsets and durations (used for the README's example).
+"""Prints the spans of one Predict, one StreamPredict and one job, as a collector would receive
+them, with start offsets, durations and each request's stage times (used for the README's
+example).
 
     python -m bench.trace_example
 """
@@ -25,7 +26,9 @@ from server.app import TensorgateServer  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from server.telemetry import Tracing  # noqa: E402
 
-SHOWN = ("model", "request_id", "batch.size", "instance", "queue.depth", "job.id", "job.status")
+SHOWN = ("model", "request_id", "job.id", "job.status")
+STAGES = ("validate", "queue", "execute", "encode")
+BATCH = ("batch.id", "batch.size", "batch.requests", "instance", "h2d", "compute", "d2h")
 
 
 def render(spans: list[ReadableSpan]) -> str:
@@ -49,6 +52,18 @@ def render(spans: list[ReadableSpan]) -> str:
         duration_ms = (span.end_time - span.start_time) / 1e6  # type: ignore[operator]
         lines.append(f"{'  ' * depth}{span.name:<{44 - 2 * depth}} +{start_ms:7.3f} ms "
                      f"{duration_ms:7.3f} ms  {shown}".rstrip())  # fmt: skip
+        stages = [f"{n} {attrs[f'tensorgate.{n}_ms']:.3f}" for n in STAGES
+                  if f"tensorgate.{n}_ms" in attrs]  # fmt: skip
+        if stages:
+            batch = " ".join(
+                f"{k}={_short(attrs.get('tensorgate.' + k, attrs.get(f'tensorgate.{k}_ms')))}"
+                for k in BATCH
+                if "tensorgate." + k in attrs or f"tensorgate.{k}_ms" in attrs
+            )
+            lines.append(f"{'  ' * (depth + 1)}ms: {' → '.join(stages)}")
+            lines.append(
+                f"{'  ' * (depth + 1)}queue.depth={attrs.get('tensorgate.queue.depth')} {batch}"
+            )
         for child in sorted(by_parent.get(span.context.span_id, []), key=lambda s: s.start_time):
             walk(child, depth + 1, origin)
 
@@ -56,6 +71,16 @@ def render(spans: list[ReadableSpan]) -> str:
     for root in roots:
         walk(root, 0, root.start_time)  # type: ignore[arg-type]
     return "\n".join(lines)
+
+
+def _short(value: object) -> str:
+    return (
+        f"{value:.3f}"
+        if isinstance(value, float)
+        else f"{value:x}"
+        if isinstance(value, int) and value > 2**32
+        else str(value)
+    )
 
 
 async def main() -> None:

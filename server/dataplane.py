@@ -44,14 +44,13 @@ class DataPlane:
 
     def start(self, request: Request, span: Span | None = None) -> asyncio.Future[Outputs]:
         """Validates and queues one request (unary or stream); the future settles with its
-        outputs or its error. With a span, validation becomes its `validate` child and the
-        request is traced through the queue and the batch."""
+        outputs or its error. With a span, the request's stages are recorded on it (validate,
+        queue, execute)."""
         started_ns = time.time_ns() if span is not None else 0
         model = self._admit(request)
         queued = model.new_request(request)
         if span is not None:
-            self.tracing.stage(span, "validate", started_ns, time.time_ns())
-            queued.trace = self.tracing.request_trace(span, 0)
+            queued.trace = self.tracing.request_trace(span, 0, time.time_ns() - started_ns)
         model.scheduler.put(queued)
         self.inflight += 1
         queued.future.add_done_callback(self._settled)

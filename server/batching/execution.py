@@ -97,7 +97,7 @@ class BatchExecution:
                 )
             self._fail(batch, exc)
             self._note_engine(ok=False)
-            self._trace(batch, instance, started_ns, {}, exc)
+            self._trace(batch, instance, started_ns, {})
         else:
             elapsed_s = time.perf_counter() - started
             compute_s = result.stage_s.get("compute", 0.0)
@@ -120,14 +120,13 @@ class BatchExecution:
         instance: Instance,
         started_ns: int,
         stage_s: dict[str, float],
-        error: BaseException | None = None,
     ) -> None:
         if not self._tracing.enabled:
             return
         traces = [r.trace for r in batch.requests if r.trace is not None]
         self._tracing.batch_done(
-            self._config.name, traces, batch.rows, instance.index, started_ns, time.time_ns(),
-            stage_s, error,
+            self._config.name, traces, batch.rows, len(batch.requests), instance.index,
+            started_ns, time.time_ns(), stage_s,
         )  # fmt: skip
 
     async def _run_halves(self, instance: Instance, batch: Batch[InferenceRequest]) -> None:

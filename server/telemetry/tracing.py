@@ -6,25 +6,34 @@ the rest from its own variables: OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES,
 OTEL_TRACES_SAMPLER(_ARG), batching from OTEL_BSP_*, the OTLP exporter's endpoint, headers and
 TLS from OTEL_EXPORTER_OTLP_*.
 
-Span tree of a request:
+One span per request. Its stages, and the batch it ran in, are attributes of that span rather
+than child spans and a batch span: five spans per request cost over half the throughput, one
+costs about a third (bench/tracing_overhead.py). The stages always come in the same order, so
+their durations give the timeline, in milliseconds:
 
     tensorgate.v1.Inference/Predict      SERVER, parent = the caller's traceparent
-      ├─ validate                        decode and check the inputs
-      ├─ queue                           enqueued → taken into a batch (tensorgate.queue.depth)
-      ├─ execute                         the batch it ran in (tensorgate.batch.size, .instance)
-      └─ encode                          outputs → response message
-    batch                                one per batch; links to every request span in it
-      ├─ h2d / compute / d2h             on a GPU instance, durations from CUDA events
-      └─ compute                         on a CPU instance
+        tensorgate.validate_ms           decode and check the inputs
+        tensorgate.queue_ms              enqueued → taken into a batch
+        tensorgate.queue.depth           requests ahead of it on arrival
+        tensorgate.execute_ms            the batch it ran in, of which:
+        tensorgate.h2d_ms / compute_ms / d2h_ms   on a GPU instance, from CUDA events;
+                                         compute_ms alone on a CPU instance
+        tensorgate.batch.id              shared by the requests that ran in one batch
+        tensorgate.batch.size / .requests / tensorgate.instance   rows and requests in it, where
+        tensorgate.encode_ms             outputs → response message
 
 A stream has one span for the call and a `request` child per request; a job's `job` span is a
 child of its Submit span, and the GetResult span that returns the result links to it.
+
+In production, sample at the root and follow the caller's decision (README, "Tracing"):
+OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.01.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +43,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 log = logging.getLogger(__name__)
@@ -51,6 +60,7 @@ class RequestTrace:
     enqueued_ns: int = 0
     taken_ns: int = 0
     queue_depth: int = 0
+    validate_ns: int = 0
 
 
 class Tracing:
@@ -60,6 +70,9 @@ class Tracing:
         self.provider = provider
         self.enabled = provider is not None
         self._tracer = provider.get_tracer("tensorgate") if provider is not None else None
+        # Numbers the traced batches (tensorgate.batch.id), from a random start so that ids
+        # from several processes do not meet.
+        self._batches = random.getrandbits(31) << 32
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Tracing:
@@ -152,16 +165,10 @@ class Tracing:
             span.set_attribute("tensorgate.error", type(error).__name__)
         span.end()
 
-    def stage(
-        self, parent: Span | None, name: str, start_ns: int, end_ns: int, **attributes: Any
-    ) -> None:
-        """A finished child span with explicit times."""
-        if self._tracer is None or parent is None or not parent.is_recording():
-            return
-        context = trace.set_span_in_context(parent)
-        attrs = {f"tensorgate.{k}": v for k, v in attributes.items()}
-        span = self._tracer.start_span(name, context=context, start_time=start_ns, attributes=attrs)
-        span.end(end_time=end_ns)
+    def stage(self, span: Span | None, name: str, start_ns: int, end_ns: int) -> None:
+        """Records a stage's duration on the span, as tensorgate.<name>_ms."""
+        if span is not None and span.is_recording():
+            span.set_attribute(f"tensorgate.{name}_ms", (end_ns - start_ns) / 1e6)
 
     def link_to(self, span: Span | None, other: Span | None) -> None:
         if span is not None and other is not None and span.is_recording():
@@ -169,66 +176,51 @@ class Tracing:
 
     # --- the request's way through the queue and the batch ---------------------------------
 
-    def request_trace(self, span: Span | None, queue_depth: int) -> RequestTrace | None:
+    def request_trace(
+        self, span: Span | None, queue_depth: int, validate_ns: int = 0
+    ) -> RequestTrace | None:
         if span is None or not span.is_recording():
             return None
-        return RequestTrace(span, enqueued_ns=time.time_ns(), queue_depth=queue_depth)
+        return RequestTrace(
+            span, enqueued_ns=time.time_ns(), queue_depth=queue_depth, validate_ns=validate_ns
+        )
 
     def batch_done(
         self,
         model: str,
         traces: Sequence[RequestTrace],
         rows: int,
+        requests: int,
         instance: int,
         started_ns: int,
         ended_ns: int,
         stage_s: Mapping[str, float],
-        error: BaseException | None = None,
     ) -> None:
-        """The batch span (linked to its requests) with its stages, and each request's queue and
-        execute spans."""
+        """Each traced request's queue and execute times and its batch's stage times, on the
+        request's own span. The requests of one batch share a tensorgate.batch.id."""
         if self._tracer is None or not traces:
             return
-        batch = self._tracer.start_span(
-            "batch",
-            start_time=started_ns,
-            links=[Link(t.span.get_span_context()) for t in traces],
-            attributes={
-                "tensorgate.model": model,
-                "tensorgate.batch.size": rows,
-                "tensorgate.batch.requests": len(traces),
-                "tensorgate.instance": instance,
-            },
-        )
-        context = trace.set_span_in_context(batch)
-        at = started_ns
+        self._batches += 1
+        shared: dict[str, Any] = {
+            "tensorgate.batch.id": self._batches,
+            "tensorgate.batch.size": rows,
+            "tensorgate.batch.requests": requests,
+            "tensorgate.instance": instance,
+            "tensorgate.execute_ms": (ended_ns - started_ns) / 1e6,
+        }
         for name in ("h2d", "compute", "d2h"):
             seconds = stage_s.get(name)
-            if seconds is None:
-                continue
-            end = at + int(seconds * 1e9)
-            self._tracer.start_span(name, context=context, start_time=at).end(end_time=end)
-            at = end
-        if error is not None:
-            batch.set_status(Status(StatusCode.ERROR, str(error)))
-        batch.end(end_time=ended_ns)
+            if seconds is not None:
+                shared[f"tensorgate.{name}_ms"] = seconds * 1e3
         for t in traces:
-            t.span.set_attribute("tensorgate.batch.size", rows)
-            t.span.set_attribute("tensorgate.instance", instance)
-            self.stage(
-                t.span,
-                "queue",
-                t.enqueued_ns,
-                t.taken_ns or started_ns,
-                **{"queue.depth": t.queue_depth},
-            )
-            self.stage(
-                t.span,
-                "execute",
-                started_ns,
-                ended_ns,
-                **{"batch.size": rows, "instance": instance},
-            )
+            attributes = {
+                **shared,
+                "tensorgate.queue.depth": t.queue_depth,
+                "tensorgate.queue_ms": ((t.taken_ns or started_ns) - t.enqueued_ns) / 1e6,
+            }
+            if t.validate_ns:
+                attributes["tensorgate.validate_ms"] = t.validate_ns / 1e6
+            t.span.set_attributes(attributes)
 
 
 def _exporters(names: Sequence[str]) -> list[SpanExporter]:
