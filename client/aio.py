@@ -10,6 +10,7 @@ import numpy as np
 
 from client import codec
 from client.codec import JobResult, JobSummary, StreamItem, StreamResult, Submitted
+from client.sequences import SequenceStream
 from client.sync import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from tensorgate.v1 import inference_pb2 as pb
 from tensorgate.v1 import inference_pb2_grpc as pb_grpc
@@ -48,8 +49,16 @@ class AsyncTensorgateClient:
         outputs: Sequence[str] = (),
         request_id: str = "",
         timeout_s: float | None = None,
+        sequence_id: str = "",
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> dict[str, np.ndarray]:
-        request = codec.predict_request(model, inputs, outputs, request_id)
+        """One inference. For a stateful model, the request is a chunk of the sequence
+        sequence_id (sequence_start on its first chunk, sequence_end on its last); many live
+        sequences go better over one stream (sequences())."""
+        request = codec.predict_request(
+            model, inputs, outputs, request_id, sequence_id, sequence_start, sequence_end
+        )
         response = await self._stub.Predict(
             request,
             timeout=timeout_s or self._timeout_s,
@@ -103,6 +112,11 @@ class AsyncTensorgateClient:
         )
         async for response in call:
             yield codec.stream_result(response)
+
+    def sequences(self, model: str) -> SequenceStream:
+        """One stream carrying chunks of many sequences of a stateful model
+        (`async with client.sequences(model) as s: await s.send(id, inputs, start=True)`)."""
+        return SequenceStream(self._stub, model, self._metadata(), self._timeout_s)
 
     async def list_jobs(self, status: str = "", limit: int = 100) -> list[JobSummary]:
         """Jobs, newest first; status "FAILED" lists the dead letters."""

@@ -1,5 +1,5 @@
 """Shell commands that call a running server: predict, submit, result, cancel, stream, models,
-health.
+health, vad.
 
 Inputs: --input NAME=@file.npy, --input 'NAME=[[1,2],[3,4]]' (JSON, typed from the model's
 metadata), or --random-rows N for random inputs shaped from the model's metadata.
@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import codec
 from client.codec import JobResult, StreamItem
+from client.sequences import SequenceError
 from client.sync import TensorgateClient
 from tensorgate.v1 import inference_pb2 as pb
 
@@ -93,6 +94,22 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     )
     health.add_argument("--service", default="", help='"" (the server) or a model name')
     health.set_defaults(func=_health)
+
+    vad = commands.add_parser(
+        "vad",
+        parents=[target],
+        help="stream a 16 kHz mono WAV to silero_vad and print speech segments as they close",
+    )
+    vad.add_argument("wav", metavar="FILE.wav")
+    vad.add_argument(
+        "--speed", type=float, default=1.0, help="times real time (0: as fast as answered)"
+    )
+    vad.add_argument("--model", default="silero_vad")
+    vad.add_argument("--threshold", type=float, default=0.5, help="speech probability")
+    vad.add_argument("--min-silence-ms", type=float, default=300, help="silence that ends speech")
+    vad.add_argument("--min-speech-ms", type=float, default=250, help="shorter speech is ignored")
+    vad.add_argument("--json", action="store_true", help="one JSON object per segment")
+    vad.set_defaults(func=_vad)
 
 
 def _security(args: argparse.Namespace) -> codec.Security:
@@ -266,6 +283,53 @@ def _stream(args: argparse.Namespace) -> int:
                 }))  # fmt: skip
 
     return _call(args, action)
+
+
+def _vad(args: argparse.Namespace) -> int:
+    import asyncio
+    import uuid
+    from pathlib import Path
+
+    from client.aio import AsyncTensorgateClient
+    from client.vad import Segmenter, WavError, read_wav, stream_vad
+
+    try:
+        samples = read_wav(Path(args.wav))
+        security = _security(args)
+    except (WavError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.speed < 0:
+        print("error: --speed must be >= 0", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        segmenter = Segmenter(args.threshold, args.min_silence_ms, args.min_speech_ms)
+        async with AsyncTensorgateClient(
+            args.target, timeout_s=args.timeout_s, security=security
+        ) as client:
+            stream = stream_vad(client, samples, f"vad-{uuid.uuid4().hex[:12]}", args.speed,
+                                segmenter, args.model)  # fmt: skip
+            async for _, _, segment in stream:
+                if segment is None:
+                    continue
+                if args.json:
+                    print(json.dumps({"start_s": segment.start_s, "end_s": segment.end_s}))
+                else:
+                    print(f"speech {segment.start_s:8.3f} s – {segment.end_s:8.3f} s "
+                          f"({segment.end_s - segment.start_s:.2f} s)", flush=True)  # fmt: skip
+
+    try:
+        asyncio.run(run())
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except SequenceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 def _models(args: argparse.Namespace) -> int:

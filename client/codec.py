@@ -67,6 +67,10 @@ class StreamItem:
     model: str
     inputs: Mapping[str, np.ndarray]
     outputs: Sequence[str] = field(default_factory=tuple)
+    # A chunk of a sequence, for a stateful model (see AsyncTensorgateClient.sequences).
+    sequence_id: str = ""
+    sequence_start: bool = False
+    sequence_end: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -159,12 +163,18 @@ def predict_request(
     inputs: Mapping[str, np.ndarray],
     outputs: Sequence[str] = (),
     request_id: str = "",
+    sequence_id: str = "",
+    sequence_start: bool = False,
+    sequence_end: bool = False,
 ) -> pb.PredictRequest:
     return pb.PredictRequest(
         model=model,
         id=request_id,
         inputs=[encode(name, array) for name, array in inputs.items()],
         requested_outputs=list(outputs),
+        sequence_id=sequence_id,
+        sequence_start=sequence_start,
+        sequence_end=sequence_end,
     )
 
 
@@ -217,7 +227,10 @@ def job_summary(job: pb.JobSummary) -> JobSummary:
 
 
 def stream_request(item: StreamItem) -> pb.PredictRequest:
-    return predict_request(item.model, item.inputs, item.outputs, item.id)
+    return predict_request(
+        item.model, item.inputs, item.outputs, item.id,
+        item.sequence_id, item.sequence_start, item.sequence_end,
+    )  # fmt: skip
 
 
 def stream_result(response: pb.StreamPredictResponse) -> StreamResult:

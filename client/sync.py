@@ -56,8 +56,16 @@ class TensorgateClient:
         outputs: Sequence[str] = (),
         request_id: str = "",
         timeout_s: float | None = None,
+        sequence_id: str = "",
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> dict[str, np.ndarray]:
-        request = codec.predict_request(model, inputs, outputs, request_id)
+        """One inference. For a stateful model, the request is a chunk of the sequence
+        sequence_id (sequence_start on its first chunk, sequence_end on its last); many live
+        sequences go better over one stream (AsyncTensorgateClient.sequences)."""
+        request = codec.predict_request(
+            model, inputs, outputs, request_id, sequence_id, sequence_start, sequence_end
+        )
         response = self._stub.Predict(
             request,
             timeout=timeout_s or self._timeout_s,

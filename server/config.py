@@ -101,6 +101,44 @@ class ServerConfig:
         ]
 
 
+@dataclass(slots=True, frozen=True)
+class StateSpec:
+    """One piece of a sequence's state: fed to the engine as `input`, read back from `output`.
+
+    shape is one sequence's state without the batch axis; batch_axis is where the engine wants
+    the batch axis in the full tensor (Silero VAD's state is [2, batch, 128]: batch_axis 1)."""
+
+    input: str
+    output: str
+    datatype: str
+    shape: tuple[int, ...]
+    batch_axis: int = 0
+    initial: float = 0.0
+
+
+@dataclass(slots=True, frozen=True)
+class ConstantSpec:
+    """An engine input the server supplies to every batch unchanged (a sample rate, say); it has
+    no batch axis."""
+
+    input: str
+    datatype: str
+    shape: tuple[int, ...]
+    value: float | int
+
+
+@dataclass(slots=True, frozen=True)
+class SequenceConfig:
+    """[sequence] of a stateful model's config.toml (batching/sequences.py)."""
+
+    state: tuple[StateSpec, ...]
+    constants: tuple[ConstantSpec, ...] = ()
+    # Live sequences at most; a sequence_start beyond them is refused with RESOURCE_EXHAUSTED.
+    max_sequences: int = 1000
+    # A sequence that gets no chunk for this long is freed.
+    idle_timeout_s: float = 60.0
+
+
 @dataclass(slots=True)
 class ModelConfig:
     """engines/<model>/config.toml: how one model is run and batched."""
@@ -138,6 +176,8 @@ class ModelConfig:
     default_timeout_s: float = 0.0
     # The backend's own table, e.g. [onnxruntime] intra_op_threads = 1.
     backend_options: dict[str, Any] = field(default_factory=dict)
+    # Set for a stateful model: its requests belong to sequences whose state the server keeps.
+    sequence: SequenceConfig | None = None
 
     @classmethod
     def load(cls, model_dir: Path) -> ModelConfig:
@@ -185,6 +225,7 @@ class ModelConfig:
             default_timeout_s=_number(raw.pop("default_timeout_ms", 0), "default_timeout_ms", path)
             / 1000.0,
             backend_options=dict(raw.pop(backend, {})),
+            sequence=_sequence(raw.pop("sequence"), path) if "sequence" in raw else None,
         )
         if raw:
             raise ConfigError(f"{path}: {_unknown_keys(raw, backend)}")
@@ -198,8 +239,104 @@ _MODEL_KEYS = (
     "backend", "max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes",
     "pad_to_preferred", "eager_dispatch", "batching", "latency_budget_ms", "default_priority",
     "job_priority", "priority_aging_ms", "queue_capacity", "instance_count",
-    "execution_timeout_ms", "default_timeout_ms",
+    "execution_timeout_ms", "default_timeout_ms", "sequence",
 )  # fmt: skip
+
+
+_DATATYPES = ("FP32", "FP16", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "BOOL")
+
+
+def _sequence(raw: Any, path: Path) -> SequenceConfig:
+    """[sequence] with its [[sequence.state]] pairs and [[sequence.constant]] inputs."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: 'sequence' must be a table ([sequence])")
+    raw = dict(raw)
+    states = raw.pop("state", [])
+    constants = raw.pop("constant", [])
+    if not isinstance(states, list) or not isinstance(constants, list):
+        raise ConfigError(
+            f"{path}: state and constant entries are arrays of tables: [[sequence.state]], "
+            "[[sequence.constant]]"
+        )
+    config = SequenceConfig(
+        state=tuple(_state(dict(entry), path, i) for i, entry in enumerate(states)),
+        constants=tuple(_constant(dict(entry), path, i) for i, entry in enumerate(constants)),
+        max_sequences=_int(raw.pop("max_sequences", 1000), "sequence.max_sequences", path, low=1),
+        idle_timeout_s=_number(raw.pop("idle_timeout_ms", 60_000), "sequence.idle_timeout_ms", path)
+        / 1000.0,
+    )
+    if raw:
+        known = "state, constant, max_sequences, idle_timeout_ms"
+        raise ConfigError(f"{path}: unknown [sequence] keys {sorted(raw)}; known: {known}")
+    if config.idle_timeout_s <= 0:
+        raise ConfigError(f"{path}: 'sequence.idle_timeout_ms' must be > 0")
+    names = [s.input for s in config.state] + [c.input for c in config.constants]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"{path}: [sequence] names input {repeated[0]!r} more than once")
+    return config
+
+
+def _entry_keys(entry: dict[str, Any], where: str, path: Path, known: tuple[str, ...]) -> None:
+    unknown = sorted(set(entry) - set(known))
+    if unknown:
+        raise ConfigError(f"{path}: {where}: unknown keys {unknown}; known: {', '.join(known)}")
+    missing = [k for k in known[:3] if k not in entry]
+    if missing:
+        raise ConfigError(f"{path}: {where}: '{missing[0]}' is missing")
+
+
+def _state(entry: dict[str, Any], path: Path, index: int) -> StateSpec:
+    where = f"[[sequence.state]] #{index + 1}"
+    _entry_keys(
+        entry, where, path, ("input", "output", "datatype", "shape", "batch_axis", "initial")
+    )
+    shape = _shape(entry.get("shape"), f"{where} shape", path)
+    axis = _int(entry.get("batch_axis", 0), f"{where} batch_axis", path, low=0)
+    if axis > len(shape):
+        raise ConfigError(
+            f"{path}: {where} batch_axis {axis} is out of range for shape {list(shape)} "
+            "plus the batch axis"
+        )
+    return StateSpec(
+        input=_name(entry["input"], f"{where} input", path),
+        output=_name(entry["output"], f"{where} output", path),
+        datatype=_choice(entry["datatype"], f"{where} datatype", path, _DATATYPES),
+        shape=shape,
+        batch_axis=axis,
+        initial=_scalar(entry.get("initial", 0.0), f"{where} initial", path),
+    )
+
+
+def _constant(entry: dict[str, Any], path: Path, index: int) -> ConstantSpec:
+    where = f"[[sequence.constant]] #{index + 1}"
+    _entry_keys(entry, where, path, ("input", "datatype", "value", "shape"))
+    return ConstantSpec(
+        input=_name(entry["input"], f"{where} input", path),
+        datatype=_choice(entry["datatype"], f"{where} datatype", path, _DATATYPES),
+        shape=_shape(entry.get("shape", []), f"{where} shape", path),
+        value=_scalar(entry["value"], f"{where} value", path),
+    )
+
+
+def _name(value: Any, key: str, path: Path) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{path}: {key} must name a tensor, got {value!r}")
+    return value
+
+
+def _shape(value: Any, key: str, path: Path) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in value
+    ):
+        raise ConfigError(f"{path}: {key} must be a list of sizes >= 1, got {value!r}")
+    return tuple(value)
+
+
+def _scalar(value: Any, key: str, path: Path) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{path}: {key} must be a number, got {value!r}")
+    return value
 
 
 def _unknown_keys(raw: dict[str, Any], backend: str) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from opentelemetry.trace import Span
 
-from server.errors import NotFound, Unavailable, clip
+from server.errors import InvalidArgument, NotFound, Unavailable, clip
 from server.jobs.runner import JobRunner
 from server.limits import check_idempotency_key, check_request
 from server.model import ModelState, ServedModel
@@ -64,6 +64,11 @@ class DataPlane:
     def _settled(self, _: object) -> None:
         self.inflight -= 1
 
+    def end_sequences(self, owner: str) -> None:
+        """A stream ended: frees the sequences it was driving, on every stateful model."""
+        for model in self._models.values():
+            model.end_sequences(owner)
+
     def _admit(self, request: Request) -> ServedModel:
         if not self.accepting:
             raise Unavailable("the server is shutting down and takes no new requests")
@@ -79,6 +84,11 @@ class DataPlane:
         a `job` span under it."""
         check_idempotency_key(idempotency_key)
         model = self._admit(request)
+        if model.config.sequence is not None:
+            raise InvalidArgument(
+                f"model '{model.name}' is stateful: its sequences run through Predict or "
+                "StreamPredict, not as jobs"
+            )
         queued = model.new_request(request, job=True)
         job, deduplicated, estimate_s = await self._jobs.submit(
             model, request, queued, idempotency_key, span

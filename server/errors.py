@@ -39,6 +39,13 @@ class ResourceExhausted(TensorgateError):
         self.retry_after_s = retry_after_s
 
 
+class FailedPrecondition(TensorgateError):
+    """The request does not fit the state it refers to (a chunk for a sequence that is not
+    live)."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class DeadlineExceeded(TensorgateError):
     """The request's deadline passed before it ran."""
 

@@ -19,6 +19,7 @@ from server.backends import AnyBackendInstance, load_instance
 from server.batching.batcher import DynamicBatcher
 from server.batching.request import InferenceRequest
 from server.batching.scheduler import Scheduler
+from server.batching.sequences import SequenceScheduler
 from server.config import ConfigError, ModelConfig
 from server.datatypes import NUMPY_BY_DATATYPE
 from server.errors import InvalidArgument, Unavailable
@@ -49,12 +50,16 @@ class ServedModel:
         self.name = config.name
         self.state = ModelState.LOADING
         self.failure = ""
+        # What callers send and get back. A stateful model's engine also takes and returns its
+        # state (the server's business, not the caller's): engine_inputs / engine_outputs.
         self.inputs: tuple[TensorSpec, ...] = ()
         self.outputs: tuple[TensorSpec, ...] = ()
+        self.engine_inputs: tuple[TensorSpec, ...] = ()
+        self.engine_outputs: tuple[TensorSpec, ...] = ()
         self.max_batch_size = config.max_batch_size
         self._instances: list[Instance] = []
         self._pool: InstancePool | None = None
-        self._scheduler: DynamicBatcher | None = None
+        self._scheduler: DynamicBatcher | SequenceScheduler | None = None
         self._task: asyncio.Task[None] | None = None
         self._on_ready: Callable[[bool], None] = lambda ready: None
         self._reported_ready = False
@@ -114,7 +119,11 @@ class ServedModel:
 
     def _describe(self, backend: AnyBackendInstance) -> None:
         """Takes the model's I/O and batch limit from its first backend instance."""
-        self.inputs, self.outputs = tuple(backend.inputs), tuple(backend.outputs)
+        self.engine_inputs, self.engine_outputs = tuple(backend.inputs), tuple(backend.outputs)
+        sequence = self.config.sequence
+        state = {n for s in sequence.state for n in (s.input, s.output)} if sequence else set()
+        self.inputs = tuple(spec for spec in self.engine_inputs if spec.name not in state)
+        self.outputs = tuple(spec for spec in self.engine_outputs if spec.name not in state)
         if not self.inputs or not self.outputs:
             raise ConfigError(f"model '{self.name}' has no inputs or no outputs")
         limit = backend.max_batch_size
@@ -128,14 +137,14 @@ class ServedModel:
             self.max_batch_size = limit
 
     def _warm_up(self, instance: Instance) -> None:
-        names = [spec.name for spec in self.outputs]
+        names = [spec.name for spec in self.engine_outputs]
         for rows in sorted({1, self.max_batch_size}):
             inputs = {
                 spec.name: np.zeros(
                     (rows, *(d if d > 0 else 1 for d in spec.shape[1:])),
                     dtype=NUMPY_BY_DATATYPE[spec.datatype],
                 )
-                for spec in self.inputs
+                for spec in self.engine_inputs
             }
             instance.run(inputs, names)
 
@@ -150,14 +159,15 @@ class ServedModel:
         config = self.config
         if self.max_batch_size != config.max_batch_size:
             config = _with_max_batch(config, self.max_batch_size)
-        self._scheduler = DynamicBatcher(
+        batcher = DynamicBatcher(
             config,
-            [s.name for s in self.outputs],
+            [s.name for s in self.engine_outputs],
             self._pool,
             self._replace,
             lambda healthy: self._notify(),
             telemetry,
         )
+        self._scheduler = SequenceScheduler(config, batcher) if config.sequence else batcher
         self._task = asyncio.create_task(self._scheduler.run(), name=f"scheduler-{self.name}")
         self._task.add_done_callback(self._scheduler_ended)
         self.state = ModelState.READY
@@ -245,7 +255,21 @@ class ServedModel:
             priority=request.priority
             or (self.config.job_priority if job else self.config.default_priority),
             tenant=request.tenant,
+            sequence=request.sequence if self.config.sequence else None,
         )
+
+    def end_sequences(self, owner: str) -> int:
+        """Frees the sequences a stream was driving; returns how many (0 for a stateless
+        model)."""
+        if isinstance(self._scheduler, SequenceScheduler):
+            return self._scheduler.end_owner(owner)
+        return 0
+
+    @property
+    def live_sequences(self) -> int:
+        if isinstance(self._scheduler, SequenceScheduler):
+            return self._scheduler.live_sequences
+        return 0
 
     def estimated_wait_s(self, extra_rows: int = 0) -> float:
         """Time to work through the queued rows plus extra_rows at the observed service rate."""

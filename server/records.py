@@ -21,6 +21,9 @@ class SequenceControl:
     sequence_id: str
     start: bool = False
     end: bool = False
+    # The stream that sent it ("" for a unary call): a stream that ends frees the sequences it
+    # was driving.
+    owner: str = ""
 
 
 @dataclass(slots=True)

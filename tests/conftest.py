@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,22 @@ from bench.redisproc import RedisProcess
 from client import AsyncTensorgateClient, TensorgateClient
 from server.config import ServerConfig
 from tests.harness import MlpReference, ServerThread, build_repository
+
+TRITON_VENV = Path(__file__).resolve().parents[1] / ".venv-triton"
+TRITONCLIENT = "tritonclient[grpc]==2.73.0"
+
+
+@pytest.fixture(scope="session")
+def triton_python() -> Path:
+    """A virtual environment with tritonclient, which pins protobuf < 7 (ours needs 7) and
+    registers the same `inference.*` protobuf names as our stubs: it runs in its own process."""
+    python = TRITON_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(TRITON_VENV)], check=True, timeout=300)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", TRITONCLIENT], check=True, timeout=900
+        )
+    return python
 
 
 @pytest.fixture(scope="session")

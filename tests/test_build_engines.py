@@ -13,7 +13,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _build(out: Path) -> str:
+def _build(out: Path) -> dict[str, str]:
     result = subprocess.run(
         [sys.executable, str(ROOT / "build_engines.py"), "--out", str(out)],
         capture_output=True,
@@ -21,15 +21,19 @@ def _build(out: Path) -> str:
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "[1/1] mlp" in result.stdout
-    return hashlib.sha256((out / "mlp" / "model.onnx").read_bytes()).hexdigest()
+    assert "[1/2] mlp" in result.stdout and "[2/2] silero_vad" in result.stdout
+    return {
+        name: hashlib.sha256((out / name / "model.onnx").read_bytes()).hexdigest()
+        for name in ("mlp", "silero_vad")
+    }
 
 
 def test_build_is_byte_for_byte_reproducible(tmp_path: Path) -> None:
     assert _build(tmp_path / "a") == _build(tmp_path / "b")
-    assert (tmp_path / "a" / "mlp" / "config.toml").read_text() == (
-        ROOT / "engines" / "mlp" / "config.toml"
-    ).read_text()
+    for name in ("mlp", "silero_vad"):
+        assert (tmp_path / "a" / name / "config.toml").read_text() == (
+            ROOT / "engines" / name / "config.toml"
+        ).read_text()
 
 
 def test_built_mlp_runs_in_onnxruntime(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from tests.api.test_kserve import triton_python  # noqa: F401  (a fixture)
 from tests.harness import ServerThread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +49,7 @@ def test_the_python_client_snippet_runs(server: ServerThread) -> None:
 
 def test_the_tritonclient_snippet_runs_in_its_own_environment(
     server: ServerThread,
-    triton_python: Path,  # noqa: F811
+    triton_python: Path,
 ) -> None:
     code = _block("### KServe v2 / Triton clients", "python").replace(
         "localhost:50051", server.target

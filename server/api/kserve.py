@@ -14,7 +14,7 @@ from server.api import kserve_codec as codec
 from server.api.rpc import Frontend, rpc
 from server.api.status import MAX_MESSAGE_CHARS, as_domain_error
 from server.errors import InvalidArgument, Unavailable, clip
-from server.records import ModelInfo, ModelStatistics, Request
+from server.records import ModelInfo, ModelStatistics, Request, SequenceControl
 from tensorgate.kserve import grpc_service_pb2 as kpb
 from tensorgate.kserve import grpc_service_pb2_grpc as kpb_grpc
 
@@ -172,7 +172,30 @@ def _request(message: kpb.ModelInferRequest) -> Request:
         id=message.id,
         parameters=parameters,
         priority=_priority(parameters.get("priority", 0)),
+        sequence=_sequence(parameters),
     )
+
+
+def _sequence(parameters: dict[str, object]) -> SequenceControl | None:
+    """Triton's sequence parameters, as tritonclient sends them: sequence_id an int64 or a
+    string (0 or "" = none), sequence_start and sequence_end bools. An integer id is the same
+    sequence as its decimal string."""
+    sequence_id = parameters.get("sequence_id", 0)
+    if isinstance(sequence_id, bool) or not isinstance(sequence_id, (int, str)):
+        raise InvalidArgument(
+            f"parameter 'sequence_id' must be an integer or a string, got {sequence_id!r}"
+        )
+    flags = {}
+    for name in ("sequence_start", "sequence_end"):
+        value = parameters.get(name, False)
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"parameter '{name}' must be a bool, got {value!r}")
+        flags[name] = value
+    if sequence_id in (0, ""):
+        if flags["sequence_start"] or flags["sequence_end"]:
+            raise InvalidArgument("parameters sequence_start/sequence_end need a sequence_id")
+        return None
+    return SequenceControl(str(sequence_id), flags["sequence_start"], flags["sequence_end"])
 
 
 def _priority(level: object) -> int:

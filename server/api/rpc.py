@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import logging
 import time
@@ -139,6 +140,8 @@ class Frontend:
         self.max_concurrent_rpcs = max_concurrent_rpcs
         # Unary calls in a handler plus streams open, across both front ends.
         self.calls = 0
+        # Streams opened so far (names each stream as the owner of its sequences).
+        self._streams = 0
         # (model, kind, code, tenant) -> the counter and histogram children: labels() takes a
         # lock and validates on every call, which the request path need not pay. Bounded: model
         # names collapse to the served ones, kinds and codes are fixed sets, tenants are ""
@@ -257,6 +260,11 @@ class Frontend:
             outstanding = 0
             deadline = deadline_of(context)
             tenant = _TENANT.get()
+            # Names this stream as the owner of the sequences it starts or drives: when it ends,
+            # they are freed.
+            self._streams += 1
+            owner = f"stream-{self._streams}"
+            drives_sequences = False
             tracing = self.tracing
             call_span = tracing.start_rpc(method, context.invocation_metadata(), service=service)
             self.metrics.open_streams.inc()
@@ -292,7 +300,7 @@ class Frontend:
                     respond(message, model, span, started, future.result(), None)
 
             async def read() -> None:
-                nonlocal outstanding
+                nonlocal outstanding, drives_sequences
                 try:
                     async for message in request_iterator:
                         self.plane.note_call()
@@ -309,6 +317,11 @@ class Frontend:
                             model = request.model
                             request.deadline = deadline
                             request.tenant = tenant
+                            if request.sequence is not None:
+                                request.sequence = dataclasses.replace(
+                                    request.sequence, owner=owner
+                                )
+                                drives_sequences = True
                             self.rates.charge(tenant)
                             span = tracing.start_child(
                                 call_span, "request", model=request.model, request_id=request.id
@@ -346,6 +359,8 @@ class Frontend:
                 reader.cancel()
                 for future in list(futures):
                     future.cancel()
+                if drives_sequences:
+                    self.plane.end_sequences(owner)
                 self.metrics.open_streams.dec()
                 code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.OK
                 tracing.end_rpc(call_span, code.value[0])

@@ -11,7 +11,7 @@ from server.api import codec
 from server.api.rpc import Frontend, rpc
 from server.api.status import error_message
 from server.errors import InvalidArgument
-from server.records import JobStatus, JobView, Request
+from server.records import JobStatus, JobView, Request, SequenceControl
 from server.tensors import Outputs, TensorSpec
 from tensorgate.v1 import inference_pb2 as pb
 from tensorgate.v1 import inference_pb2_grpc as pb_grpc
@@ -145,7 +145,16 @@ def _request(message: pb.PredictRequest) -> Request:
         id=message.id,
         parameters=codec.parameters(message.parameters),
         priority=message.priority,
+        sequence=_sequence(message),
     )
+
+
+def _sequence(message: pb.PredictRequest) -> SequenceControl | None:
+    if not message.sequence_id:
+        if message.sequence_start or message.sequence_end:
+            raise InvalidArgument("sequence_start/sequence_end need a sequence_id")
+        return None
+    return SequenceControl(message.sequence_id, message.sequence_start, message.sequence_end)
 
 
 def _tensor_metadata(spec: TensorSpec) -> pb.TensorMetadata:

@@ -27,6 +27,16 @@ def load_instance(config: ModelConfig, instance_index: int) -> AnyBackendInstanc
         )
     module = importlib.import_module(module_name)
     instance: AnyBackendInstance = module.load(config, instance_index)
+    if config.sequence is not None:
+        if instance.placement != "cpu":
+            instance.close()
+            raise ConfigError(
+                f"model '{config.name}': stateful models ([sequence]) run on CPU instances in "
+                'this release; set device = "cpu" or serve it with onnxruntime'
+            )
+        from server.backends.stateful import StatefulBackend
+
+        instance = StatefulBackend(instance, config)
     return instance
 
 

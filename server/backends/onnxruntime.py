@@ -34,10 +34,16 @@ class OnnxRuntimeInstance:
 
     placement: Literal["cpu"] = "cpu"
 
-    def __init__(self, session: ort.InferenceSession, model: str) -> None:
+    def __init__(
+        self, session: ort.InferenceSession, model: str, unbatched: frozenset[str] = frozenset()
+    ) -> None:
         self._session = session
-        self._inputs = [_spec(arg, model) for arg in session.get_inputs()]
-        self._outputs = [_spec(arg, model) for arg in session.get_outputs()]
+        self._inputs = [
+            _spec(arg, model, arg.name not in unbatched) for arg in session.get_inputs()
+        ]
+        self._outputs = [
+            _spec(arg, model, arg.name not in unbatched) for arg in session.get_outputs()
+        ]
 
     @property
     def inputs(self) -> Sequence[TensorSpec]:
@@ -88,16 +94,20 @@ def load(config: ModelConfig, instance_index: int) -> OnnxRuntimeInstance:
     session = ort.InferenceSession(
         str(artifact), sess_options=session_options, providers=["CPUExecutionProvider"]
     )
-    return OnnxRuntimeInstance(session, config.name)
+    # A stateful model's state and constant tensors put their batch axis elsewhere or have none:
+    # backends/stateful.py checks every tensor against [sequence] instead.
+    names = [arg.name for arg in (*session.get_inputs(), *session.get_outputs())]
+    unbatched = frozenset(names if config.sequence is not None else ())
+    return OnnxRuntimeInstance(session, config.name, unbatched)
 
 
-def _spec(arg: ort.NodeArg, model: str) -> TensorSpec:
+def _spec(arg: ort.NodeArg, model: str, batched: bool = True) -> TensorSpec:
     datatype = _DATATYPE_BY_ORT_TYPE.get(arg.type)
     if datatype is None:
         raise ConfigError(f"model '{model}': tensor '{arg.name}' has unsupported type {arg.type}")
     # ONNX marks dynamic dims with a name or None; both become -1.
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
-    if not shape or shape[0] != -1:
+    if batched and (not shape or shape[0] != -1):
         raise ConfigError(
             f"model '{model}': tensor '{arg.name}' has shape {list(arg.shape)}; "
             "its first dimension must be the dynamic batch dimension"

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from server.records import SequenceControl
 from server.telemetry.tracing import RequestTrace
 from server.tensors import Outputs
 
@@ -38,3 +39,5 @@ class InferenceRequest:
     on_start: Callable[[], None] | None = None
     # Set when the request is traced (sampled): its span and stage times.
     trace: RequestTrace | None = None
+    # A chunk of a sequence, for a stateful model (batching/sequences.py).
+    sequence: SequenceControl | None = None

@@ -1,6 +1,6 @@
 """The scheduler seam: what a served model needs from whatever decides which requests run
-together. The dynamic batcher (batcher.py) is one scheduler; a sequence scheduler for stateful
-models is another."""
+together. The dynamic batcher (batcher.py) is one scheduler; the sequence scheduler for stateful
+models (sequences.py), in front of a dynamic batcher, is another."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ class Scheduler(Protocol):
 
     def fail_all(self, error: TensorgateError) -> None:
         """Fails every queued and running request with the error (forced stop)."""
+        ...
+
+    @property
+    def healthy(self) -> bool:
+        """False while the engine keeps failing."""
         ...
 
     @property

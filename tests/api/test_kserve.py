@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -18,21 +17,6 @@ from tensorgate.kserve import grpc_service_pb2_grpc as kpb_grpc
 from tests.harness import MlpReference, ServerThread
 
 ROOT = Path(__file__).resolve().parents[2]
-TRITON_VENV = ROOT / ".venv-triton"
-TRITONCLIENT = "tritonclient[grpc]==2.73.0"
-
-
-@pytest.fixture(scope="session")
-def triton_python() -> Path:
-    """A virtual environment with tritonclient, which pins protobuf < 7 (ours needs 7) and
-    registers the same `inference.*` protobuf names as our stubs: it runs in its own process."""
-    python = TRITON_VENV / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(TRITON_VENV)], check=True, timeout=300)
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "--quiet", TRITONCLIENT], check=True, timeout=900
-        )
-    return python
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ class Parameter(_message.Message):
     def __init__(self, bool_param: _Optional[bool] = ..., int64_param: _Optional[int] = ..., string_param: _Optional[str] = ..., double_param: _Optional[float] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model", "id", "inputs", "requested_outputs", "parameters", "priority")
+    __slots__ = ("model", "id", "inputs", "requested_outputs", "parameters", "priority", "sequence_id", "sequence_start", "sequence_end")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -61,13 +61,19 @@ class PredictRequest(_message.Message):
     REQUESTED_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_START_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_END_FIELD_NUMBER: _ClassVar[int]
     model: str
     id: str
     inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
     requested_outputs: _containers.RepeatedScalarFieldContainer[str]
     parameters: _containers.MessageMap[str, Parameter]
     priority: int
-    def __init__(self, model: _Optional[str] = ..., id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., requested_outputs: _Optional[_Iterable[str]] = ..., parameters: _Optional[_Mapping[str, Parameter]] = ..., priority: _Optional[int] = ...) -> None: ...
+    sequence_id: str
+    sequence_start: bool
+    sequence_end: bool
+    def __init__(self, model: _Optional[str] = ..., id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., requested_outputs: _Optional[_Iterable[str]] = ..., parameters: _Optional[_Mapping[str, Parameter]] = ..., priority: _Optional[int] = ..., sequence_id: _Optional[str] = ..., sequence_start: _Optional[bool] = ..., sequence_end: _Optional[bool] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("model", "id", "outputs")
