@@ -63,6 +63,9 @@ class ServedModel:
         self._task: asyncio.Task[None] | None = None
         self._on_ready: Callable[[bool], None] = lambda ready: None
         self._reported_ready = False
+        # The loop start() ran on: new_request makes its futures there without asking asyncio
+        # for the running loop (a getpid() system call each time on Python 3.11).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def scheduler(self) -> Scheduler:
@@ -155,6 +158,7 @@ class ServedModel:
     ) -> None:
         """Starts the scheduler on the running loop. on_ready hears every change of `ready`."""
         self._pool = InstancePool(self._instances)
+        self._loop = asyncio.get_running_loop()
         self._on_ready = on_ready
         config = self.config
         if self.max_batch_size != config.max_batch_size:
@@ -248,7 +252,7 @@ class ServedModel:
             inputs=arrays,
             rows=rows,
             output_names=output_names,
-            future=asyncio.get_running_loop().create_future(),
+            future=(self._loop or asyncio.get_running_loop()).create_future(),
             deadline=deadline,
             id=request.id,
             parameters=request.parameters,

@@ -14,7 +14,7 @@ from server.errors import TensorgateError
 from server.tensors import Outputs, TensorInput, TensorSpec
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class SequenceControl:
     """Stateful-model control carried by a request (Triton's sequence batcher's fields)."""
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import dataclasses
 import functools
 import logging
 import time
@@ -318,9 +317,7 @@ class Frontend:
                             request.deadline = deadline
                             request.tenant = tenant
                             if request.sequence is not None:
-                                request.sequence = dataclasses.replace(
-                                    request.sequence, owner=owner
-                                )
+                                request.sequence.owner = owner
                                 drives_sequences = True
                             self.rates.charge(tenant)
                             span = tracing.start_child(

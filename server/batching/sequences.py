@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,8 +35,6 @@ from server.datatypes import NUMPY_BY_DATATYPE
 from server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, TensorgateError
 from server.records import SequenceControl
 from server.tensors import Outputs
-
-log = logging.getLogger(__name__)
 
 # Freed sequences remembered, to tell a late chunk why its sequence is gone.
 _REMEMBERED = 10_000
@@ -80,10 +76,6 @@ class SequenceScheduler:
             s.input: np.full((1, *s.shape), s.initial, dtype=NUMPY_BY_DATATYPE[s.datatype])
             for s in self._spec.state
         }
-        # Chunks accepted and not finished; drain waits for none.
-        self._unfinished = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     # --- what callers see ----------------------------------------------------------------
 
@@ -105,18 +97,19 @@ class SequenceScheduler:
             )
         key = (request.tenant, control.sequence_id)
         sequence = self._live.get(key)
-        if sequence is None or (sequence.ending and not control.start):
+        if sequence is None:
             if not control.start:
                 raise FailedPrecondition(self._not_live(key))
-            if sequence is None:
-                sequence = self._open(key, control)
+            sequence = self._open(key, control)
+        elif sequence.ending and not control.start:
+            raise FailedPrecondition(
+                f"sequence '{control.sequence_id[:200]}' of model '{self._model}' ended with "
+                "sequence_end; start it again with sequence_start"
+            )
         sequence.owner = control.owner or sequence.owner
         sequence.ending = control.end
         sequence.last_used = self._clock()
         sequence.waiting.append(request)
-        self._unfinished += 1
-        self._idle.clear()
-        request.future.add_done_callback(self._chunk_done)
         if sequence.running is None:
             self._next(sequence)
 
@@ -135,12 +128,17 @@ class SequenceScheduler:
             group.create_task(self._expire_idle())
 
     async def drain(self, deadline: float) -> bool:
-        remaining = deadline - time.monotonic()
-        if remaining > 0 and not self._idle.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await self._idle.wait()
-        return self._idle.is_set() and await self._batcher.drain(deadline)
+        """Waits for every accepted chunk: a sequence's next chunk reaches the batcher only when
+        the one before it has run, so the batcher drains once per chunk still waiting."""
+        while True:
+            if not await self._batcher.drain(deadline):
+                return False
+            await asyncio.sleep(0)  # let finished chunks hand their successors to the batcher
+            if not any(_busy(s) for s in self._live.values()):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
 
     def fail_all(self, error: TensorgateError) -> None:
         for sequence in list(self._live.values()):
@@ -267,11 +265,6 @@ class SequenceScheduler:
         if self._live.get(sequence.key) is sequence:
             self._next(sequence)
 
-    def _chunk_done(self, _: object) -> None:
-        self._unfinished -= 1
-        if self._unfinished == 0:
-            self._idle.set()
-
     async def _expire_idle(self) -> None:
         timeout = self._spec.idle_timeout_s
         while True:
@@ -287,6 +280,11 @@ class SequenceScheduler:
                         sequence,
                         f"no chunk for {timeout:g} s, the model's sequence idle_timeout_ms",
                     )
+
+
+def _busy(sequence: _Sequence) -> bool:
+    """A chunk of the sequence runs, or waits with its caller still there."""
+    return sequence.running is not None or any(not c.future.done() for c in sequence.waiting)
 
 
 def _abandon(step: InferenceRequest, chunk: asyncio.Future[Outputs]) -> None:

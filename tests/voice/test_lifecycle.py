@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -199,3 +200,62 @@ def test_a_failed_chunk_on_a_stream_leaves_the_others_going(
         return [float(g["probability"][0, 0]) for g in good]
 
     np.testing.assert_allclose(asyncio.run(drive()), reference(chunks[:5]), atol=1e-4, rtol=0)
+
+
+def test_shutdown_answers_every_accepted_chunk(voice_repository: Path, chunks: np.ndarray) -> None:
+    """SIGTERM-like stop with sequences mid-flight: chunks queued behind their sequence's running
+    chunk still run, in order, within the grace period; none is lost."""
+    from server.config import ServerConfig
+
+    running = ServerThread(
+        ServerConfig(
+            host="127.0.0.1",
+            port=0,
+            model_repository=voice_repository,
+            models=("silero_vad",),
+            drain_delay_s=0.0,
+        )
+    ).start()
+    stopped = False
+    try:
+        accepted: list[int] = []
+
+        async def drive() -> list[list[Any]]:
+            async with AsyncTensorgateClient(running.target, timeout_s=30) as client:
+                stream = client.sequences("silero_vad")
+                await stream.__aenter__()
+                sent = [
+                    [stream.submit(f"stop-{s}", {"audio": chunks[t]}, start=t == 0)
+                     for s in range(4)]
+                    for t in range(30)
+                ]  # fmt: skip
+                futures = [[sent[t][s] for t in range(30)] for s in range(4)]
+                # Stop once the server holds many chunks waiting behind their sequence's
+                # running one.
+                while (held := running.queued("silero_vad")) < 60 and not sent[-1][-1].done():
+                    await asyncio.sleep(0.001)
+                accepted.append(held)
+                stop = asyncio.get_running_loop().run_in_executor(None, running.stop, 3.0)
+                results = [await asyncio.gather(*row, return_exceptions=True) for row in futures]
+                await stop  # the open stream holds the server for the grace period
+                await stream.close()
+                return results
+
+        results = asyncio.run(drive())
+        stopped = True
+    finally:
+        if not stopped:
+            running.stop()
+    expected = reference(chunks[:30])
+    # Every chunk the server held when the stop began was answered.
+    assert sum(isinstance(r, dict) for row in results for r in row) >= accepted[0] >= 60
+    for row in results:
+        answered = [r for r in row if isinstance(r, dict)]
+        # Answered chunks are a prefix of the sequence, with the reference's values; the rest
+        # were refused as the server stopped, not lost.
+        assert all(isinstance(r, dict) for r in row[: len(answered)])
+        got = [float(r["probability"][0, 0]) for r in answered]
+        np.testing.assert_allclose(got, expected[: len(got)], atol=1e-4, rtol=0)
+        for refused in row[len(answered) :]:
+            assert isinstance(refused, SequenceError), refused
+            assert refused.code == grpc.StatusCode.UNAVAILABLE, refused
