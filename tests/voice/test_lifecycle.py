@@ -259,3 +259,51 @@ def test_shutdown_answers_every_accepted_chunk(voice_repository: Path, chunks: n
         for refused in row[len(answered) :]:
             assert isinstance(refused, SequenceError), refused
             assert refused.code == grpc.StatusCode.UNAVAILABLE, refused
+
+
+def test_tenants_do_not_share_sequences(
+    voice_repository: Path, chunks: np.ndarray, tmp_path: Path
+) -> None:
+    """Two tenants using the same sequence_id hold two sequences: neither sees the other's."""
+    import hashlib
+
+    from client import Security
+    from server.config import ServerConfig
+
+    tokens = {"team-a": "token-of-team-a", "team-b": "token-of-team-b"}
+    (tmp_path / "tokens").write_text("".join(
+        f"{tenant} {hashlib.sha256(token.encode()).hexdigest()}\n"
+        for tenant, token in tokens.items()
+    ))  # fmt: skip
+    running = ServerThread(
+        ServerConfig(
+            host="127.0.0.1",
+            port=0,
+            model_repository=voice_repository,
+            models=(SMALL,),
+            drain_delay_s=0.0,
+            auth_tokens=str(tmp_path / "tokens"),
+        )
+    ).start()
+    try:
+        a = TensorgateClient(
+            running.target, timeout_s=30, security=Security(token=tokens["team-a"])
+        )
+        b = TensorgateClient(
+            running.target, timeout_s=30, security=Security(token=tokens["team-b"])
+        )
+        with a, b:
+            first_a = _predict(a, chunks[0], "call-1", sequence_start=True)
+            with pytest.raises(grpc.RpcError) as other:
+                _predict(b, chunks[1], "call-1")  # team-a's call-1 is not team-b's
+            assert other.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "is not live" in (other.value.details() or "")
+            # team-b's own call-1, fed other audio, runs beside team-a's without mixing state.
+            got_b = [_predict(b, chunks[20 + t], "call-1", sequence_start=t == 0)
+                     for t in range(5)]  # fmt: skip
+            got_a = [first_a] + [_predict(a, chunks[t], "call-1") for t in range(1, 5)]
+            assert _live(running) == 2
+    finally:
+        running.stop()
+    np.testing.assert_allclose(got_a, reference(chunks[:5]), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got_b, reference(chunks[20:25]), atol=1e-4, rtol=0)
