@@ -7,8 +7,8 @@
             last = await stream.send("call-1", {"audio": chunk}, end=True)
 
 send() may be called from many tasks at once (one per live sequence, say): the chunks share the
-stream and the server batches them across sequences. A chunk that fails raises
-grpc.aio.AioRpcError-like SequenceError with the server's status; the stream goes on.
+stream and the server batches them across sequences. A chunk that fails raises SequenceError
+with the server's status code and message; the stream and its other sequences go on.
 """
 
 from __future__ import annotations
