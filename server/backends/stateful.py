@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 
 from server.backends.base import BackendInstance
-from server.config import ConfigError, ModelConfig, SequenceConfig, StateSpec
+from server.config import ConfigError, ModelConfig, StateSpec
 from server.datatypes import NUMPY_BY_DATATYPE
 from server.tensors import TensorSpec, format_shape
 
@@ -73,10 +73,6 @@ class StatefulBackend:
     @property
     def max_batch_size(self) -> int | None:
         return self._inner.max_batch_size
-
-    @property
-    def sequence(self) -> SequenceConfig:
-        return self._sequence
 
     def execute(
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]
