@@ -1,16 +1,19 @@
 """The batching policies side by side, in one run, with the same client: adaptive (the default)
 vs the static window, on the bundled mlp, and an empty gRPC handler as the floor.
 
-    python -m bench.batching                  # about 4 minutes at --seconds 5
+    python -m bench.batching                  # about 6 minutes at --seconds 5 --rounds 3
 
-Closed loop at 1, 16 and 64 in flight (rounds alternate the policies), and an open-loop Poisson
-sweep: the highest rate each holds at p99 < 50 ms. Writes docs/batching.json, the "Batching
+Closed loop at 1, 16 and 64 in flight, and an open-loop Poisson sweep (the highest rate each
+policy holds at p99 < 50 ms). Both servers and the empty handler stay up; each point of one
+policy is measured right beside the same point of the other, so the ratios compare like with
+like on a machine whose speed drifts. Writes docs/batching.json, the "Batching
 policies" section of docs/benchmarks.md and docs/bench_batching.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -35,44 +38,53 @@ P99_TARGET_MS = 50.0
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--rates", type=float, nargs="+", default=[1000, 2000, 3000, 4000])
     args = parser.parse_args()
     closed: dict[str, dict[int, list[dict[str, Any]]]] = {p: {} for p in POLICIES}
-    open_loop: dict[str, list[dict[str, Any]]] = {p: [] for p in POLICIES}
-    with tempfile.TemporaryDirectory() as tmp:
-        repository = Path(tmp) / "engines"
-        build("mlp", repository)
-        config = repository / "mlp" / "config.toml"
-        base = config.read_text()
-        echo, target = echo_server()
-        try:
-            floor = _point(target, 1, args.seconds)
-        finally:
-            echo.terminate()
-        print(f"empty handler, 1 in flight: p50 {floor['p50_ms']:.2f} ms", flush=True)
+    open_loop: dict[str, dict[float, list[dict[str, Any]]]] = {p: {} for p in POLICIES}
+    floors: list[dict[str, Any]] = []
+    points = args.rounds * (1 + len(POLICIES) * (len(args.concurrency) + len(args.rates)))
+    step = 0
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        # Both policies' servers, and the empty handler, stay up for the whole run: every
+        # point of one policy is measured right beside the same point of the other.
+        servers = {}
+        for policy in POLICIES:
+            repository = Path(tmp) / policy
+            build("mlp", repository)
+            config = repository / "mlp" / "config.toml"
+            # A top-level key: before the file's first [table].
+            config.write_text(f'batching = "{policy}"\n' + config.read_text())
+            servers[policy] = ServeProcess(repository, models=["mlp"])
+            stack.callback(servers[policy].stop)
+        echo, echo_target = echo_server()
+        stack.callback(echo.terminate)
         for round_index in range(args.rounds):
-            for policy in POLICIES:
-                # A top-level key: before the file's first [table].
-                config.write_text(f'batching = "{policy}"\n' + base)
-                server = ServeProcess(repository, models=["mlp"])
-                try:
-                    for c in args.concurrency:
-                        row = _point(server.target, c, args.seconds)
-                        closed[policy].setdefault(c, []).append(row)
-                        print(f"round {round_index + 1} {policy:<8} c={c:<3} "
-                              f"{row['req_per_s']:8.0f} req/s  p50 {row['p50_ms']:6.2f}  "
-                              f"p99 {row['p99_ms']:6.2f} ms", flush=True)  # fmt: skip
-                    if round_index == 0:
-                        for rate in args.rates:
-                            row = _point(server.target, 0, args.seconds, rate)
-                            open_loop[policy].append(row)
-                            print(f"open {policy:<8} {rate:6.0f}/s  served {row['req_per_s']:.0f}"
-                                  f"  p99 {row['p99_ms']:.2f} ms", flush=True)  # fmt: skip
-                finally:
-                    server.stop()
-    report = _summarize(args, floor, closed, open_loop)
+            # Alternate which policy goes first, so neither always follows the other.
+            order = POLICIES if round_index % 2 == 0 else POLICIES[::-1]
+            floors.append(_point(echo_target, 1, args.seconds))
+            step += 1
+            print(f"[{step}/{points}] round {round_index + 1} empty handler c=1: p50 "
+                  f"{floors[-1]['p50_ms']:.2f} ms", flush=True)  # fmt: skip
+            for c in args.concurrency:
+                for policy in order:
+                    row = _point(servers[policy].target, c, args.seconds)
+                    closed[policy].setdefault(c, []).append(row)
+                    step += 1
+                    print(f"[{step}/{points}] round {round_index + 1} {policy:<8} c={c:<3} "
+                          f"{row['req_per_s']:8.0f} req/s  p50 {row['p50_ms']:6.2f}  "
+                          f"p99 {row['p99_ms']:6.2f} ms", flush=True)  # fmt: skip
+            for rate in args.rates:
+                for policy in order:
+                    row = _point(servers[policy].target, 0, args.seconds, rate)
+                    open_loop[policy].setdefault(rate, []).append(row)
+                    step += 1
+                    print(f"[{step}/{points}] round {round_index + 1} {policy:<8} open "
+                          f"{rate:6.0f}/s  served {row['req_per_s']:.0f}  p99 "
+                          f"{row['p99_ms']:.2f} ms", flush=True)  # fmt: skip
+    report = _summarize(args, floors, closed, open_loop)
     (DOCS / "batching.json").write_text(json.dumps(report, indent=2) + "\n")
     replace_section(DOCS / "benchmarks.md", "batching", _markdown(report))
     _plot(report, DOCS / "bench_batching.png")
@@ -90,37 +102,55 @@ def _point(target: str, concurrency: int, seconds: float, rate: float = 0.0) -> 
 
 def _summarize(
     args: argparse.Namespace,
-    floor: dict[str, Any],
+    floors: list[dict[str, Any]],
     closed: dict[str, dict[int, list[dict[str, Any]]]],
-    open_loop: dict[str, list[dict[str, Any]]],
+    open_loop: dict[str, dict[float, list[dict[str, Any]]]],
 ) -> dict[str, Any]:
+    """Medians over the rounds; each target is the median of its per-round (paired) ratios."""
+    keys = ("req_per_s", "p50_ms", "p99_ms")
     medians = {
-        policy: {
-            c: {k: statistics.median(r[k] for r in rows) for k in ("req_per_s", "p50_ms", "p99_ms")}
-            for c, rows in by_c.items()
-        }
+        policy: {c: {k: statistics.median(r[k] for r in rows) for k in keys}
+                 for c, rows in by_c.items()}
         for policy, by_c in closed.items()
+    }  # fmt: skip
+    open_medians = {
+        policy: {
+            rate: {
+                "p99_ms": statistics.median(r["p99_ms"] for r in rows),
+                "req_per_s": statistics.median(r["req_per_s"] for r in rows),
+                "errors": sum(sum(r["errors"].values()) for r in rows),
+            }
+            for rate, rows in by_rate.items()
+        }
+        for policy, by_rate in open_loop.items()
     }
     held = {
         policy: max(
             (
-                r["rate"]
-                for r in rows
-                if r["p99_ms"] < P99_TARGET_MS and not sum(r["errors"].values())
+                rate
+                for rate, m in by_rate.items()
+                if m["p99_ms"] < P99_TARGET_MS and not m["errors"]
             ),
             default=0.0,
         )
-        for policy, rows in open_loop.items()
+        for policy, by_rate in open_medians.items()
     }
-    a, s = medians["adaptive"], medians["static"]
-    targets = {
-        "c1_p50_vs_empty": a[1]["p50_ms"] / floor["p50_ms"] if 1 in a else None,
-        **{f"c{c}_throughput_vs_static": a[c]["req_per_s"] / s[c]["req_per_s"] for c in a if c > 1},
-        "open_loop_held": held,
-    }
+    a, s = closed["adaptive"], closed["static"]
+    targets: dict[str, Any] = {}
+    if 1 in a:
+        targets["c1_p50_vs_empty"] = statistics.median(
+            row["p50_ms"] / floor["p50_ms"] for row, floor in zip(a[1], floors, strict=True)
+        )
+    for c in a:
+        if c > 1:
+            targets[f"c{c}_throughput_vs_static"] = statistics.median(
+                x["req_per_s"] / y["req_per_s"] for x, y in zip(a[c], s[c], strict=True)
+            )
+    targets["open_loop_held"] = held
     return {
-        "seconds": args.seconds, "rounds": args.rounds, "empty_handler_c1": floor,
-        "closed": medians, "open": open_loop, "targets": targets,
+        "seconds": args.seconds, "rounds": args.rounds,
+        "empty_handler_c1": {"p50_ms": statistics.median(f["p50_ms"] for f in floors)},
+        "closed": medians, "open": open_medians, "targets": targets,
     }  # fmt: skip
 
 
@@ -129,9 +159,12 @@ def _markdown(report: dict[str, Any]) -> str:
     lines = [
         "## Batching policies: adaptive (default) vs static window (python -m bench.batching)",
         "",
-        f"Closed-loop Predict on mlp, medians of {report['rounds']} alternating rounds of "
-        f"{report['seconds']:g} s; the empty gRPC handler answers the same client at 1 in flight "
-        f"in p50 {floor['p50_ms']:.2f} ms.",
+        f"Predict on mlp, {report['rounds']} rounds of {report['seconds']:g} s points. Both "
+        "policies' servers and an empty gRPC handler stay up for the whole run, and every point "
+        "of one policy is measured right beside the same point of the other (the order "
+        "alternating by round); figures are medians over the rounds, and ratios the medians of "
+        "the per-round ratios. The empty handler answers the same client at 1 in flight in p50 "
+        f"{floor['p50_ms']:.2f} ms (median).",
         "",
         "| in flight | static req/s | adaptive req/s | ratio | static p50 ms | adaptive p50 ms | static p99 ms | adaptive p99 ms |",
         "|---|---|---|---|---|---|---|---|",
@@ -146,9 +179,18 @@ def _markdown(report: dict[str, Any]) -> str:
     held = report["targets"]["open_loop_held"]
     lines += [
         "",
-        f"Open loop (Poisson), highest rate held at p99 < {P99_TARGET_MS:g} ms: static "
-        f"{held['static']:.0f}/s, adaptive {held['adaptive']:.0f}/s. At 1 in flight the adaptive "
-        f"p50 is {report['targets']['c1_p50_vs_empty']:.2f}× the empty handler's.",
+        f"Open loop (Poisson), highest rate held at p99 < {P99_TARGET_MS:g} ms (median p99 over "
+        f"the rounds): static {held['static']:.0f}/s, adaptive {held['adaptive']:.0f}/s. At 1 in "
+        f"flight the adaptive p50 is {report['targets']['c1_p50_vs_empty']:.2f}× the empty "
+        "handler's (median of the per-round ratios).",
+        "",
+        "| open loop req/s | static p99 ms | adaptive p99 ms |",
+        "|---|---|---|",
+        *(
+            f"| {rate:.0f} | {report['open']['static'][rate]['p99_ms']:.2f} | "
+            f"{report['open']['adaptive'][rate]['p99_ms']:.2f} |"
+            for rate in report["open"]["adaptive"]
+        ),
         "",
         "![batching](bench_batching.png)",
         "",
