@@ -60,7 +60,8 @@ class RequestTrace:
     enqueued_ns: int = 0
     taken_ns: int = 0
     queue_depth: int = 0
-    validate_ns: int = 0
+    # How long validation took (a duration, unlike the wall-clock times above).
+    validate_took_ns: int = 0
 
 
 class Tracing:
@@ -177,12 +178,15 @@ class Tracing:
     # --- the request's way through the queue and the batch ---------------------------------
 
     def request_trace(
-        self, span: Span | None, queue_depth: int, validate_ns: int = 0
+        self, span: Span | None, queue_depth: int, validate_took_ns: int = 0
     ) -> RequestTrace | None:
         if span is None or not span.is_recording():
             return None
         return RequestTrace(
-            span, enqueued_ns=time.time_ns(), queue_depth=queue_depth, validate_ns=validate_ns
+            span,
+            enqueued_ns=time.time_ns(),
+            queue_depth=queue_depth,
+            validate_took_ns=validate_took_ns,
         )
 
     def batch_done(
@@ -218,8 +222,8 @@ class Tracing:
                 "tensorgate.queue.depth": t.queue_depth,
                 "tensorgate.queue_ms": ((t.taken_ns or started_ns) - t.enqueued_ns) / 1e6,
             }
-            if t.validate_ns:
-                attributes["tensorgate.validate_ms"] = t.validate_ns / 1e6
+            if t.validate_took_ns:
+                attributes["tensorgate.validate_ms"] = t.validate_took_ns / 1e6
             t.span.set_attributes(attributes)
 
 

@@ -6,16 +6,16 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from build_engines import ENGINES, build
+from client.vad import chunks as vad_chunks
 from server.config import ServerConfig
 from tests.harness import ServerThread
 from tests.voice.audio import Recording, compose
-
-CHUNK = 512
 
 # Utterances with known silences around them.
 SCRIPT: list[str | float] = [
@@ -43,12 +43,17 @@ def voice_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def start_voice_server(repository: Path, **overrides: Any) -> ServerThread:
+    """A server over the voice repository on a free loopback port (ServerConfig overrides)."""
+    config = ServerConfig(
+        host="127.0.0.1", port=0, model_repository=repository, drain_delay_s=0.0, **overrides
+    )
+    return ServerThread(config).start()
+
+
 @pytest.fixture(scope="session")
 def voice_server(voice_repository: Path) -> Iterator[ServerThread]:
-    config = ServerConfig(
-        host="127.0.0.1", port=0, model_repository=voice_repository, drain_delay_s=0.0
-    )
-    running = ServerThread(config).start()
+    running = start_voice_server(voice_repository)
     yield running
     running.stop()
 
@@ -56,12 +61,6 @@ def voice_server(voice_repository: Path) -> Iterator[ServerThread]:
 @pytest.fixture(scope="session")
 def recording() -> Recording:
     return compose(SCRIPT)
-
-
-def chunks_of(samples: np.ndarray) -> np.ndarray:
-    """[n, 1, 512] chunks, the last padded with silence."""
-    padded = np.pad(samples, (0, -len(samples) % CHUNK))
-    return padded.reshape(-1, 1, CHUNK).astype(np.float32)
 
 
 def reference(chunks: np.ndarray) -> np.ndarray:
@@ -75,5 +74,5 @@ def reference(chunks: np.ndarray) -> np.ndarray:
 def voices(recording: Recording, count: int) -> list[np.ndarray]:
     """count different recordings: the test speech rotated and scaled, so each sequence has its
     own audio and its own probabilities."""
-    chunks = chunks_of(recording.samples)
+    chunks = np.stack(list(vad_chunks(recording.samples)))  # [n, 1, 512], as `tensorgate vad`
     return [np.roll(chunks, 7 * i, axis=0) * (1.0 - 0.05 * (i % 4)) for i in range(count)]

@@ -18,7 +18,7 @@ import pytest
 from client import AsyncTensorgateClient, SequenceError, TensorgateClient
 from tests.harness import ServerThread, wait_until
 from tests.voice.audio import Recording
-from tests.voice.conftest import reference, voices
+from tests.voice.conftest import reference, start_voice_server, voices
 
 SMALL = "silero_vad_small"
 ROOT = Path(__file__).resolve().parents[2]
@@ -205,17 +205,7 @@ def test_a_failed_chunk_on_a_stream_leaves_the_others_going(
 def test_shutdown_answers_every_accepted_chunk(voice_repository: Path, chunks: np.ndarray) -> None:
     """SIGTERM-like stop with sequences mid-flight: chunks queued behind their sequence's running
     chunk still run, in order, within the grace period; none is lost."""
-    from server.config import ServerConfig
-
-    running = ServerThread(
-        ServerConfig(
-            host="127.0.0.1",
-            port=0,
-            model_repository=voice_repository,
-            models=("silero_vad",),
-            drain_delay_s=0.0,
-        )
-    ).start()
+    running = start_voice_server(voice_repository, models=("silero_vad",))
     stopped = False
     try:
         accepted: list[int] = []
@@ -268,23 +258,15 @@ def test_tenants_do_not_share_sequences(
     import hashlib
 
     from client import Security
-    from server.config import ServerConfig
 
     tokens = {"team-a": "token-of-team-a", "team-b": "token-of-team-b"}
     (tmp_path / "tokens").write_text("".join(
         f"{tenant} {hashlib.sha256(token.encode()).hexdigest()}\n"
         for tenant, token in tokens.items()
     ))  # fmt: skip
-    running = ServerThread(
-        ServerConfig(
-            host="127.0.0.1",
-            port=0,
-            model_repository=voice_repository,
-            models=(SMALL,),
-            drain_delay_s=0.0,
-            auth_tokens=str(tmp_path / "tokens"),
-        )
-    ).start()
+    running = start_voice_server(
+        voice_repository, models=(SMALL,), auth_tokens=str(tmp_path / "tokens")
+    )
     try:
         a = TensorgateClient(
             running.target, timeout_s=30, security=Security(token=tokens["team-a"])
