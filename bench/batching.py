@@ -1,7 +1,7 @@
 """The batching policies side by side, in one run, with the same client: adaptive (the default)
 vs the static window, on the bundled mlp, and an empty gRPC handler as the floor.
 
-    python -m bench.batching                  # about 6 minutes at --seconds 5 --rounds 3
+    python -m bench.batching                  # about 9 minutes at --seconds 4 --rounds 5
 
 Closed loop at 1, 16 and 64 in flight, and an open-loop Poisson sweep (the highest rate each
 policy holds at p99 < 50 ms). Both servers and the empty handler stay up; each point of one
@@ -37,8 +37,10 @@ P99_TARGET_MS = 50.0
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    # One point moves by up to ±10 % on this shared 2-core machine; five pairs make the median
+    # ratio steady to a few per cent.
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--rates", type=float, nargs="+", default=[1000, 2000, 3000, 4000])
     args = parser.parse_args()
@@ -57,7 +59,10 @@ def main() -> int:
             config = repository / "mlp" / "config.toml"
             # A top-level key: before the file's first [table].
             config.write_text(f'batching = "{policy}"\n' + config.read_text())
-            servers[policy] = ServeProcess(repository, models=["mlp"])
+            # A metrics endpoint, for the rows per batch of each point.
+            servers[policy] = ServeProcess(
+                repository, models=["mlp"], extra_args=["--metrics-port", "0"]
+            )
             stack.callback(servers[policy].stop)
         echo, echo_target = echo_server()
         stack.callback(echo.terminate)
@@ -70,15 +75,16 @@ def main() -> int:
                   f"{floors[-1]['p50_ms']:.2f} ms", flush=True)  # fmt: skip
             for c in args.concurrency:
                 for policy in order:
-                    row = _point(servers[policy].target, c, args.seconds)
+                    row = _point(servers[policy], c, args.seconds)
                     closed[policy].setdefault(c, []).append(row)
                     step += 1
                     print(f"[{step}/{points}] round {round_index + 1} {policy:<8} c={c:<3} "
                           f"{row['req_per_s']:8.0f} req/s  p50 {row['p50_ms']:6.2f}  "
-                          f"p99 {row['p99_ms']:6.2f} ms", flush=True)  # fmt: skip
+                          f"p99 {row['p99_ms']:6.2f} ms  batch {row['mean_batch']:5.2f}",
+                          flush=True)  # fmt: skip
             for rate in args.rates:
                 for policy in order:
-                    row = _point(servers[policy].target, 0, args.seconds, rate)
+                    row = _point(servers[policy], 0, args.seconds, rate)
                     open_loop[policy].setdefault(rate, []).append(row)
                     step += 1
                     print(f"[{step}/{points}] round {round_index + 1} {policy:<8} open "
@@ -92,10 +98,19 @@ def main() -> int:
     return 0
 
 
-def _point(target: str, concurrency: int, seconds: float, rate: float = 0.0) -> dict[str, Any]:
+def _point(
+    server: ServeProcess | str, concurrency: int, seconds: float, rate: float = 0.0
+) -> dict[str, Any]:
+    """One load point against a tensorgate server (with its mean rows per batch over the
+    point) or against a bare target (the empty handler)."""
+    target = server if isinstance(server, str) else server.target
     spec = LoadSpec(target, "mlp", concurrency=max(concurrency, 1), rate=rate, seconds=seconds,
                     processes=1 if concurrency <= 4 and not rate else 2)  # fmt: skip
+    before = (0.0, 0.0) if isinstance(server, str) else server.batch_rows()
     row = run(spec).as_dict()
+    if not isinstance(server, str):
+        rows, batches = (b - a for a, b in zip(before, server.batch_rows(), strict=True))
+        row["mean_batch"] = rows / batches if batches else 0.0
     row.update(concurrency=concurrency, rate=rate)
     return row
 
@@ -107,7 +122,7 @@ def _summarize(
     open_loop: dict[str, dict[float, list[dict[str, Any]]]],
 ) -> dict[str, Any]:
     """Medians over the rounds; each target is the median of its per-round (paired) ratios."""
-    keys = ("req_per_s", "p50_ms", "p99_ms")
+    keys = ("req_per_s", "p50_ms", "p99_ms", "mean_batch")
     medians = {
         policy: {c: {k: statistics.median(r[k] for r in rows) for k in keys}
                  for c, rows in by_c.items()}
@@ -141,16 +156,17 @@ def _summarize(
         targets["c1_p50_vs_empty"] = statistics.median(
             row["p50_ms"] / floor["p50_ms"] for row, floor in zip(a[1], floors, strict=True)
         )
+    per_round: dict[str, list[float]] = {}
     for c in a:
         if c > 1:
-            targets[f"c{c}_throughput_vs_static"] = statistics.median(
-                x["req_per_s"] / y["req_per_s"] for x, y in zip(a[c], s[c], strict=True)
-            )
+            ratios = [x["req_per_s"] / y["req_per_s"] for x, y in zip(a[c], s[c], strict=True)]
+            targets[f"c{c}_throughput_vs_static"] = statistics.median(ratios)
+            per_round[f"c{c}_throughput_vs_static"] = [round(r, 3) for r in ratios]
     targets["open_loop_held"] = held
     return {
         "seconds": args.seconds, "rounds": args.rounds,
         "empty_handler_c1": {"p50_ms": statistics.median(f["p50_ms"] for f in floors)},
-        "closed": medians, "open": open_medians, "targets": targets,
+        "closed": medians, "open": open_medians, "targets": targets, "per_round": per_round,
     }  # fmt: skip
 
 
@@ -163,18 +179,26 @@ def _markdown(report: dict[str, Any]) -> str:
         "policies' servers and an empty gRPC handler stay up for the whole run, and every point "
         "of one policy is measured right beside the same point of the other (the order "
         "alternating by round); figures are medians over the rounds, and ratios the medians of "
-        "the per-round ratios. The empty handler answers the same client at 1 in flight in p50 "
+        "the per-round (paired) ratios; batch is the mean rows per engine call. The empty "
+        "handler answers the same client at 1 in flight in p50 "
         f"{floor['p50_ms']:.2f} ms (median).",
         "",
-        "| in flight | static req/s | adaptive req/s | ratio | static p50 ms | adaptive p50 ms | static p99 ms | adaptive p99 ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| in flight | static req/s | adaptive req/s | ratio (per round) | static p50 ms | adaptive p50 ms | static p99 ms | adaptive p99 ms | static batch | adaptive batch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     s, a = report["closed"]["static"], report["closed"]["adaptive"]
+    targets, per_round = report["targets"], report.get("per_round", {})
     for c in sorted(a, key=int):
+        key = f"c{c}_throughput_vs_static"
+        ratio = (
+            f"{targets[key]:.2f} ({', '.join(f'{r:.2f}' for r in per_round[key])})"
+            if key in per_round
+            else f"{a[c]['req_per_s'] / s[c]['req_per_s']:.2f}"
+        )
         lines.append(
-            f"| {c} | {s[c]['req_per_s']:.0f} | {a[c]['req_per_s']:.0f} | "
-            f"{a[c]['req_per_s'] / s[c]['req_per_s']:.2f} | {s[c]['p50_ms']:.2f} | "
-            f"{a[c]['p50_ms']:.2f} | {s[c]['p99_ms']:.2f} | {a[c]['p99_ms']:.2f} |"
+            f"| {c} | {s[c]['req_per_s']:.0f} | {a[c]['req_per_s']:.0f} | {ratio} | "
+            f"{s[c]['p50_ms']:.2f} | {a[c]['p50_ms']:.2f} | {s[c]['p99_ms']:.2f} | "
+            f"{a[c]['p99_ms']:.2f} | {s[c]['mean_batch']:.1f} | {a[c]['mean_batch']:.1f} |"
         )
     held = report["targets"]["open_loop_held"]
     lines += [
