@@ -112,3 +112,17 @@ def test_adaptive_learns_the_arrival_rate_as_load_changes() -> None:
         clock += 0.005
         policy.arrived(1, clock)
     assert policy.wait_s(1, clock, clock, idle_instances=1) == 0.0
+
+
+def test_adaptive_stops_going_at_once_when_calls_come_back_late() -> None:
+    # 3,000 rows a second and an idle instance. While a small batch is back 0.1 ms after it was
+    # sent, the server has capacity to spare: go at once. When the event loop falls behind and
+    # calls come back 2 ms after they went, each extra batch costs the server that much: wait
+    # for company, as the static window would.
+    fast = _adaptive(gap_s=0.00033, call_s=0.0001)
+    assert fast.wait_s(2, 1.0, 1.0, idle_instances=1) == 0.0
+    behind = _adaptive(gap_s=0.00033, call_s=0.0001)
+    for _ in range(60):
+        behind.ran(2, 0.002)
+    # The 6 rows still missing from a batch of 8 are expected within the 2 ms window.
+    assert behind.wait_s(2, 1.0, 1.0, idle_instances=1) == pytest.approx(6 * 0.00033, rel=0.05)
