@@ -2,9 +2,10 @@
 
 The batcher waits for a first request, then for an idle instance (requests pile up meanwhile, so
 batches grow with load), then asks the policy (policy.py) how long to wait for company and how
-many rows to take. Requests whose caller has gone leave the queue at once (queue.py); requests
-whose deadline has passed are dropped when the batch is formed, before they cost compute.
-Running a batch is execution.py's job.
+many rows to take. A request that finds the batcher idle, an instance free and the policy saying
+"go now" is sent from put() itself, without waking the batcher's task. Requests whose caller
+has gone leave the queue at once (queue.py); requests whose deadline has passed are dropped when
+the batch is formed, before they cost compute. Running a batch is execution.py's job.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from server.batching.stats import BatcherStats
 from server.config import ModelConfig
 from server.errors import DeadlineExceeded, TensorgateError, Unavailable
 from server.executor.batch import Batch
-from server.executor.instance import Instance
+from server.executor.instance import BatchResult, Instance
 from server.executor.pool import InstancePool
 from server.telemetry import Telemetry
 
@@ -69,6 +70,8 @@ class DynamicBatcher:
         )
         # Batches on instances, and instance replacements under way.
         self._batches: dict[asyncio.Task[None], Batch[InferenceRequest]] = {}
+        # True while run() waits for a first request: nothing is being formed.
+        self._parked = False
         self._replacing: set[asyncio.Task[None]] = set()
         self._execution = BatchExecution(
             config, self.stats, telemetry, on_health, on_batch=self.policy.ran
@@ -103,25 +106,44 @@ class DynamicBatcher:
         if request.trace is not None:
             request.trace.enqueued_ns = time.time_ns()
             request.trace.queue_depth = self._queue.live - 1
+        if self._parked and self._queue.live == 1 and self._pool.idle:
+            # Alone in the queue, an instance free: when the policy would send it at once
+            # anyway, do so here rather than a loop iteration later from the batcher's task.
+            policy, now = self.policy, request.enqueued_at
+            if policy.wait_s(self._queue.rows, now, now, self._pool.idle - 1) <= 0:
+                instance = self._pool.try_acquire()
+                if instance is not None:
+                    self._dispatch(instance, self._take(policy.batch_rows(self._queue.rows)))
 
     async def run(self) -> None:
         try:
             while True:
-                await self._queue.nonempty()
+                self._parked = True
+                try:
+                    await self._queue.nonempty()
+                finally:
+                    self._parked = False
                 instance = await self._pool.acquire()
                 try:
                     batch = await self._next_batch()
                 except BaseException:
                     self._pool.release(instance)
                     raise
-                if batch is None:
-                    self._pool.release(instance)
-                    continue
-                task = asyncio.create_task(self._execute(instance, batch))
-                self._batches[task] = batch
-                task.add_done_callback(self._batch_done)
+                self._dispatch(instance, batch)
         finally:
             self._queue.fail_all(Unavailable(f"model '{self._config.name}' is shutting down"))
+
+    def _dispatch(self, instance: Instance, batch: Batch[InferenceRequest] | None) -> None:
+        """Starts the batch's engine call on the instance now, and a task that awaits it under
+        the watchdog (no batch: the instance goes back)."""
+        if batch is None:
+            self._pool.release(instance)
+            return
+        started = instance.start(batch)  # type: ignore[arg-type]
+        started.add_done_callback(_retrieve)  # if the task is cancelled before awaiting it
+        task = asyncio.create_task(self._execute(instance, batch, started))
+        self._batches[task] = batch
+        task.add_done_callback(self._batch_done)
 
     async def drain(self, deadline: float) -> bool:
         while self._queue.live or self._batches:
@@ -194,9 +216,14 @@ class DynamicBatcher:
                 request.on_start()
         return Batch(self._config.name, taken, rows, names)
 
-    async def _execute(self, instance: Instance, batch: Batch[InferenceRequest]) -> None:
+    async def _execute(
+        self,
+        instance: Instance,
+        batch: Batch[InferenceRequest],
+        started: asyncio.Future[BatchResult],
+    ) -> None:
         try:
-            await self._execution.run(instance, batch)
+            await self._execution.run(instance, batch, started)
         except InstanceHung:
             instance.abandon()  # at once: nothing may close it or give it work from now on
             task = asyncio.create_task(self._replace_instance(instance))
@@ -212,3 +239,10 @@ class DynamicBatcher:
         self._batches.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("model %s: a batch failed", self._config.name, exc_info=task.exception())
+
+
+def _retrieve(future: asyncio.Future[BatchResult]) -> None:
+    """Marks an engine call's error as seen: the batch's task reports it, unless the task was
+    cancelled before it awaited the call (shutdown)."""
+    if not future.cancelled():
+        future.exception()

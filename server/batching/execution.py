@@ -18,7 +18,7 @@ from server.batching.stats import BatcherStats
 from server.config import ModelConfig
 from server.errors import Internal, TensorgateError, Unavailable
 from server.executor.batch import Batch
-from server.executor.instance import Instance
+from server.executor.instance import BatchResult, Instance
 from server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -58,15 +58,22 @@ class BatchExecution:
         self.healthy = True
         self._consecutive_failures = 0
 
-    async def run(self, instance: Instance, batch: Batch[InferenceRequest]) -> None:
-        """Runs the batch under the watchdog. When the engine fails on it, each half runs again,
-        down to single requests, so only the requests that cause the failure fail."""
+    async def run(
+        self,
+        instance: Instance,
+        batch: Batch[InferenceRequest],
+        submitted: asyncio.Future[BatchResult] | None = None,
+    ) -> None:
+        """Runs the batch under the watchdog (`submitted`: its engine call, already handed to the
+        instance by Instance.start). When the engine fails on it, each half runs again, down to
+        single requests, so only the requests that cause the failure fail."""
         config = self._config
         started = time.perf_counter()
         started_ns = time.time_ns() if self._tracing.enabled else 0
         try:
             async with asyncio.timeout(config.execution_timeout_s or None):
-                result = await instance.execute(batch)  # type: ignore[arg-type]
+                call = submitted if submitted is not None else instance.start(batch)  # type: ignore[arg-type]
+                result = await call
         except TimeoutError:
             self.stats.watchdog_timeouts += 1
             log.error(

@@ -42,6 +42,15 @@ class InstancePool:
         self.taken.add(instance)
         return instance
 
+    def try_acquire(self) -> Instance | None:
+        """An idle instance without waiting, or None."""
+        try:
+            instance = self._idle.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        self.taken.add(instance)
+        return instance
+
     def release(self, instance: Instance) -> None:
         self.taken.discard(instance)
         self._idle.put_nowait(instance)

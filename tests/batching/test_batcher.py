@@ -17,6 +17,10 @@ import numpy as np
 import pytest
 
 from client import AsyncTensorgateClient, StreamItem, TensorgateClient, codec
+from server.config import ModelConfig
+from server.model import ServedModel
+from server.records import Request
+from server.tensors import TensorInput
 from tests.harness import MlpReference, ServerThread, wait_until, write_config
 
 WINDOW_S = 0.3
@@ -151,3 +155,32 @@ def test_eager_dispatch_skips_the_window_while_another_instance_is_idle(
             timings[name] = time.monotonic() - started
     assert timings["patient"] >= 0.45  # waited for company
     assert timings["eager"] < 0.3  # went at once: the other instance was idle
+
+
+@pytest.mark.parametrize("batching", ["adaptive", "static"])
+async def test_a_lone_request_at_an_idle_batcher_starts_its_engine_call_from_put(
+    repository: Path, reference: MlpReference, rng: np.random.Generator, batching: str
+) -> None:
+    """With nothing queued and an instance free, a request the policy sends at once (adaptive,
+    at low load) is on its instance when put() returns, not a loop iteration later; the static
+    window still holds it for company."""
+    config = ModelConfig.load(repository / "mlp")
+    config.batching = batching
+    model = ServedModel(config)
+    await asyncio.to_thread(model.load)
+    model.start()
+    try:
+        x = rng.standard_normal((1, 256)).astype(np.float32)
+        for first in (True, False):  # the first goes through the batcher's task, which parks
+            while model.busy_instances:  # the previous batch's task is winding up
+                await asyncio.sleep(0.001)
+            tensor = TensorInput("input", "FP32", x.shape, x.tobytes())
+            request = model.new_request(Request("mlp", [tensor]))
+            model.scheduler.put(request)
+            if not first:
+                assert model.busy_instances == (1 if batching == "adaptive" else 0)
+            outputs = await request.future
+            np.testing.assert_allclose(outputs["logits"], reference.logits(x), rtol=1e-4, atol=1e-4)
+    finally:
+        await model.stop(time.monotonic() + 5)
+        model.close()
