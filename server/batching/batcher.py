@@ -101,19 +101,32 @@ class DynamicBatcher:
     def put(self, request: InferenceRequest) -> None:
         if not self._pool.instances:
             raise Unavailable(f"model '{self._config.name}' has no working instance")
-        self._queue.put(request)
+        alone = self._parked and not self._queue.live and self._pool.idle > 0
+        if alone:
+            request.enqueued_at = time.monotonic()
+        else:
+            self._queue.put(request)
         self.policy.arrived(request.rows, request.enqueued_at)
         if request.trace is not None:
             request.trace.enqueued_ns = time.time_ns()
-            request.trace.queue_depth = self._queue.live - 1
-        if self._parked and self._queue.live == 1 and self._pool.idle:
-            # Alone in the queue, an instance free: when the policy would send it at once
-            # anyway, do so here rather than a loop iteration later from the batcher's task.
-            policy, now = self.policy, request.enqueued_at
-            if policy.wait_s(self._queue.rows, now, now, self._pool.idle - 1) <= 0:
-                instance = self._pool.try_acquire()
-                if instance is not None:
-                    self._dispatch(instance, self._take(policy.batch_rows(self._queue.rows)))
+            request.trace.queue_depth = self._queue.live - (0 if alone else 1)
+        if alone and not self._send_alone(request):
+            self._queue.put(request)
+
+    def _send_alone(self, request: InferenceRequest) -> bool:
+        """Nothing queued, the batcher's task parked, an instance free: when the policy would
+        send this request at once anyway, it goes to the instance from here, without waking the
+        batcher's task (a loop turn sooner, at low load). False: it must be queued."""
+        now = request.enqueued_at
+        if request.deadline is not None and request.deadline <= now:
+            return False  # the queue fails it, as any request that expires there
+        if self.policy.wait_s(request.rows, now, now, self._pool.idle - 1) > 0:
+            return False
+        instance = self._pool.try_acquire()
+        if instance is None:
+            return False
+        self._dispatch(instance, self._batch_of([request], request.rows, now))
+        return True
 
     async def run(self) -> None:
         try:
@@ -202,18 +215,22 @@ class DynamicBatcher:
                 continue
             taken.append(request)
             rows += request.rows
+        return self._batch_of(taken, rows, now) if taken else None
+
+    def _batch_of(
+        self, taken: list[InferenceRequest], rows: int, now: float
+    ) -> Batch[InferenceRequest]:
+        """The batch of requests taken at `now`, their queue time counted."""
+        for request in taken:
             waited_s = now - request.enqueued_at
             self.stats.queue_s_total += waited_s
             self._m_queue.observe(waited_s)
             if request.trace is not None:
                 request.trace.taken_ns = time.time_ns()
-        if not taken:
-            return None
-        wanted = set().union(*(r.output_names for r in taken))
-        names = tuple(n for n in self._model_outputs if n in wanted)
-        for request in taken:
             if request.on_start is not None:
                 request.on_start()
+        wanted = set().union(*(r.output_names for r in taken))
+        names = tuple(n for n in self._model_outputs if n in wanted)
         return Batch(self._config.name, taken, rows, names)
 
     async def _execute(

@@ -13,6 +13,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from prometheus_client import Counter
+
 from server.batching.request import InferenceRequest
 from server.batching.stats import BatcherStats
 from server.config import ModelConfig
@@ -55,6 +57,7 @@ class BatchExecution:
         self._m_compute = metrics.compute_seconds.labels(model)
         self._m_rows = metrics.batch_rows.labels(model)
         self._m_busy = metrics.instance_busy_seconds
+        self._m_busy_by_instance: dict[int, Counter] = {}
         self.healthy = True
         self._consecutive_failures = 0
 
@@ -112,7 +115,11 @@ class BatchExecution:
             self._on_batch(batch.rows, elapsed_s)
             self._m_rows.observe(batch.rows)
             self._m_compute.observe(compute_s)
-            self._m_busy.labels(config.name, str(instance.index)).inc(elapsed_s)
+            busy = self._m_busy_by_instance.get(instance.index)
+            if busy is None:  # labels() looks the child up under a lock: once per instance
+                busy = self._m_busy.labels(config.name, str(instance.index))
+                self._m_busy_by_instance[instance.index] = busy
+            busy.inc(elapsed_s)
             self._trace(batch, instance, started_ns, result.stage_s)
             now = time.monotonic()
             for request, outputs in zip(batch.requests, result.outputs, strict=True):
