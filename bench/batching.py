@@ -47,6 +47,8 @@ def main() -> int:
     closed: dict[str, dict[int, list[dict[str, Any]]]] = {p: {} for p in POLICIES}
     open_loop: dict[str, dict[float, list[dict[str, Any]]]] = {p: {} for p in POLICIES}
     floors: list[dict[str, Any]] = []
+    if 1 not in args.concurrency:
+        parser.error("--concurrency must include 1 (the empty handler is measured beside it)")
     points = args.rounds * (1 + len(POLICIES) * (len(args.concurrency) + len(args.rates)))
     step = 0
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
@@ -69,12 +71,19 @@ def main() -> int:
         for round_index in range(args.rounds):
             # Alternate which policy goes first, so neither always follows the other.
             order = POLICIES if round_index % 2 == 0 else POLICIES[::-1]
-            floors.append(_point(echo_target, 1, args.seconds))
-            step += 1
-            print(f"[{step}/{points}] round {round_index + 1} empty handler c=1: p50 "
-                  f"{floors[-1]['p50_ms']:.2f} ms", flush=True)  # fmt: skip
             for c in args.concurrency:
-                for policy in order:
+                sequence = list(order)
+                if c == 1:
+                    # The empty handler right beside the adaptive point (the pair of the c=1
+                    # target), on the side away from the static one.
+                    sequence = [*order, "empty"] if order[-1] == "adaptive" else ["empty", *order]
+                for policy in sequence:
+                    if policy == "empty":
+                        floors.append(_point(echo_target, 1, args.seconds))
+                        step += 1
+                        print(f"[{step}/{points}] round {round_index + 1} empty handler c=1: "
+                              f"p50 {floors[-1]['p50_ms']:.2f} ms", flush=True)  # fmt: skip
+                        continue
                     row = _point(servers[policy], c, args.seconds)
                     closed[policy].setdefault(c, []).append(row)
                     step += 1
@@ -152,11 +161,10 @@ def _summarize(
     }
     a, s = closed["adaptive"], closed["static"]
     targets: dict[str, Any] = {}
-    if 1 in a:
-        targets["c1_p50_vs_empty"] = statistics.median(
-            row["p50_ms"] / floor["p50_ms"] for row, floor in zip(a[1], floors, strict=True)
-        )
     per_round: dict[str, list[float]] = {}
+    c1 = [row["p50_ms"] / floor["p50_ms"] for row, floor in zip(a[1], floors, strict=True)]
+    targets["c1_p50_vs_empty"] = statistics.median(c1)
+    per_round["c1_p50_vs_empty"] = [round(r, 3) for r in c1]
     for c in a:
         if c > 1:
             ratios = [x["req_per_s"] / y["req_per_s"] for x, y in zip(a[c], s[c], strict=True)]
@@ -180,8 +188,8 @@ def _markdown(report: dict[str, Any]) -> str:
         "of one policy is measured right beside the same point of the other (the order "
         "alternating by round); figures are medians over the rounds, and ratios the medians of "
         "the per-round (paired) ratios; batch is the mean rows per engine call. The empty "
-        "handler answers the same client at 1 in flight in p50 "
-        f"{floor['p50_ms']:.2f} ms (median).",
+        "handler, measured right beside the adaptive point at 1 in flight, answers the same "
+        f"client in p50 {floor['p50_ms']:.2f} ms (median).",
         "",
         "| in flight | static req/s | adaptive req/s | ratio (per round) | static p50 ms | adaptive p50 ms | static p99 ms | adaptive p99 ms | static batch | adaptive batch |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -206,7 +214,8 @@ def _markdown(report: dict[str, Any]) -> str:
         f"Open loop (Poisson), highest rate held at p99 < {P99_TARGET_MS:g} ms (median p99 over "
         f"the rounds): static {held['static']:.0f}/s, adaptive {held['adaptive']:.0f}/s. At 1 in "
         f"flight the adaptive p50 is {report['targets']['c1_p50_vs_empty']:.2f}× the empty "
-        "handler's (median of the per-round ratios).",
+        "handler's (median of the per-round ratios: "
+        f"{', '.join(f'{r:.2f}' for r in per_round.get('c1_p50_vs_empty', []))}).",
         "",
         "| open loop req/s | static p99 ms | adaptive p99 ms |",
         "|---|---|---|",
