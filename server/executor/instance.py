@@ -57,9 +57,6 @@ class Instance(ABC):
             return failed
         return asyncio.wrap_future(submitted)
 
-    async def execute(self, batch: Batch[BatchPart]) -> BatchResult:
-        return await self.start(batch)
-
     def abandon(self) -> None:
         """Gives up on an instance whose thread is stuck in the engine: the thread cannot be
         killed, so it is left to finish (or not) on its own and the backend is not closed."""

@@ -7,7 +7,6 @@ the watchdog gave up on is abandoned and dies with the process.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import logging
 import queue
@@ -40,10 +39,6 @@ class Worker:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._calls.put((fn, future))
         return future
-
-    async def run(self, fn: Callable[[], T]) -> T:
-        """Runs fn on the thread; the awaiting task gets its result (settled on the loop)."""
-        return await asyncio.wrap_future(self.submit(fn))
 
     def call(self, fn: Callable[[], T]) -> T:
         """Runs fn on the thread and blocks until it returns (load-time warm-up)."""
