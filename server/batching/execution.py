@@ -75,8 +75,9 @@ class BatchExecution:
         started_ns = time.time_ns() if self._tracing.enabled else 0
         try:
             async with asyncio.timeout(config.execution_timeout_s or None):
-                call = submitted if submitted is not None else instance.start(batch)  # type: ignore[arg-type]
-                result = await call
+                if submitted is None:  # a retried half: its call starts here
+                    submitted = instance.start(batch)  # type: ignore[arg-type]
+                result = await submitted
         except TimeoutError:
             self.stats.watchdog_timeouts += 1
             log.error(
