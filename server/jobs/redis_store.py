@@ -252,8 +252,13 @@ class RedisJobStore:
                 event.set()
 
     @contextlib.contextmanager
-    def _reachable(self) -> Iterator[None]:
-        """Turns a lost connection into UNAVAILABLE naming Redis."""
+    def _reachable(self, cancellable: bool = True) -> Iterator[None]:
+        """Turns a lost connection into UNAVAILABLE naming Redis. A caller that was cancelled
+        during the call ends with CancelledError even where redis-py dropped the cancellation
+        (on Python 3.11 asyncio.wait_for, which redis-py writes commands through, returns
+        normally when a cancellation meets the write's completion), so a stopping loop stops.
+        cancellable=False (take): the call's result is returned all the same; its jobs are
+        already claimed, and the runner hands them back."""
         try:
             yield
         except _LOST as exc:
@@ -262,6 +267,8 @@ class RedisJobStore:
                 f"the job store (Redis at {self.where}) is unreachable: {exc}; "
                 "Predict and StreamPredict still work"
             ) from None
+        if cancellable:
+            _keep_cancellation()
 
     # --- accepting and reading ------------------------------------------------------------------
 
@@ -381,7 +388,7 @@ class RedisJobStore:
 
     async def take(self, model: str, limit: int, wait_s: float) -> list[Job]:
         stream = _stream(model)
-        with self._reachable():
+        with self._reachable(cancellable=False):
             entries: list[tuple[bytes, Any]] = []
             now = time.monotonic()
             if now >= self._next_reclaim.get(model, 0.0):

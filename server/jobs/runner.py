@@ -53,6 +53,8 @@ _REQUEUE_PAUSE_S = 0.005
 _TAKE_WAIT_S = 1.0
 # Pause before asking an unreachable store again.
 _STORE_RETRY_S = 0.5
+# The longest stop() waits for the feeders, sweeper and lease renewal to end.
+_STOP_S = 2.0
 
 
 @dataclass(slots=True, eq=False)
@@ -469,7 +471,12 @@ class JobRunner:
         self._retrying = False
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Bounded: a store call that drops its cancellation must not hold the shutdown.
+        if self._tasks:
+            _, running = await asyncio.wait(self._tasks, timeout=_STOP_S)
+            if running:
+                names = ", ".join(task.get_name() for task in running)
+                log.warning("job tasks still running at shutdown: %s", names)
         if self._short:
             await asyncio.wait(list(self._short), timeout=2.0)
         await self.store.close()

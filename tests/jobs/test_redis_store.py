@@ -3,6 +3,7 @@ against finish, hand-back. Two store objects stand for two replicas."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -173,3 +174,32 @@ async def test_pending_jobs_are_bounded_per_tenant_over_replicas(
     cancelled = await a.cancel(first.id, "team-a")
     assert cancelled is not None and cancelled.status is JobStatus.CANCELLED
     await b.add(of("team-a"))  # a finished job no longer counts
+
+
+async def test_a_loop_of_store_calls_ends_when_cancelled_even_where_redis_py_drops_it(
+    replicas: Callable[..., Any],
+) -> None:
+    """On Python 3.11 redis-py returns normally from a command whose write was cancelled as it
+    completed (asyncio.wait_for); the runner's sweeper then slept on, and shutdown hung. Every
+    cancellation that lands in a store call must end the calling task."""
+    store = await replicas()
+    job, _, _ = await store.add(_job())
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(0)
+            await store.sweep()
+            await store.get(job.id)
+
+    stuck = 0
+    for delay in np.linspace(0.0, 0.004, 150):  # cancellations land all through the calls
+        task = asyncio.create_task(loop())
+        await asyncio.sleep(float(delay))
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=1.0)
+        if not done:
+            stuck += 1
+            while not task.done():  # a second cancellation may be dropped as well
+                task.cancel()
+                await asyncio.wait([task], timeout=0.1)
+    assert stuck == 0, f"{stuck} of 150 cancelled loops kept running"
