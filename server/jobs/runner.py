@@ -469,6 +469,7 @@ class JobRunner:
         """Stops the feeders and sweeper, waits briefly for results being stored, closes the
         store."""
         self._retrying = False
+        self._taking = False  # a feeder whose cancellation take() dropped ends at its loop's test
         for task in self._tasks:
             task.cancel()
         # Bounded: a store call that drops its cancellation must not hold the shutdown.
