@@ -80,7 +80,9 @@ def test_unary_span_tree_continues_the_callers_trace(traced: Any) -> None:
     assert _children(spans, rpc) == {}
     stages = [attrs[f"tensorgate.{n}_ms"] for n in ("validate", "queue", "execute", "encode")]
     assert all(ms >= 0 for ms in stages) and attrs["tensorgate.execute_ms"] > 0
-    assert sum(stages) <= (rpc.end_time - rpc.start_time) / 1e6  # type: ignore[operator]
+    # 5 µs for the separate clock reads: once, with the machine's other core busy, the stages
+    # summed 1.2 µs over the span (not reproduced in 6,000 requests since).
+    assert sum(stages) <= (rpc.end_time - rpc.start_time) / 1e6 + 0.005  # type: ignore[operator]
     # The batch it ran in is described on the request's span too: no span of its own.
     assert 0 < attrs["tensorgate.compute_ms"] <= attrs["tensorgate.execute_ms"]
     assert attrs["tensorgate.batch.requests"] == 1
