@@ -7,6 +7,7 @@ through on_ready, and KServe's ModelReady reads the same property.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import logging
 import time
@@ -30,6 +31,14 @@ from server.telemetry import Telemetry
 from server.tensors import TensorSpec, decode_inputs
 
 log = logging.getLogger(__name__)
+
+# A scheduler that dies of an unexpected error restarts at once; after this many deaths within
+# _CRASH_WINDOW_S, each restart waits twice as long as the last (from _FIRST_BACKOFF_S, at most
+# _MAX_BACKOFF_S), so a fault that recurs cannot spin the loop.
+_CRASHES_BEFORE_BACKOFF = 3
+_CRASH_WINDOW_S = 10.0
+_FIRST_BACKOFF_S = 0.1
+_MAX_BACKOFF_S = 5.0
 
 
 class ModelState(enum.Enum):
@@ -61,6 +70,9 @@ class ServedModel:
         self._pool: InstancePool | None = None
         self._scheduler: DynamicBatcher | SequenceScheduler | None = None
         self._task: asyncio.Task[None] | None = None
+        self._restart: asyncio.TimerHandle | None = None
+        self._crashes: collections.deque[float] = collections.deque(maxlen=32)
+        self._telemetry = Telemetry.quiet()
         self._on_ready: Callable[[bool], None] = lambda ready: None
         self._reported_ready = False
         # The loop start() ran on: new_request makes its futures there without asking asyncio
@@ -172,9 +184,17 @@ class ServedModel:
             telemetry,
         )
         self._scheduler = SequenceScheduler(config, batcher) if config.sequence else batcher
+        self._telemetry = telemetry or Telemetry.quiet()
+        self.state = ModelState.READY
+        self._run_scheduler()
+
+    def _run_scheduler(self) -> None:
+        """Starts (or restarts) the scheduler's task."""
+        self._restart = None
+        if self.state is not ModelState.READY or self._scheduler is None:
+            return
         self._task = asyncio.create_task(self._scheduler.run(), name=f"scheduler-{self.name}")
         self._task.add_done_callback(self._scheduler_ended)
-        self.state = ModelState.READY
         self._notify()
 
     def _notify(self) -> None:
@@ -295,12 +315,17 @@ class ServedModel:
             if not drained:
                 log.warning("model %s: work left at the end of the grace period fails", self.name)
                 scheduler.fail_all(Unavailable(f"model '{self.name}' stopped before it ran"))
+        if self._restart is not None:
+            self._restart.cancel()
+            self._restart = None
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
+            except Exception:
+                pass  # a scheduler that died: _scheduler_ended logged it
         if self._pool is not None and not drained:
             for instance in self._pool.taken:
                 instance.abandon()  # still inside the engine
@@ -325,10 +350,29 @@ class ServedModel:
         return f"model '{self.name}' is {self.state.value.lower()}, not ready"
 
     def _scheduler_ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("model %s: scheduler stopped", self.name, exc_info=task.exception())
-            self.fail(f"scheduler stopped: {task.exception()}")
+        """A scheduler task ended. Cancelled: the model stops. Anything else is a fault in the
+        server, not in the model: the task restarts (logged and counted) and the model turns
+        SERVING again, instead of refusing every call until the process restarts."""
+        if task is not self._task:
+            return
         self._notify()
+        if task.cancelled() or self.state is not ModelState.READY:
+            return
+        error = task.exception()
+        now = time.monotonic()
+        self._crashes.append(now)
+        recent = sum(1 for at in self._crashes if now - at <= _CRASH_WINDOW_S)
+        delay_s = 0.0
+        if recent > _CRASHES_BEFORE_BACKOFF:
+            delay_s = min(
+                _FIRST_BACKOFF_S * 2 ** (recent - _CRASHES_BEFORE_BACKOFF - 1), _MAX_BACKOFF_S
+            )
+        log.error(
+            "model %s: scheduler failed (%d time(s) in %.0f s); restarting it in %.2f s",
+            self.name, recent, _CRASH_WINDOW_S, delay_s, exc_info=error,
+        )  # fmt: skip
+        self._telemetry.metrics.scheduler_restarts.labels(self.name).inc()
+        self._restart = asyncio.get_running_loop().call_later(delay_s, self._run_scheduler)
 
 
 def _with_max_batch(config: ModelConfig, max_batch_size: int) -> ModelConfig:

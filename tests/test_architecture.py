@@ -68,3 +68,17 @@ def test_server_and_client_packages_do_not_import_each_other() -> None:
         assert not {n for n in names if n.split(".")[0] == "client"}, path
     for path, names in _imports("client").items():
         assert not {n for n in names if n.split(".")[0] == "server"}, path
+
+
+def test_futures_are_settled_only_through_the_settle_once_helpers() -> None:
+    """A request's future may be cancelled by its caller at any moment; every place that settles
+    one goes through server/futures.py, which checks done() first. (The executor's worker thread
+    settles concurrent.futures of its own, which nothing else can touch.)"""
+    allowed = {"server/futures.py", "server/executor/worker.py"}
+    for path in sorted((ROOT / "server").rglob("*.py")):
+        name = str(path.relative_to(ROOT))
+        if name in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in {"set_result", "set_exception"}:
+                raise AssertionError(f"{name}:{node.lineno} calls .{node.attr} directly")

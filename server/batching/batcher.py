@@ -26,6 +26,7 @@ from server.errors import DeadlineExceeded, TensorgateError, Unavailable
 from server.executor.batch import Batch
 from server.executor.instance import BatchResult, Instance
 from server.executor.pool import InstancePool
+from server.futures import settle_error
 from server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,19 @@ class DynamicBatcher:
                     self._pool.release(instance)
                     raise
                 self._dispatch(instance, batch)
-        finally:
+        except asyncio.CancelledError:
             self._queue.fail_all(Unavailable(f"model '{self._config.name}' is shutting down"))
+            raise
+        except BaseException as exc:
+            # The model restarts this task (model.py); what waited here gets a retryable answer
+            # rather than a second crash if the cause sits in the queue.
+            self._queue.fail_all(
+                Unavailable(
+                    f"model '{self._config.name}' scheduler failed ({type(exc).__name__}) and "
+                    "is restarting; retry"
+                )
+            )
+            raise
 
     def _dispatch(self, instance: Instance, batch: Batch[InferenceRequest] | None) -> None:
         """Starts the batch's engine call on the instance now, and a task that awaits it under
@@ -178,8 +190,7 @@ class DynamicBatcher:
         for task, batch in list(self._batches.items()):
             task.cancel()
             for request in batch.requests:
-                if not request.future.done():
-                    request.future.set_exception(error)
+                settle_error(request.future, error)
 
     async def _next_batch(self) -> Batch[InferenceRequest] | None:
         queue, policy = self._queue, self.policy
@@ -204,13 +215,19 @@ class DynamicBatcher:
         queue = self._queue
         while queue.live and rows + queue.head_rows() <= max_rows:
             request = queue.pop()
+            if request.future.done():
+                # Its caller cancelled it this loop iteration: the queue hears of it only on the
+                # next one (done-callbacks run through call_soon).
+                self.stats.dropped_cancelled += 1
+                continue
             if request.deadline is not None and request.deadline <= now:
                 self.stats.dropped_expired += 1
-                request.future.set_exception(
+                settle_error(
+                    request.future,
                     DeadlineExceeded(
                         f"deadline passed after {now - request.enqueued_at:.3f} s "
                         f"in model '{self._config.name}' queue, before it ran"
-                    )
+                    ),
                 )
                 continue
             taken.append(request)

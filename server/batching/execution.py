@@ -21,6 +21,7 @@ from server.config import ModelConfig
 from server.errors import Internal, TensorgateError, Unavailable
 from server.executor.batch import Batch
 from server.executor.instance import BatchResult, Instance
+from server.futures import settle_error, settle_result
 from server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,7 @@ class BatchExecution:
             self._trace(batch, instance, started_ns, result.stage_s)
             now = time.monotonic()
             for request, outputs in zip(batch.requests, result.outputs, strict=True):
-                if not request.future.done():
-                    request.future.set_result(outputs)
+                if settle_result(request.future, outputs):
                     self.stats.success_s_total += now - request.enqueued_at
             self._note_engine(ok=True)
 
@@ -187,8 +187,7 @@ class BatchExecution:
         self.stats.failed_batches += 1
         now = time.monotonic()
         for request in batch.requests:
-            if not request.future.done():
-                request.future.set_exception(error)
+            if settle_error(request.future, error):
                 self.stats.failed_requests += 1
                 self.stats.failed_s_total += now - request.enqueued_at
 

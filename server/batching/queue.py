@@ -20,6 +20,7 @@ import time
 from server.batching.request import InferenceRequest
 from server.batching.stats import BatcherStats
 from server.errors import ResourceExhausted, TensorgateError
+from server.futures import settle_error
 
 # Dead entries tolerated beyond the live ones before the deque is rebuilt without them.
 _COMPACT_SLACK = 64
@@ -131,8 +132,6 @@ class RequestQueue:
 
     def fail_all(self, error: TensorgateError) -> None:
         while self.live:
-            request = self.pop()
-            if not request.future.done():
-                request.future.set_exception(error)
+            settle_error(self.pop().future, error)
         self._lines.clear()
         self._order = []

@@ -33,6 +33,7 @@ from server.batching.request import InferenceRequest
 from server.config import ModelConfig, SequenceConfig
 from server.datatypes import NUMPY_BY_DATATYPE
 from server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, TensorgateError
+from server.futures import settle_error, settle_result
 from server.records import SequenceControl
 from server.tensors import Outputs
 
@@ -143,9 +144,7 @@ class SequenceScheduler:
     def fail_all(self, error: TensorgateError) -> None:
         for sequence in list(self._live.values()):
             while sequence.waiting:
-                chunk = sequence.waiting.popleft()
-                if not chunk.future.done():
-                    chunk.future.set_exception(error)
+                settle_error(sequence.waiting.popleft().future, error)
         self._batcher.fail_all(error)
 
     @property
@@ -193,8 +192,7 @@ class SequenceScheduler:
             self._freed.popitem(last=False)
         while sequence.waiting:
             chunk = sequence.waiting.popleft()
-            if not chunk.future.done():
-                chunk.future.set_exception(FailedPrecondition(self._not_live(sequence.key)))
+            settle_error(chunk.future, FailedPrecondition(self._not_live(sequence.key)))
 
     def _not_live(self, key: tuple[str, str]) -> str:
         name = key[1][:200]
@@ -235,7 +233,7 @@ class SequenceScheduler:
             try:
                 self._batcher.put(step)
             except TensorgateError as error:
-                chunk.future.set_exception(error)
+                settle_error(chunk.future, error)
                 continue
             sequence.running = step
             step.future.add_done_callback(functools.partial(self._ran, sequence, chunk))
@@ -253,15 +251,13 @@ class SequenceScheduler:
             chunk.future.cancel()
         elif (error := step.exception()) is not None:
             # The state stays as it was: the chunk did not happen.
-            if not chunk.future.done():
-                chunk.future.set_exception(error)
+            settle_error(chunk.future, error)
         else:
             outputs = step.result()
             # Copies: a view would keep the whole batch's output alive for as long as the
             # sequence lives.
             sequence.state = {s.input: outputs[s.output].copy() for s in self._spec.state}
-            if not chunk.future.done():
-                chunk.future.set_result({name: outputs[name] for name in chunk.output_names})
+            settle_result(chunk.future, {name: outputs[name] for name in chunk.output_names})
         if self._live.get(sequence.key) is sequence:
             self._next(sequence)
 

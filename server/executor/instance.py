@@ -11,6 +11,7 @@ import numpy as np
 
 from server.executor.batch import Batch, BatchPart
 from server.executor.worker import Worker
+from server.futures import settle_error
 from server.tensors import Outputs
 
 # How long close() waits for a batch still on the worker thread.
@@ -53,7 +54,7 @@ class Instance(ABC):
             submitted = self._worker.submit(lambda: self.run_batch(batch))
         except RuntimeError as exc:  # the worker was closed or abandoned meanwhile
             failed: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
-            failed.set_exception(exc)
+            settle_error(failed, exc)
             return failed
         return asyncio.wrap_future(submitted)
 

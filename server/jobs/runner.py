@@ -38,6 +38,7 @@ from server.errors import (
     TensorgateError,
     Unavailable,
 )
+from server.futures import settle_error
 from server.jobs.job import Job, JobStatus
 from server.jobs.store import JobStore
 from server.model import ServedModel
@@ -284,7 +285,7 @@ class JobRunner:
                     lane.pause = loop.call_later(_REQUEUE_PAUSE_S, self._dispatch, lane)
                 return
             except TensorgateError as exc:
-                request.future.set_exception(exc)
+                settle_error(request.future, exc)
             lane.ready.popleft()
 
     def _watch(self, job: Job, request: InferenceRequest) -> None:
@@ -436,8 +437,7 @@ class JobRunner:
         left: list[Job] = []
         for lane in self._lanes.values():
             for job in list(lane.held.values()):
-                if job.run is not None and not job.run.future.done():
-                    job.run.future.set_exception(Unavailable(reason))
+                if job.run is not None and settle_error(job.run.future, Unavailable(reason)):
                     left.append(job)
         return left + await self.store.abandon(reason)
 

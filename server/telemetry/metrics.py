@@ -75,6 +75,12 @@ class Metrics:
             ["model", "instance"],
             registry=r,
         )
+        self.scheduler_restarts = Counter(
+            "tensorgate_scheduler_restarts",
+            "Times a model's scheduler died of an unexpected error and was restarted",
+            ["model"],
+            registry=r,
+        )
         self.open_streams = Gauge(
             "tensorgate_open_streams", "StreamPredict calls open now", registry=r
         )

@@ -18,6 +18,7 @@ import pytest
 
 from client import AsyncTensorgateClient, StreamItem, TensorgateClient, codec
 from server.config import ModelConfig
+from server.errors import DeadlineExceeded
 from server.model import ServedModel
 from server.records import Request
 from server.tensors import TensorInput
@@ -181,6 +182,52 @@ async def test_a_lone_request_at_an_idle_batcher_starts_its_engine_call_from_put
                 assert model.busy_instances == (1 if batching == "adaptive" else 0)
             outputs = await request.future
             np.testing.assert_allclose(outputs["logits"], reference.logits(x), rtol=1e-4, atol=1e-4)
+    finally:
+        await model.stop(time.monotonic() + 5)
+        model.close()
+
+
+async def test_a_request_cancelled_in_the_loop_turn_its_batch_forms_is_skipped_not_settled_again(
+    repository: Path, tmp_path: Path, reference: MlpReference, rng: np.random.Generator
+) -> None:
+    """The caller's cancellation reaches the queue a loop iteration later (done-callbacks run
+    through call_soon): a batch formed in between must skip that request, not settle it again
+    (which once raised InvalidStateError and killed the model's scheduler)."""
+    write_config(
+        tmp_path / "mlp",
+        backend="onnxruntime",
+        onnxruntime={"artifact": str(repository / "mlp" / "model.onnx")},
+        max_batch_size=8,
+        instance_count=1,
+        batching="static",
+        max_queue_delay_ms=10_000.0,
+    )
+    model = ServedModel(ModelConfig.load(tmp_path / "mlp"))
+    await asyncio.to_thread(model.load)
+    model.start()
+    try:
+        xs = [rng.standard_normal((1, 256)).astype(np.float32) for _ in range(3)]
+        requests = []
+        for i, x in enumerate(xs):
+            tensor = TensorInput("input", "FP32", x.shape, x.tobytes())
+            requests.append(model.new_request(Request("mlp", [tensor], id=f"r{i}")))
+            model.scheduler.put(requests[-1])
+        expired = model.new_request(
+            Request("mlp", [TensorInput("input", "FP32", xs[0].shape, xs[0].tobytes())])
+        )
+        expired.deadline = time.monotonic() - 1  # passed while it waited
+        model.scheduler.put(expired)
+        requests[1].future.cancel()  # in this very loop iteration, then the batch forms
+        batch = model.scheduler._take(8)  # type: ignore[attr-defined]
+        assert batch is not None
+        assert [r.id for r in batch.requests] == [requests[0].id, requests[2].id]
+        assert isinstance(expired.future.exception(), DeadlineExceeded)
+        instance = model._pool.try_acquire()  # type: ignore[union-attr]
+        model.scheduler._dispatch(instance, batch)  # type: ignore[attr-defined]
+        for request, x in ((requests[0], xs[0]), (requests[2], xs[2])):
+            outputs = await request.future
+            np.testing.assert_allclose(outputs["logits"], reference.logits(x), rtol=1e-4, atol=1e-4)
+        assert model.ready
     finally:
         await model.stop(time.monotonic() + 5)
         model.close()

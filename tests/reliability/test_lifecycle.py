@@ -101,23 +101,42 @@ def test_a_model_left_without_instances_fails_queued_work_and_both_health_views_
     assert time.monotonic() - started < 0.5 + 3  # grace plus teardown, with a thread hung
 
 
-def test_a_scheduler_that_dies_turns_the_model_not_serving_in_both_views(
+def test_a_scheduler_that_keeps_dying_backs_off_not_serving_in_both_views_then_recovers(
     fault_server: Callable[..., ServerThread],
 ) -> None:
     running = fault_server(models=("faulty", "mlp"))
-    model = running.server.models["faulty"]
+    scheduler = running.server.models["faulty"].scheduler
+    real_next_batch = scheduler._next_batch  # type: ignore[attr-defined]
 
     async def broken_next_batch() -> None:
         raise RuntimeError("scheduler bug")
 
-    model._scheduler._next_batch = broken_next_batch  # type: ignore[union-attr,method-assign]
+    scheduler._next_batch = broken_next_batch  # type: ignore[attr-defined]
     with TensorgateClient(running.target, timeout_s=10) as c:
-        with pytest.raises(grpc.RpcError) as failed:
-            c.predict("faulty", {"x": _rows(1)})
-        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
-    wait_until(lambda: _health(running.target, "faulty") == NOT_SERVING, what="NOT_SERVING")
-    assert _kserve_ready(running.target, "faulty") is False
-    assert _health(running.target, "mlp") == SERVING and _kserve_ready(running.target, "mlp")
+        # Each call meets the bug: a retryable UNAVAILABLE, and a restart. Past a few restarts
+        # in a row they back off, and meanwhile both views say the model is down.
+        for _ in range(7):
+            with pytest.raises(grpc.RpcError) as failed:
+                c.predict("faulty", {"x": _rows(1)})
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "scheduler failed (RuntimeError) and is restarting" in failed.value.details()
+        wait_until(
+            lambda: (
+                _health(running.target, "faulty") == NOT_SERVING
+                and _kserve_ready(running.target, "faulty") is False
+            ),
+            what="NOT_SERVING in both views during the backoff",
+        )
+        assert _health(running.target, "mlp") == SERVING and _kserve_ready(running.target, "mlp")
+        scheduler._next_batch = real_next_batch  # type: ignore[attr-defined]
+        wait_until(
+            lambda: (
+                _health(running.target, "faulty") == SERVING
+                and _kserve_ready(running.target, "faulty") is True
+            ),
+            what="SERVING again in both views",
+        )
+        np.testing.assert_array_equal(c.predict("faulty", {"x": _rows(1)})["y"], _rows(1) * 2)
 
 
 def test_health_says_not_serving_for_the_drain_delay_while_calls_are_still_served(
