@@ -4,21 +4,24 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Installs resolve to the versions the suite last passed with (constraints.txt; make lock
+# refreshes it), so a fresh machine gets what CI tested, not whatever was released since.
+PIP_INSTALL := $(BIN)/pip install --quiet -c constraints.txt
 STAMP := $(VENV)/.installed
 SERVE_STAMP := $(VENV)/.installed-serve
 
-.PHONY: serve test lint engines protos bench clean
+.PHONY: serve test lint engines protos bench clean lock
 
 # make serve installs what serving needs (ONNX Runtime on the CPU); make test adds the GPU
 # runtime bindings, the test tools and the linters.
-$(SERVE_STAMP): pyproject.toml
+$(SERVE_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e .
+	$(PIP_INSTALL) -e .
 	touch $(SERVE_STAMP)
 
 $(STAMP): $(SERVE_STAMP)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(PIP_INSTALL) -e '.[dev]'
 	touch $(STAMP)
 
 serve: $(SERVE_STAMP)
@@ -39,11 +42,23 @@ test: lint engines
 # The benchmark suite: tensorgate vs the engine limit and MLServer (installed into .venv-mlserver
 # on first use); writes docs/benchmarks.{md,json} and plots. About 9 minutes.
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[bench]'
+	$(PIP_INSTALL) -e '.[bench]'
 	$(BIN)/python -m bench.suite --seconds 10
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
 
+# Re-resolves every dependency (all extras) in a scratch venv and writes constraints.txt. The
+# stubs' generator stays at the version that wrote protos/ (make protos after raising it).
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --upgrade pip
+	.venv-lock/bin/pip install --quiet '.[dev,bench]' \
+		"grpcio-tools==$$(sed -n "s/^GRPC_GENERATED_VERSION = '\(.*\)'/\1/p" protos/tensorgate/v1/inference_pb2_grpc.py)"
+	{ sed -n '1,2p' constraints.txt; .venv-lock/bin/pip freeze --exclude-editable | grep -v -i '^tensorgate'; } > constraints.new
+	mv constraints.new constraints.txt
+	rm -rf .venv-lock
+
 clean:
-	rm -rf $(VENV) .venv-triton .venv-mlserver .pytest_cache .mypy_cache .ruff_cache engines/*/model.onnx
+	rm -rf $(VENV) .venv-lock .venv-triton .venv-mlserver .pytest_cache .mypy_cache .ruff_cache engines/*/model.onnx

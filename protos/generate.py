@@ -4,13 +4,17 @@
     python protos/generate.py --check  # exit 1 if the committed stubs differ from fresh ones
 
 The stubs are committed so that installing tensorgate needs no code generation; the check (run by
-the tests) keeps them in step with the .proto files.
+the tests) keeps them in step with the .proto files. It compares what the .proto files decide,
+not the generator's own version stamps (GRPC_GENERATED_VERSION, the protobuf gencode version): a
+fresh machine may resolve a newer patch release of grpcio-tools than the one that wrote the
+committed stubs, and the code it writes is the same. The runtime floors those stamps imply are
+pinned in pyproject.toml (grpcio, protobuf) and the tested versions in constraints.txt.
 """
 
 from __future__ import annotations
 
 import argparse
-import filecmp
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -19,6 +23,20 @@ from grpc_tools import protoc
 
 PROTO_ROOT = Path(__file__).resolve().parent
 SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+
+# The generator's version stamps, which say who wrote a stub, not what it contains.
+_STAMPS = (
+    re.compile(r"^GRPC_GENERATED_VERSION = '[^']*'$", re.M),
+    re.compile(r"^# Protobuf Python Version: .*$", re.M),
+    re.compile(r"ValidateProtobufRuntimeVersion\(\s*([^,]+),\s*\d+,\s*\d+,\s*\d+,\s*'[^']*',"),
+)
+
+
+def comparable(text: str) -> str:
+    """A stub's text with the generator's version stamps blanked out."""
+    for stamp in _STAMPS:
+        text = stamp.sub("<version>", text)
+    return text
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -55,7 +73,9 @@ def main() -> int:
         stale = []
         for fresh in generate(Path(tmp)):
             committed = PROTO_ROOT / fresh.relative_to(tmp)
-            if not committed.exists() or not filecmp.cmp(fresh, committed, shallow=False):
+            if not committed.exists() or comparable(fresh.read_text()) != comparable(
+                committed.read_text()
+            ):
                 stale.append(str(committed.relative_to(PROTO_ROOT.parent)))
     if stale:
         print(
