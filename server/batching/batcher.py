@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from server.batching.execution import BatchExecution, InstanceHung
+from server.batching.execution import BatchExecution, InstanceHung, Started
 from server.batching.policy import AdaptiveWindow, BatchingPolicy, StaticWindow
 from server.batching.queue import RequestQueue
 from server.batching.request import InferenceRequest
@@ -164,8 +164,8 @@ class DynamicBatcher:
         if batch is None:
             self._pool.release(instance)
             return
-        started = instance.start(batch)  # type: ignore[arg-type]
-        started.add_done_callback(_retrieve)  # if the task is cancelled before awaiting it
+        started = self._execution.start(instance, batch)
+        started.call.add_done_callback(_retrieve)  # if the task is cancelled before awaiting it
         task = asyncio.create_task(self._execute(instance, batch, started))
         self._batches[task] = batch
         task.add_done_callback(self._batch_done)
@@ -254,7 +254,7 @@ class DynamicBatcher:
         self,
         instance: Instance,
         batch: Batch[InferenceRequest],
-        started: asyncio.Future[BatchResult],
+        started: Started,
     ) -> None:
         try:
             await self._execution.run(instance, batch, started)

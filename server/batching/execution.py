@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from prometheus_client import Counter
 
@@ -34,6 +35,16 @@ _UNHEALTHY_AFTER_FAILURES = 5
 
 class InstanceHung(Exception):
     """The watchdog gave up on an instance; it must not take another batch."""
+
+
+@dataclass(slots=True)
+class Started:
+    """A batch's engine call, handed to its instance at `at_s` (perf_counter) and `at_ns`
+    (wall clock, 0 when untraced): where its execute stage begins."""
+
+    call: asyncio.Future[BatchResult]
+    at_s: float
+    at_ns: int
 
 
 class BatchExecution:
@@ -62,23 +73,28 @@ class BatchExecution:
         self.healthy = True
         self._consecutive_failures = 0
 
+    def start(self, instance: Instance, batch: Batch[InferenceRequest]) -> Started:
+        """Hands the batch to the instance now; its execute stage is timed from this moment."""
+        started_s = time.perf_counter()
+        started_ns = time.time_ns() if self._tracing.enabled else 0
+        return Started(instance.start(batch), started_s, started_ns)  # type: ignore[arg-type]
+
     async def run(
         self,
         instance: Instance,
         batch: Batch[InferenceRequest],
-        submitted: asyncio.Future[BatchResult] | None = None,
+        started: Started | None = None,
     ) -> None:
-        """Runs the batch under the watchdog (`submitted`: its engine call, already handed to the
-        instance by Instance.start). When the engine fails on it, each half runs again, down to
-        single requests, so only the requests that cause the failure fail."""
+        """Runs the batch under the watchdog (`started`: its engine call, already handed to the
+        instance by start()). When the engine fails on it, each half runs again, down to single
+        requests, so only the requests that cause the failure fail."""
         config = self._config
-        started = time.perf_counter()
-        started_ns = time.time_ns() if self._tracing.enabled else 0
+        if started is None:  # a retried half: its call starts here
+            started = self.start(instance, batch)
+        started_ns = started.at_ns
         try:
             async with asyncio.timeout(config.execution_timeout_s or None):
-                if submitted is None:  # a retried half: its call starts here
-                    submitted = instance.start(batch)  # type: ignore[arg-type]
-                result = await submitted
+                result = await started.call
         except TimeoutError:
             self.stats.watchdog_timeouts += 1
             log.error(
@@ -111,7 +127,7 @@ class BatchExecution:
             self._note_engine(ok=False)
             self._trace(batch, instance, started_ns, {})
         else:
-            elapsed_s = time.perf_counter() - started
+            elapsed_s = time.perf_counter() - started.at_s
             compute_s = result.stage_s.get("compute", 0.0)
             self._record(batch, elapsed_s, compute_s)
             self._on_batch(batch.rows, elapsed_s)

@@ -90,6 +90,19 @@ def test_unary_span_tree_continues_the_callers_trace(traced: Any) -> None:
     assert [s.name for s in spans if s.name != "caller-operation"] == [rpc.name]
 
 
+def test_a_requests_execute_stage_covers_its_engine_compute_every_time(traced: Any) -> None:
+    """execute_ms is timed from when the engine call is handed to the instance, so the engine's
+    own compute time fits inside it on every request (it once started a step later)."""
+    running, exporter, _ = traced
+    with TensorgateClient(running.target, timeout_s=10) as c:
+        for i in range(40):
+            c.predict("mlp", {"input": X}, request_id=f"e-{i}")
+    rpcs = _wait_for(exporter, "tensorgate.v1.Inference/Predict", 40)
+    for span in rpcs:
+        attrs = span.attributes or {}
+        assert 0 < attrs["tensorgate.compute_ms"] <= attrs["tensorgate.execute_ms"], attrs
+
+
 def test_requests_of_one_batch_share_its_id_and_times(traced: Any) -> None:
     running, exporter, _ = traced
 
