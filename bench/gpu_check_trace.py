@@ -35,7 +35,7 @@ async def traced_stages(repository: Path) -> list[str]:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     config = ServerConfig(
         host="127.0.0.1", port=0, model_repository=repository, models=("gpu_mlp",),
-        drain_delay_s=0.0,
+        drain_delay_s=0.0, metrics_port=-1,
     )  # fmt: skip
     server = TensorgateServer(config, Tracing(provider))
     await server.start()

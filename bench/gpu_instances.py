@@ -87,7 +87,13 @@ async def run_one(args: argparse.Namespace, instances: int) -> dict[str, float]:
         make_repository(root, args.device, instances, args.in_features, args.hidden)
         reference = ort.InferenceSession(str(root / "wide" / "model.onnx"))
         server = TensorgateServer(
-            ServerConfig(host="127.0.0.1", port=0, model_repository=root, models=("gpu_mlp",))
+            ServerConfig(
+                host="127.0.0.1",
+                port=0,
+                metrics_port=-1,
+                model_repository=root,
+                models=("gpu_mlp",),
+            )
         )
         await server.start()
         try:

@@ -89,7 +89,7 @@ async def main() -> None:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     with tempfile.TemporaryDirectory() as tmp:
         build("mlp", Path(tmp))
-        config = ServerConfig(host="127.0.0.1", port=0, model_repository=Path(tmp))
+        config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, model_repository=Path(tmp))
         server = TensorgateServer(config, Tracing(provider))
         await server.start()
         x = np.ones((1, 256), np.float32)

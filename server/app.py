@@ -49,6 +49,8 @@ _PORT_TAKEN = (
 
 # Time to stop gRPC, the schedulers and the backends after the grace period ends.
 _TEARDOWN_S = 2.0
+# The least time given to storing final statuses after the grace period, however short it was.
+_RECORD_WAIT_S = 0.5
 
 
 class TensorgateServer:
@@ -119,22 +121,11 @@ class TensorgateServer:
             ),
             server,
         )
-        address = f"{config.host}:{config.port}"
-        if config.port and not config.reuse_port and not _bindable(config.host, config.port):
-            raise ConfigError(_PORT_TAKEN.format(host=config.host, port=config.port))
-        try:
-            if credentials is None:
-                self.port = server.add_insecure_port(address)
-            else:
-                self.port = server.add_secure_port(address, credentials)
-        except RuntimeError:
-            self.port = 0
-        if self.port == 0:
-            raise ConfigError(_PORT_TAKEN.format(host=config.host, port=config.port))
+        # Every port is bound before any answers: a taken one fails the start, by name, before
+        # a client could reach the other.
         if config.metrics_port >= 0:
-            # Bound before any model loads, so a taken port fails at once, by name.
             try:
-                self.metrics_port = self.telemetry.metrics.serve(
+                self.metrics_port = self.telemetry.metrics.bind(
                     config.metrics_port, config.metrics_host or config.host
                 )
             except OSError as exc:
@@ -142,6 +133,13 @@ class TensorgateServer:
                     f"cannot serve metrics on {config.host}:{config.metrics_port}: "
                     f"{exc.strerror or exc}; choose another with --metrics-port (-1 = off)"
                 ) from None
+        try:
+            self.port = self._bind(server, credentials)
+        except ConfigError:
+            self.telemetry.metrics.close()
+            raise
+        if config.metrics_port >= 0:
+            self.telemetry.metrics.start()
             log.info(
                 "metrics on http://%s:%d/metrics",
                 config.metrics_host or config.host,
@@ -175,6 +173,23 @@ class TensorgateServer:
             await self.health.set_worker(config.worker_index)
         self.serving = not self._stopping
         log.info("serving %s on port %d", ", ".join(m.name for m in ready), self.port)
+
+    def _bind(self, server: grpc.aio.Server, credentials: grpc.ServerCredentials | None) -> int:
+        """Binds the gRPC port; returns it (the one chosen, for port 0)."""
+        config = self.config
+        address = f"{config.host}:{config.port}"
+        if config.port and not config.reuse_port and not _bindable(config.host, config.port):
+            raise ConfigError(_PORT_TAKEN.format(host=config.host, port=config.port))
+        try:
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise ConfigError(_PORT_TAKEN.format(host=config.host, port=config.port))
+        return int(port)
 
     async def _load(self, model: ServedModel) -> None:
         try:
@@ -224,6 +239,10 @@ class TensorgateServer:
         self._stopping = True
         grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
         deadline = time.monotonic() + grace_s
+        # Readiness turns no in both views at once: grpc.health.v1 and KServe's ServerReady and
+        # ModelReady (which read the data plane).
+        if self.plane is not None:
+            self.plane.draining = True
         await self.health.shutting_down()
         if not self._started.is_set():
             # start() is still loading models: it notices, releases them and returns.
@@ -231,13 +250,17 @@ class TensorgateServer:
         if self.plane is not None and self._jobs is not None:
             # A shared job store gets back at once the jobs this process has not started.
             await self._jobs.quiesce()
-            delay_s = min(self.config.drain_delay_s, grace_s)
+            # At most half the grace: the rest is for finishing what was accepted.
+            delay_s = min(self.config.drain_delay_s, grace_s / 2)
             if delay_s > 0 and any(m.state is ModelState.READY for m in self.models.values()):
                 log.info("NOT_SERVING; still serving for the %.1f s drain delay", delay_s)
                 await asyncio.sleep(delay_s)
             self.plane.accepting = False
             drained = await self.plane.drain(deadline)
             left = await self._jobs.abandon("the server shut down before the job finished")
+            # Every accepted job now has its final status: long-polls and watchers see it
+            # before the transport goes.
+            await self._jobs.recorded(max(deadline - time.monotonic(), _RECORD_WAIT_S))
             if not drained:
                 log.warning(
                     "grace period over: %d request(s) still in flight, %d job(s) %s%s",

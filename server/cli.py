@@ -1,161 +1,62 @@
-"""`tensorgate serve`: flags (each with a TENSORGATE_* environment equivalent) → ServerConfig →
-the server, with signals wired to a graceful stop."""
+"""`tensorgate serve`: its flags, each with a TENSORGATE_* environment equivalent, parsed into a
+ServerConfig. The flags are made from ServerConfig's own declaration (config.flag), so a default
+cannot disagree with the setting; starting the process is launch.py's and workers.py's job.
+
+A bad value, on the command line or in the environment, is one line naming the flag or the
+variable and what was expected; it never breaks another subcommand (Kubernetes injects
+TENSORGATE_PORT=tcp://… into pods beside a Service named tensorgate).
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import dataclasses
 import logging
 import os
-import signal
+import typing
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from server.config import ConfigError, ServerConfig
+from server.logs import FORMATS, LEVELS
 
 log = logging.getLogger("tensorgate")
 
+ENV_PREFIX = "TENSORGATE_"
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"TENSORGATE_{name}", default)
+
+def env_name(flag_name: str) -> str:
+    """The environment variable of a flag: --max-pending-jobs → TENSORGATE_MAX_PENDING_JOBS."""
+    return ENV_PREFIX + flag_name.upper()
 
 
-def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    defaults = ServerConfig()
-    serve = commands.add_parser(
-        "serve",
-        help="serve the models of a repository over gRPC",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Each flag also reads TENSORGATE_<FLAG> from the environment "
-        "(e.g. TENSORGATE_PORT=50052).",
-    )
-    serve.add_argument("--host", default=_env("HOST", defaults.host), help="address to listen on")
-    serve.add_argument(
-        "--port",
-        type=int,
-        default=int(_env("PORT", str(defaults.port))),
-        help="gRPC port (0 = any free port)",
-    )
-    serve.add_argument(
-        "--model-repository",
-        type=Path,
-        default=Path(_env("MODEL_REPOSITORY", str(defaults.model_repository))),
-        help="folder with one sub-folder per model (default: engines)",
-    )
-    serve.add_argument(
-        "--models",
-        default=_env("MODELS", ""),
-        help="comma-separated model names to serve (default: all in the repository)",
-    )
-    serve.add_argument(
-        "--max-message-bytes",
-        type=int,
-        default=int(_env("MAX_MESSAGE_BYTES", str(defaults.max_message_bytes))),
-        help="largest gRPC message received or sent",
-    )
-    serve.add_argument(
-        "--max-inflight-per-stream",
-        type=int,
-        default=int(_env("MAX_INFLIGHT_PER_STREAM", str(defaults.max_inflight_per_stream))),
-        help="requests of one stream held at once; past it the stream is not read",
-    )
-    serve.add_argument(
-        "--max-pending-jobs",
-        type=int,
-        default=int(_env("MAX_PENDING_JOBS", str(defaults.max_pending_jobs))),
-        help="unfinished jobs accepted at most; more get RESOURCE_EXHAUSTED",
-    )
-    serve.add_argument(
-        "--job-ttl-s",
-        type=float,
-        default=float(_env("JOB_TTL_S", str(defaults.job_ttl_s))),
-        help="how long a finished job's result is kept",
-    )
-    serve.add_argument(
-        "--job-store",
-        default=_env("JOB_STORE", defaults.job_store),
-        help="where jobs are kept: memory (this process) or redis://HOST:PORT/DB, shared by "
-        "replicas (rediss:// for TLS; password in the URL or REDIS_PASSWORD)",
-    )
-    for flag, help_text in (
-        ("tls_cert", "PEM certificate (chain) of the gRPC port: TLS on"),
-        ("tls_key", "PEM private key of --tls-cert"),
-        ("tls_client_ca", "PEM CA: mutual TLS, clients need a certificate it signed"),
-        ("auth_tokens", "file of 'TENANT SHA256HEX' lines: callers need a bearer token"),
-    ):
-        serve.add_argument(
-            "--" + flag.replace("_", "-"), default=_env(flag.upper(), ""), help=help_text
-        )
-    serve.add_argument(
-        "--metrics-tenant-label",
-        action="store_true",
-        default=_env("METRICS_TENANT_LABEL", "") not in ("", "0", "false"),
-        help="label request metrics with the tenant (for a few tenants only)",
-    )
-    for flag, kind, help_text in (
-        ("tenant_rate", float, "inference requests per second per tenant (0 = no limit)"),
-        (
-            "max_pending_jobs_per_tenant",
-            int,
-            "unfinished jobs per tenant (0 = no limit)",
-        ),
-        (
-            "job_lease_s",
-            float,
-            "Redis store: jobs of a replica silent this long are taken over by another",
-        ),
-        ("max_finished_jobs", int, "finished job results kept; the oldest go first beyond it"),
-        (
-            "job_max_attempts",
-            int,
-            "attempts of a job whose engine call fails (INTERNAL/UNAVAILABLE)",
-        ),
-        ("job_retry_base_s", float, "first retry delay of a failed job; doubles, with jitter"),
-        ("shutdown_grace_s", float, "time to drain in-flight calls and jobs on SIGTERM"),
-        (
-            "drain_delay_s",
-            float,
-            "on SIGTERM, keep serving this long with health NOT_SERVING before refusing work",
-        ),
-        (
-            "max_concurrent_rpcs",
-            int,
-            "unary calls plus open streams served at once; more get RESOURCE_EXHAUSTED (0 = none)",
-        ),
-        ("keepalive_time_s", float, "ping idle connections this often"),
-        ("keepalive_timeout_s", float, "drop a connection whose ping is not answered in this"),
-        ("max_connection_idle_s", float, "close connections idle this long"),
-        ("max_connection_age_s", float, "recycle connections this old (lets balancers rebalance)"),
-    ):
-        serve.add_argument(
-            "--" + flag.replace("_", "-"),
-            type=kind,
-            default=kind(_env(flag.upper(), str(getattr(defaults, flag)))),
-            help=help_text,
-        )
-    serve.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(_env("METRICS_PORT", "8002")),
-        help="Prometheus scrape endpoint (-1 = off)",
-    )
-    serve.add_argument(
-        "--event-loop",
-        choices=["auto", "uvloop", "asyncio"],
-        default=_env("EVENT_LOOP", "auto"),
-        help="auto: uvloop where installed, else asyncio",
-    )
-    serve.add_argument(
-        "--workers",
-        type=_workers,
-        default=_env("WORKERS", "1"),
-        help="serving processes sharing the port: a number, or auto (one per usable core); "
-        "more than 1 needs --job-store redis://",
-    )
-    serve.add_argument(
-        "--log-level", default=_env("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING or ERROR"
-    )
-    serve.set_defaults(func=_serve)
+def _whole(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+
+
+def _number(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError("expected a number") from None
+
+
+def _switch(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false (1/0, yes/no, on/off)")
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in value.split(",") if name.strip())
 
 
 def _workers(value: str) -> int:
@@ -168,101 +69,173 @@ def _workers(value: str) -> int:
     except ValueError:
         count = 0
     if count < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1 or auto, got {value!r}")
+        raise ValueError("expected a number >= 1 or auto")
     return count
 
 
-def configure_logging(level: str, process: str = "") -> None:
-    """Log lines name the process that wrote them when there are several (--workers)."""
-    tag = f"[{process}] " if process else ""
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s",
+def _choice(choices: tuple[str, ...], upper: bool = False) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        value = value.upper() if upper else value
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+_PARSERS: dict[Any, Callable[[str], Any]] = {
+    int: _whole,
+    float: _number,
+    bool: _switch,
+    str: str,
+    Path: Path,
+    tuple[str, ...]: _names,
+}
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class _Flag:
+    dest: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    switch: bool = False
+
+    @property
+    def option(self) -> str:
+        return "--" + self.dest.replace("_", "-")
+
+
+def _flags() -> list[_Flag]:
+    """Every serve flag: ServerConfig's flag() fields, then the process-level ones."""
+    hints = typing.get_type_hints(ServerConfig)
+    flags = [
+        _Flag(f.name, _PARSERS[hints[f.name]], f.default, f.metadata["help"], hints[f.name] is bool)
+        for f in dataclasses.fields(ServerConfig)
+        if "help" in f.metadata
+    ]
+    flags += [
+        _Flag("event_loop", _choice(EVENT_LOOPS), "auto", "auto: uvloop where installed"),
+        _Flag(
+            "workers",
+            _workers,
+            1,
+            "serving processes sharing the port: a number, or auto (one per usable core); "
+            "more than 1 needs --job-store redis://",
+        ),
+        _Flag("log_level", _choice(LEVELS, upper=True), "INFO", ", ".join(LEVELS)),
+        _Flag(
+            "log_format",
+            _choice(FORMATS),
+            "text",
+            "text, or json: one JSON object a line (time, level, logger, message, request_id)",
+        ),
+    ]
+    return flags
+
+
+class _Parse(argparse.Action):
+    """Parses a flag's value on the command line with the flag's own parser (one line on error)."""
+
+    def __init__(self, *args: Any, parse: Callable[[str], Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._parse = parse
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any,
+        option: str | None = None,
+    ) -> None:  # fmt: skip
+        try:
+            setattr(namespace, self.dest, self._parse(value))
+        except ValueError as exc:
+            parser.error(f"argument {option}: {exc}, got {value!r}")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(value) or "(empty)"
+    if isinstance(value, bool):
+        return "off" if not value else "on"
+    return str(value) if value != "" else "(empty)"
+
+
+def add_serve_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    serve = commands.add_parser(
+        "serve",
+        help="serve the models of a repository over gRPC",
+        description="Each flag also reads TENSORGATE_<FLAG> from the environment "
+        "(e.g. TENSORGATE_PORT=50052); a flag on the command line wins.",
     )
+    for flag in _flags():
+        text = f"{flag.help} (default: {_shown(flag.default)}; env {env_name(flag.dest)})"
+        if flag.switch:
+            serve.add_argument(flag.option, dest=flag.dest, action="store_true", default=None,
+                               help=text)  # fmt: skip
+        else:
+            serve.add_argument(flag.option, dest=flag.dest, action=_Parse, parse=flag.parse,
+                               default=None, metavar=flag.dest.upper(), help=text)  # fmt: skip
+    serve.set_defaults(func=_serve)
+
+
+def resolve(args: argparse.Namespace, environ: typing.Mapping[str, str] | None = None) -> None:
+    """Fills each serve flag not given on the command line from its TENSORGATE_* variable, else
+    its default. A bad variable raises ConfigError naming it and its value."""
+    environ = os.environ if environ is None else environ
+    for flag in _flags():
+        if getattr(args, flag.dest) is not None:
+            continue
+        name = env_name(flag.dest)
+        raw = environ.get(name)
+        if raw is None:
+            setattr(args, flag.dest, flag.default)
+            continue
+        try:
+            setattr(args, flag.dest, flag.parse(raw))
+        except ValueError as exc:
+            raise ConfigError(
+                f"environment variable {name}={raw[:200]!r} is not a valid {flag.option}: {exc}"
+                + (_SERVICE_LINK_HINT if raw.startswith("tcp://") else "")
+            ) from None
+
+
+# What a value like tcp://10.96.1.2:50051 in TENSORGATE_PORT means.
+_SERVICE_LINK_HINT = (
+    " (Kubernetes injects such variables for a Service named tensorgate: set "
+    "enableServiceLinks: false in the pod spec, as deploy/kubernetes does)"
+)
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig the resolved flags describe (no field copied by hand)."""
+    names = {f.name for f in dataclasses.fields(ServerConfig) if "help" in f.metadata}
+    return ServerConfig(**{name: getattr(args, name) for name in names})
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from server import logs
+
+    try:
+        resolve(args)
+    except ConfigError as exc:
+        logs.configure("INFO", os.environ.get(env_name("log_format"), "text"))
+        log.error("%s", exc)
+        return 2
     workers: int = args.workers
-    configure_logging(args.log_level, "supervisor pid %(process)d" if workers > 1 else "")
-    config = ServerConfig(
-        host=args.host,
-        port=args.port,
-        model_repository=args.model_repository,
-        models=tuple(name for name in args.models.split(",") if name),
-        max_message_bytes=args.max_message_bytes,
-        max_inflight_per_stream=args.max_inflight_per_stream,
-        max_pending_jobs=args.max_pending_jobs,
-        job_ttl_s=args.job_ttl_s,
-        job_store=args.job_store,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        auth_tokens=args.auth_tokens,
-        tenant_rate=args.tenant_rate,
-        max_pending_jobs_per_tenant=args.max_pending_jobs_per_tenant,
-        metrics_tenant_label=args.metrics_tenant_label,
-        job_lease_s=args.job_lease_s,
-        max_finished_jobs=args.max_finished_jobs,
-        metrics_port=args.metrics_port,
-        job_max_attempts=args.job_max_attempts,
-        job_retry_base_s=args.job_retry_base_s,
-        shutdown_grace_s=args.shutdown_grace_s,
-        drain_delay_s=args.drain_delay_s,
-        max_concurrent_rpcs=args.max_concurrent_rpcs,
-        keepalive_time_s=args.keepalive_time_s,
-        keepalive_timeout_s=args.keepalive_timeout_s,
-        max_connection_idle_s=args.max_connection_idle_s,
-        max_connection_age_s=args.max_connection_age_s,
+    logs.configure(
+        args.log_level, args.log_format, "supervisor pid %(process)d" if workers > 1 else ""
     )
+    config = server_config(args)
     try:
         if workers > 1:
             from server.workers import Supervisor
 
-            return Supervisor(config, workers, args.log_level, args.event_loop).run()
-        with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
-            runner.run(run_server(config))
+            return Supervisor(
+                config, workers, args.log_level, args.event_loop, args.log_format
+            ).run()
+        from server.launch import run
+
+        run(config, args.event_loop)
     except ConfigError as exc:
         log.error("%s", exc)
         return 1
     return 0
-
-
-def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop when asked for ("auto": when installed), else asyncio's own loop."""
-    if name == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        if name == "uvloop":
-            raise ConfigError("--event-loop uvloop: uvloop is not installed") from None
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
-
-
-async def run_server(config: ServerConfig, on_ready: Callable[[int], None] | None = None) -> None:
-    """Serves until a signal stops the server. on_ready(metrics port) once it serves."""
-    from server.app import TensorgateServer  # imports grpc and the backends' registry
-
-    server = TensorgateServer(config)
-    loop = asyncio.get_running_loop()
-    stopping: list[asyncio.Task[None]] = []
-
-    def on_signal(signum: int) -> None:
-        if not stopping:
-            log.info(
-                "%s: shutting down (grace %.1f s)",
-                signal.Signals(signum).name,
-                config.shutdown_grace_s,
-            )
-            stopping.append(asyncio.create_task(server.stop()))
-
-    # SIGHUP (a closed terminal, some supervisors' reload) drains like SIGTERM instead of killing
-    # the process with jobs pending.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(signum, on_signal, signum)
-    await server.start()
-    if on_ready is not None and server.serving:
-        on_ready(server.metrics_port)
-    await server.wait_stopped()

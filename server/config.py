@@ -15,64 +15,98 @@ class ConfigError(ValueError):
     """A configuration value is missing or out of range; the message names it."""
 
 
+def flag(default: Any, help: str) -> Any:
+    """A ServerConfig field that is also a `tensorgate serve` flag (--field-name) and an
+    environment variable (TENSORGATE_FIELD_NAME): one declaration, so the flag's default, its help
+    and the setting cannot disagree (server/cli.py builds the parser from these)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(slots=True)
 class ServerConfig:
-    """Process-wide settings. Each field is a `tensorgate serve` flag (see server/cli.py)."""
+    """Process-wide settings. Fields declared with flag() are `tensorgate serve` flags."""
 
-    host: str = "0.0.0.0"
-    port: int = 50051
-    model_repository: Path = Path("engines")
+    host: str = flag("0.0.0.0", "address to listen on")
+    port: int = flag(50051, "gRPC port (0 = any free port)")
+    model_repository: Path = flag(
+        Path("engines"), "folder with one sub-folder per model (tensorgate build writes one)"
+    )
     # Names of the models to serve; empty serves every model in the repository.
-    models: tuple[str, ...] = ()
-    max_message_bytes: int = 64 * 1024 * 1024
-    max_inflight_per_stream: int = 128
-    max_pending_jobs: int = 100_000
-    job_ttl_s: float = 600.0
+    models: tuple[str, ...] = flag((), "comma-separated model names to serve (empty: all)")
+    max_message_bytes: int = flag(64 * 1024 * 1024, "largest gRPC message received or sent")
+    max_inflight_per_stream: int = flag(
+        128, "requests of one stream held at once; past it the stream is not read"
+    )
+    max_pending_jobs: int = flag(
+        100_000, "unfinished jobs accepted at most; more get RESOURCE_EXHAUSTED"
+    )
+    job_ttl_s: float = flag(600.0, "how long a finished job's result is kept")
     # Finished results kept at most; beyond it the oldest go first, even before their TTL.
-    max_finished_jobs: int = 100_000
+    max_finished_jobs: int = flag(
+        100_000, "finished job results kept; the oldest go first beyond it"
+    )
     # A job whose engine call fails with INTERNAL or UNAVAILABLE runs again, up to this many
     # attempts in all, after exponential backoff with jitter from job_retry_base_s.
-    job_max_attempts: int = 3
-    job_retry_base_s: float = 0.1
+    job_max_attempts: int = flag(
+        3, "attempts of a job whose engine call fails (INTERNAL/UNAVAILABLE)"
+    )
+    job_retry_base_s: float = flag(0.1, "first retry delay of a failed job; doubles, with jitter")
     max_result_wait_s: float = 60.0
     # Where jobs are kept: "memory" (this process only) or redis://HOST:PORT/DB (rediss:// for
     # TLS), shared by every replica using it.
-    job_store: str = "memory"
+    job_store: str = flag(
+        "memory",
+        "where jobs are kept: memory (this process) or redis://HOST:PORT/DB, shared by replicas "
+        "(rediss:// for TLS; password in the URL or REDIS_PASSWORD)",
+    )
     # With a shared store: a job held by a replica that stops renewing it for this long (it died)
     # is taken over by another replica.
-    job_lease_s: float = 30.0
-    shutdown_grace_s: float = 10.0
+    job_lease_s: float = flag(
+        30.0, "Redis store: jobs of a replica silent this long are taken over by another"
+    )
+    shutdown_grace_s: float = flag(10.0, "time to drain in-flight calls and jobs on SIGTERM")
     # On shutdown, health says NOT_SERVING while calls are still served for this long (part of
     # the grace period), so probes and load balancers move traffic away before the port closes.
-    drain_delay_s: float = 2.0
-    # Prometheus scrape endpoint; -1 = off, 0 = any free port (the CLI defaults to 8002).
-    metrics_port: int = -1
+    drain_delay_s: float = flag(
+        2.0,
+        "on SIGTERM, keep serving this long with health NOT_SERVING before refusing work "
+        "(at most half of --shutdown-grace-s)",
+    )
+    # Prometheus scrape endpoint; -1 = off, 0 = any free port.
+    metrics_port: int = flag(8002, "Prometheus scrape endpoint (-1 = off, 0 = any free port)")
     # Unary calls in progress plus streams open, over both front ends; more are refused with
     # RESOURCE_EXHAUSTED (the health service is never counted, so probes always answer). 0 = none.
-    max_concurrent_rpcs: int = 10_000
+    max_concurrent_rpcs: int = flag(
+        10_000,
+        "unary calls plus open streams served at once; more get RESOURCE_EXHAUSTED (0 = none)",
+    )
     # Ping idle connections this often; drop a peer that does not answer in keepalive_timeout_s.
-    keepalive_time_s: float = 60.0
-    keepalive_timeout_s: float = 20.0
+    keepalive_time_s: float = flag(60.0, "ping idle connections this often")
+    keepalive_timeout_s: float = flag(20.0, "drop a connection whose ping is not answered in this")
     # Close connections idle this long; recycle any connection after max_connection_age_s so
     # clients re-resolve and load balancers can rebalance.
-    max_connection_idle_s: float = 300.0
-    max_connection_age_s: float = 1800.0
+    max_connection_idle_s: float = flag(300.0, "close connections idle this long")
+    max_connection_age_s: float = flag(
+        1800.0, "recycle connections this old (lets balancers rebalance)"
+    )
     # Several serving processes share the port (--workers): each binds it with SO_REUSEPORT and
     # serves its metrics on metrics_host (loopback) for the supervisor to add up.
     reuse_port: bool = False
     metrics_host: str = ""
     # TLS on the gRPC port (PEM files, re-read when they change); with tls_client_ca, mutual TLS:
     # clients must present a certificate that CA signed.
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_client_ca: str = ""
+    tls_cert: str = flag("", "PEM certificate (chain) of the gRPC port: TLS on")
+    tls_key: str = flag("", "PEM private key of --tls-cert")
+    tls_client_ca: str = flag("", "PEM CA: mutual TLS, clients need a certificate it signed")
     # Callers' tokens: a file of `TENANT SHA256HEX` lines (re-read when it changes).
-    auth_tokens: str = ""
+    auth_tokens: str = flag("", "file of 'TENANT SHA256HEX' lines: callers need a bearer token")
     # Per tenant: inference requests a second (0 = no limit) and unfinished jobs (0 = no limit).
-    tenant_rate: float = 0.0
-    max_pending_jobs_per_tenant: int = 0
+    tenant_rate: float = flag(0.0, "inference requests per second per tenant (0 = no limit)")
+    max_pending_jobs_per_tenant: int = flag(0, "unfinished jobs per tenant (0 = no limit)")
     # Label request metrics with the tenant (a series per tenant: for a few tenants only).
-    metrics_tenant_label: bool = False
+    metrics_tenant_label: bool = flag(
+        False, "label request metrics with the tenant (for a few tenants only)"
+    )
     # This process's index among the workers (-1: the only one). A worker answers the health name
     # tensorgate.worker.<index> SERVING, which tells a client which process its connection reached.
     worker_index: int = -1

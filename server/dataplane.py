@@ -35,6 +35,9 @@ class DataPlane:
         self.telemetry = telemetry or Telemetry.quiet()
         self.tracing = self.telemetry.tracing
         self.accepting = True
+        # Shutdown began: readiness (health and KServe alike) says no, while calls are still
+        # served through the drain delay. A private job store takes no new job from then on.
+        self.draining = False
         # Unary and stream requests queued or running (jobs are counted by the job runner).
         self.inflight = 0
         # When the last call reached the data plane (monotonic); drain waits for a quiet spell.
@@ -83,6 +86,13 @@ class DataPlane:
         """Validates and accepts a job. With the Submit call's span, the job's run is traced as
         a `job` span under it."""
         check_idempotency_key(idempotency_key)
+        if self.draining and not self._jobs.store.shared:
+            # A job is a promise that outlives the call; this process's memory does not outlive
+            # the shutdown. (Jobs in a shared store do: any replica runs them.)
+            raise Unavailable(
+                "the server is shutting down and takes no new jobs (its job store is in this "
+                "process's memory); submit to another replica"
+            )
         model = self._admit(request)
         if model.config.sequence is not None:
             raise InvalidArgument(
@@ -120,12 +130,17 @@ class DataPlane:
     def model_info(self, name: str) -> ModelInfo:
         return self._info(self._model(name))
 
+    @property
+    def serving(self) -> bool:
+        """Not shutting down: the server-wide half of every readiness answer."""
+        return self.accepting and not self.draining
+
     def model_ready(self, name: str) -> bool:
         """The same answer grpc.health.v1 gives for the model's name."""
-        return self.accepting and self._model(name).ready
+        return self.serving and self._model(name).ready
 
     def server_ready(self) -> bool:
-        return self.accepting and all(m.ready for m in self._models.values())
+        return self.serving and all(m.ready for m in self._models.values())
 
     def statistics(self, name: str = "") -> list[ModelStatistics]:
         """Counters of one model, or of every model that has served."""
@@ -153,7 +168,7 @@ class DataPlane:
         return ModelInfo(
             name=model.name,
             backend=config.backend,
-            ready=self.accepting and model.ready,
+            ready=self.serving and model.ready,
             inputs=model.inputs,
             outputs=model.outputs,
             max_batch_size=model.max_batch_size,

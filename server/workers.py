@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from server import logs
 from server.config import ConfigError, ServerConfig
+from server.launch import loop_factory, run_server
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,14 @@ class _Worker:
 
 
 class Supervisor:
-    def __init__(self, config: ServerConfig, workers: int, log_level: str, event_loop: str) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        workers: int,
+        log_level: str,
+        event_loop: str,
+        log_format: str = "text",
+    ) -> None:
         if config.job_store == "memory":
             raise ConfigError(
                 f"--workers {workers} needs a job store the workers share: a job submitted to one "
@@ -66,6 +75,7 @@ class Supervisor:
         self._config = config
         self._count = workers
         self._log_level = log_level
+        self._log_format = log_format
         self._event_loop = event_loop
         self._context = multiprocessing.get_context("spawn")
         self._events: Any = self._context.Queue()
@@ -144,7 +154,15 @@ class Supervisor:
         config = dataclasses.replace(self._child, worker_index=index)
         process = self._context.Process(
             target=_worker_main,
-            args=(config, index, self._events, self._log_level, self._event_loop, os.getpid()),
+            args=(
+                config,
+                index,
+                self._events,
+                self._log_level,
+                self._event_loop,
+                os.getpid(),
+                self._log_format,
+            ),
             name=f"tensorgate-worker-{index}",
         )
         process.start()
@@ -238,11 +256,10 @@ def _worker_main(
     log_level: str,
     event_loop: str,
     supervisor: int,
+    log_format: str = "text",
 ) -> None:
     """A worker process: one whole server, telling the supervisor when it serves."""
-    from server.cli import configure_logging, loop_factory, run_server
-
-    configure_logging(log_level, f"worker {index} pid %(process)d")
+    logs.configure(log_level, log_format, f"worker {index} pid %(process)d")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; it sends SIGTERM
     _stop_with_parent(supervisor)
 

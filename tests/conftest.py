@@ -47,6 +47,7 @@ def reference(repository: Path) -> MlpReference:
 def _config(repository: Path, **overrides: Any) -> ServerConfig:
     overrides.setdefault("model_repository", repository)
     overrides.setdefault("drain_delay_s", 0.0)
+    overrides.setdefault("metrics_port", -1)
     return ServerConfig(host="127.0.0.1", port=0, **overrides)
 
 

@@ -82,3 +82,37 @@ def test_futures_are_settled_only_through_the_settle_once_helpers() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and node.attr in {"set_result", "set_exception"}:
                 raise AssertionError(f"{name}:{node.lineno} calls .{node.attr} directly")
+
+
+def test_no_module_imports_itself_back_through_others() -> None:
+    """No import cycles, lazy imports included (a lazy import that dodges a cycle hides it)."""
+    files = {**_imports("server"), **_imports("client")}
+    modules = {
+        path.removesuffix(".py").removesuffix("/__init__").replace("/", "."): names
+        for path, names in files.items()
+    }
+    # `from package import submodule` inside the package names the package too: no edge back.
+    graph = {
+        module: {
+            n for n in names if n in modules and n != module and not module.startswith(n + ".")
+        }
+        for module, names in modules.items()
+    }
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = 1
+        path.append(module)
+        for nxt in sorted(graph[module]):
+            if state.get(nxt) == 1:
+                cycle = [*path[path.index(nxt) :], nxt]
+                raise AssertionError("import cycle: " + " → ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)

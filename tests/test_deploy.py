@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from server.api.health import SERVER_SERVICES
-from server.cli import add_serve_command
+from server.cli import add_serve_command, resolve
+from server.config import ConfigError
 from server.jobs.redis_store import GROUP, _stream
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -203,3 +204,59 @@ def test_the_image_copies_every_package_and_probes_real_flags() -> None:
     parser.parse_args(command[1:])  # exits with a usage error if a flag is wrong
     ignored = (root / ".dockerignore").read_text().split()
     assert {".venv", ".venv-*", ".git"} <= set(ignored)
+
+
+def _service_links(services: list[dict[str, Any]]) -> dict[str, str]:
+    """The variables Kubernetes injects into a pod for each Service of its namespace, unless the
+    pod sets enableServiceLinks: false (the docker links form: NAME_PORT=tcp://IP:PORT, ...)."""
+    env: dict[str, str] = {}
+    for number, service in enumerate(services):
+        name = service["metadata"]["name"].upper().replace("-", "_")
+        ip = f"10.96.1.{number + 2}"
+        ports = service["spec"]["ports"]
+        env[f"{name}_SERVICE_HOST"] = ip
+        env[f"{name}_SERVICE_PORT"] = str(ports[0]["port"])
+        env[f"{name}_PORT"] = f"tcp://{ip}:{ports[0]['port']}"
+        for port in ports:
+            prefix = f"{name}_PORT_{port['port']}_TCP"
+            env[prefix] = f"tcp://{ip}:{port['port']}"
+            env[f"{prefix}_PROTO"], env[f"{prefix}_PORT"], env[f"{prefix}_ADDR"] = (
+                "tcp", str(port["port"]), ip,
+            )  # fmt: skip
+    return env
+
+
+def _pod_environment(pod_spec: dict[str, Any]) -> dict[str, str]:
+    services = [doc for doc in _manifests() if doc["kind"] == "Service"]
+    links = {} if pod_spec.get("enableServiceLinks") is False else _service_links(services)
+    [container] = pod_spec["containers"]
+    return {**links, **{item["name"]: item["value"] for item in container.get("env", [])}}
+
+
+def _resolved(environ: dict[str, str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_serve_command(parser.add_subparsers())
+    args = parser.parse_args(["serve"])
+    resolve(args, environ)
+    return args
+
+
+def test_the_pods_environment_as_kubernetes_fills_it_is_read_without_error() -> None:
+    deployment = _kind("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["enableServiceLinks"] is False
+    args = _resolved(_pod_environment(pod))
+    assert args.port == 50051 and args.job_store == "redis://redis:6379/0"
+    [container] = pod["containers"]
+    # A locally loaded image (kind load / minikube image load) is used without a registry.
+    assert container["imagePullPolicy"] == "IfNotPresent"
+
+
+def test_an_injected_service_link_would_be_refused_in_one_line_naming_the_variable() -> None:
+    pod = dict(_kind("Deployment")["spec"]["template"]["spec"])
+    del pod["enableServiceLinks"]
+    with pytest.raises(ConfigError) as refused:
+        _resolved(_pod_environment(pod))
+    message = str(refused.value)
+    assert "TENSORGATE_PORT='tcp://10.96.1." in message and "--port" in message
+    assert "enableServiceLinks: false" in message and "\n" not in message

@@ -27,6 +27,7 @@ from server.api.messages import Malformed, resolve
 from server.api.status import abort, as_domain_error, status_of
 from server.dataplane import DataPlane
 from server.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unauthenticated
+from server.logs import REQUEST_ID
 from server.records import Request, Submitted
 from server.tensors import Outputs
 
@@ -59,6 +60,9 @@ def rpc(
         frontend.plane.note_call()
         async with frontend.admitted(context):
             request = await resolve(request)
+            request_id = getattr(getattr(request, "request", request), "id", "")
+            if request_id:
+                REQUEST_ID.set(request_id)  # log lines of this call carry it
             if isinstance(request, Malformed):
                 await abort(context, request.error())
             tracing = frontend.tracing

@@ -117,9 +117,11 @@ class BatchExecution:
                 await self._run_halves(instance, batch)
                 return
             if not isinstance(exc, TensorgateError):
+                request_id = batch.requests[0].id
                 log.warning(
-                    "model %s failed on request %r: %r", config.name, batch.requests[0].id, exc
-                )
+                    "model %s failed on request %r: %r", config.name, request_id, exc,
+                    extra={"request_id": request_id},
+                )  # fmt: skip
                 exc = Internal(
                     f"model '{config.name}' failed on this request: {type(exc).__name__}: {exc}"
                 )

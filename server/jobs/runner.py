@@ -441,6 +441,20 @@ class JobRunner:
                     left.append(job)
         return left + await self.store.abandon(reason)
 
+    async def recorded(self, timeout_s: float) -> bool:
+        """Waits (up to timeout_s) until the outcome of every job this process held is in the
+        store, where its waiters see it. True when all are."""
+        deadline = time.monotonic() + timeout_s
+        while any(lane.held for lane in self._lanes.values()) or self._short:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if self._short:
+                await asyncio.wait(list(self._short), timeout=remaining)
+            else:
+                await asyncio.sleep(0.005)  # a settled run's outcome is being recorded
+        return True
+
     async def _hand_back(self, started: bool | None) -> list[Job]:
         """Returns held, unfinished jobs to the shared store: those not started (started=False),
         or all (None)."""

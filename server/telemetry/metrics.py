@@ -85,6 +85,7 @@ class Metrics:
             "tensorgate_open_streams", "StreamPredict calls open now", registry=r
         )
         self._server: Any = None
+        self._serving = False
 
     def request_counter(self, model: str, kind: str, code: str, tenant: str = "") -> Any:
         """The requests counter's child for these labels (tenant only when it is a label)."""
@@ -97,20 +98,33 @@ class Metrics:
         "busy_instances": {model: n}, "instances": {model: n}, "jobs": {status: n}}."""
         self.registry.register(_StateCollector(state))
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Starts the scrape endpoint on host:port (a thread accepts, a small pool answers);
-        returns the port (useful with port 0). OSError when the port cannot be bound."""
+    def bind(self, port: int, host: str = "0.0.0.0") -> int:
+        """Binds the scrape endpoint's port without answering yet (start() does); returns the
+        port (useful with port 0). OSError when the port cannot be bound."""
         server = ScrapeServer((host, port), SCRAPE_THREADS)
         server.set_app(make_wsgi_app(self.registry))
-        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         self._server = server
         return int(server.server_port)
 
+    def start(self) -> None:
+        """Answers scrapes on the bound port (a thread accepts, a small pool answers)."""
+        if self._server is not None:
+            threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True).start()
+            self._serving = True
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """bind() then start(); returns the port."""
+        bound = self.bind(port, host)
+        self.start()
+        return bound
+
     def close(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            if self._serving:
+                self._server.shutdown()
             self._server.server_close()
             self._server = None
+            self._serving = False
 
 
 class _StateCollector(Collector):

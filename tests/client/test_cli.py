@@ -203,3 +203,54 @@ def test_serve_exits_with_one_line_when_no_model_loads(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert "no model could be loaded: model 'broken':" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("TENSORGATE_PORT", "tcp://10.96.1.2:50051", "not a valid --port: expected a whole number"),
+        ("TENSORGATE_JOB_TTL_S", "soon", "not a valid --job-ttl-s: expected a number"),
+        ("TENSORGATE_WORKERS", "many", "not a valid --workers: expected a number >= 1 or auto"),
+        ("TENSORGATE_METRICS_TENANT_LABEL", "maybe", "expected true or false"),
+        ("TENSORGATE_LOG_LEVEL", "LOUD", "not a valid --log-level: expected one of DEBUG"),
+    ],
+)  # fmt: skip
+def test_a_bad_environment_value_gets_one_line_naming_the_variable_and_value(
+    variable: str, value: str, expected: str
+) -> None:
+    result = subprocess.run(
+        [*TENSORGATE, "serve"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, variable: value},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"environment variable {variable}={value!r} is {expected}"[:60] in result.stderr
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_bad_serve_variable_does_not_break_the_other_commands(repository: Path) -> None:
+    """`tensorgate health` is the image's HEALTHCHECK: a pod's injected TENSORGATE_PORT must not
+    break it (it used to fail while the serve flags were built)."""
+    served = ServeProcess(repository)
+    try:
+        result = subprocess.run(
+            [*TENSORGATE, "health", "--target", f"127.0.0.1:{served.port}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+            env={**os.environ, "TENSORGATE_PORT": "tcp://10.96.1.2:50051"},
+        )  # fmt: skip
+    finally:
+        served.terminate()
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["status"] == "SERVING"
+
+
+def test_serve_help_names_each_default_once() -> None:
+    result = subprocess.run(
+        [*TENSORGATE, "serve", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert result.returncode == 0
+    repository = [line for line in result.stdout.splitlines() if "--model-repository" in line]
+    assert repository and all(line.count("default:") <= 1 for line in result.stdout.splitlines())
+    assert "(default: engines; env TENSORGATE_MODEL_REPOSITORY)" in result.stdout
+    assert "--metrics-port" in result.stdout and "(default: 8002;" in result.stdout

@@ -23,6 +23,7 @@ def redis_job_server(repository: Path, redis_process: RedisProcess) -> Iterator[
         port=0,
         model_repository=repository,
         drain_delay_s=0.0,
+        metrics_port=-1,
         job_store=redis_process.url,
     )
     running = ServerThread(config).start()

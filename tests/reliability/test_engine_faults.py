@@ -6,8 +6,15 @@ always fails reports NOT_SERVING under its own name."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -130,3 +137,35 @@ def test_a_model_whose_engine_always_fails_is_not_serving_while_others_serve(
         assert status("broken") == health_pb2.HealthCheckResponse.NOT_SERVING
         assert status("mlp") == health_pb2.HealthCheckResponse.SERVING
         assert status("") == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_json_logs_are_one_object_a_line_with_the_request_id(fault_repository: Path) -> None:
+    """--log-format json: what log pipelines expect; the poisoned request's failure is logged
+    with the id its caller gave it."""
+    served = subprocess.Popen(
+        [sys.executable, "-m", "tensorgate_cli", "serve", "--host", "127.0.0.1", "--port", "0",
+         "--metrics-port", "-1", "--drain-delay-s", "0", "--log-format", "json",
+         "--model-repository", str(fault_repository), "--models", "faulty"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert served.stderr is not None
+    lines: list[str] = []
+    port = 0
+    for line in served.stderr:
+        lines.append(line)
+        message = json.loads(line)["message"]
+        if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", message):
+            port = int(match.group(1))
+        if message.startswith("serving "):
+            break
+    assert port, lines
+    with TensorgateClient(f"127.0.0.1:{port}", timeout_s=10) as c:
+        with pytest.raises(grpc.RpcError):
+            c.predict("faulty", {"x": _rows(-1)}, request_id="poison-7")
+    served.send_signal(signal.SIGTERM)
+    _, rest = served.communicate(timeout=30)
+    records = [json.loads(line) for line in [*lines, *rest.splitlines()] if line.strip()]
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    [failure] = [r for r in records if "failed on request" in r["message"]]
+    assert failure["request_id"] == "poison-7" and failure["level"] == "WARNING"
+    assert served.returncode == 0

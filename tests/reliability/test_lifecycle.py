@@ -54,6 +54,7 @@ def test_a_stop_during_start_up_leaves_nothing_running(fault_repository: Path) -
         model_repository=fault_repository,
         models=("slow_load",),
         drain_delay_s=0,
+        metrics_port=-1,
     )
     running = ServerThread(config)
     running._thread.start()
@@ -145,6 +146,12 @@ def test_health_says_not_serving_for_the_drain_delay_while_calls_are_still_serve
     running = start_server(models=("mlp",), drain_delay_s=1.5)
     stopping = asyncio.run_coroutine_threadsafe(running.server.stop(5.0), running.loop)
     wait_until(lambda: _health(running.target, "") == NOT_SERVING, what="NOT_SERVING")
+    # KServe's readiness answers from the same state: not ready from the first moment.
+    assert _kserve_ready(running.target, "mlp") is False
+    with grpc.insecure_channel(running.target) as channel:
+        stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerReady(kpb.ServerReadyRequest(), timeout=5).ready is False
+        assert stub.ServerLive(kpb.ServerLiveRequest(), timeout=5).live is True
     with TensorgateClient(running.target, timeout_s=5) as c:
         out = c.predict("mlp", {"input": np.ones((1, 256), np.float32)})  # still served
     assert out["logits"].shape == (1, 16)

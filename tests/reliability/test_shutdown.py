@@ -11,12 +11,15 @@ import re
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import numpy as np
 
 from client import AsyncTensorgateClient, StreamItem
+from tests.harness import ServerThread
 
 ROOT = Path(__file__).resolve().parents[2]
 X = np.ones((1, 256), np.float32)
@@ -110,3 +113,60 @@ def test_sigterm_during_mixed_load_answers_everything_accepted(repository: Path)
     assert unanswered_stream_requests == [0, 0]  # every request sent on a stream was answered
     assert set(job_finals.values()) <= {"SUCCEEDED", "FAILED"}
     assert "SIGTERM: shutting down" in full_log and "stopped" in full_log
+
+
+def test_a_grace_shorter_than_the_drain_delay_loses_no_job_and_takes_none_after_sigterm(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    """Memory store, grace 0.3 s against a 2 s drain delay: from the first moment of the stop no
+    new job is accepted (UNAVAILABLE: the client tries another replica), while Predict is still
+    served; every job accepted before it reaches a final status its long-poll sees."""
+    running = start_server(models=("mlp",), drain_delay_s=2.0, shutdown_grace_s=0.3)
+    target = running.target
+    accepted: dict[str, str] = {}  # job id -> the final status its long-poll saw
+    outcomes: collections.Counter[str] = collections.Counter()
+    stop_began = 0.0
+
+    async def jobs(c: AsyncTensorgateClient) -> None:
+        while True:
+            try:
+                job = await c.submit("mlp", {"input": X})
+            except grpc.aio.AioRpcError as exc:
+                outcomes[f"submit {exc.code().name}"] += 1
+                return
+            accepted[job.job_id] = "?"
+            try:
+                result = await c.get_result(job.job_id, wait_timeout_s=30)
+                accepted[job.job_id] = result.status
+            except grpc.aio.AioRpcError as exc:
+                accepted[job.job_id] = f"long-poll {exc.code().name}"
+
+    async def unary(c: AsyncTensorgateClient) -> None:
+        while True:
+            try:
+                await c.predict("mlp", {"input": X})
+                outcomes["unary OK after stop" if stop_began else "unary OK"] += 1
+            except grpc.aio.AioRpcError as exc:
+                outcomes[f"unary {exc.code().name}"] += 1
+                return
+
+    async def load() -> None:
+        nonlocal stop_began
+        async with AsyncTensorgateClient(target, timeout_s=60) as c:
+            tasks = [asyncio.create_task(jobs(c)) for _ in range(32)]
+            tasks += [asyncio.create_task(unary(c)) for _ in range(4)]
+            await asyncio.sleep(1.0)
+            stop_began = time.time()
+            stopping = asyncio.run_coroutine_threadsafe(running.server.stop(0.3), running.loop)
+            await asyncio.wait_for(asyncio.gather(*tasks), 30)
+            stopping.result(10)
+
+    asyncio.run(load())
+    assert len(accepted) > 50 and outcomes["submit UNAVAILABLE"] == 32, outcomes
+    assert outcomes["unary OK after stop"] > 0, outcomes  # Predict still served meanwhile
+    store = running.server._jobs.store  # type: ignore[union-attr]
+    created = {job_id: running.call(store.get(job_id)).created_at for job_id in accepted}
+    late = [job_id for job_id, at in created.items() if at > stop_began + 0.05]
+    assert not late, f"{len(late)} job(s) accepted after the stop began"
+    finals = collections.Counter(accepted.values())
+    assert set(finals) <= {"SUCCEEDED", "FAILED"}, finals

@@ -3,10 +3,12 @@ queued, and the endpoint itself stays bounded."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -139,3 +141,22 @@ def _try_scrape(port: int) -> bool:
         return bool(_scrape(port))
     except OSError:
         return False
+
+
+def test_a_taken_metrics_port_fails_the_start_before_the_grpc_port_is_bound(
+    repository: Path,
+) -> None:
+    from server.app import TensorgateServer
+    from server.config import ConfigError, ServerConfig
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = ServerConfig(
+            host="127.0.0.1", port=0, model_repository=repository, models=("mlp",),
+            metrics_port=taken.getsockname()[1],
+        )  # fmt: skip
+        server = TensorgateServer(config)
+        with pytest.raises(ConfigError, match="choose another with --metrics-port"):
+            asyncio.run(server.start())
+    assert server.port == 0  # the gRPC port was never bound, so no client could reach it

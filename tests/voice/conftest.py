@@ -45,6 +45,7 @@ def voice_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def start_voice_server(repository: Path, **overrides: Any) -> ServerThread:
     """A server over the voice repository on a free loopback port (ServerConfig overrides)."""
+    overrides.setdefault("metrics_port", -1)
     config = ServerConfig(
         host="127.0.0.1", port=0, model_repository=repository, drain_delay_s=0.0, **overrides
     )
