@@ -49,6 +49,9 @@ _PORT_TAKEN = (
 
 # Time to stop gRPC, the schedulers and the backends after the grace period ends.
 _TEARDOWN_S = 2.0
+# After the grace period, jobs of a shared store running on an instance get this long to finish
+# here before they are handed back to run again elsewhere.
+_FINISH_RUNNING_S = 1.0
 # The least time given to storing final statuses after the grace period, however short it was.
 _RECORD_WAIT_S = 0.5
 
@@ -257,7 +260,9 @@ class TensorgateServer:
                 await asyncio.sleep(delay_s)
             self.plane.accepting = False
             drained = await self.plane.drain(deadline)
-            left = await self._jobs.abandon("the server shut down before the job finished")
+            left = await self._jobs.abandon(
+                "the server shut down before the job finished", finish_s=_FINISH_RUNNING_S
+            )
             # Every accepted job now has its final status: long-polls and watchers see it
             # before the transport goes.
             await self._jobs.recorded(max(deadline - time.monotonic(), _RECORD_WAIT_S))

@@ -140,18 +140,27 @@ return redis.call('HMGET', KEYS[1], 'model', 'tenant', 'rid', 'attempts', 'creat
 )
 
 # A held job's outcome. KEYS: the job, its stream. ARGV: prefix, entry, group, status, now_ms,
-# ttl_ms, max_finished, code, message, outputs, id. Returns the final status (a cancellation
-# recorded first stays), or 'GONE'.
+# ttl_ms, max_finished, code, message, outputs, id, consumer. Returns the final status (a
+# cancellation recorded first stays), 'GONE', or 'NOT_OURS': the job was handed back, or taken
+# over by another replica after this one's lease lapsed, and the outcome is the new holder's to
+# record. With RELEASE's own check, finishing and handing back are exclusive: whichever script
+# runs first wins, so a job handed back is never also finished by the process that held it.
 FINISH = (
     _COMMON
     + """
+local fields = redis.call('HMGET', KEYS[1], 'status', 'owner', 'entry')
+local status = fields[1]
+if status == 'PENDING' or (status == 'RUNNING' and (fields[2] ~= ARGV[12]
+                                                    or fields[3] ~= ARGV[2])) then
+  redis.call('HINCRBY', P .. 'stats', 'dropped_results', 1)
+  return 'NOT_OURS'
+end
 redis.call('XACK', KEYS[2], ARGV[3], ARGV[2])
 redis.call('XDEL', KEYS[2], ARGV[2])
-local status = redis.call('HGET', KEYS[1], 'status')
 if not status then
   return 'GONE'
 end
-if status ~= 'RUNNING' and status ~= 'PENDING' then
+if status ~= 'RUNNING' then
   if status ~= 'CANCELLED' then
     redis.call('HINCRBY', P .. 'stats', 'duplicate_runs', 1)
   end

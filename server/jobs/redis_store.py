@@ -501,9 +501,14 @@ class RedisJobStore:
                     str(error) if error is not None else "",
                     outputs,
                     job.id,
+                    self.consumer,
                 ],
             )
         final_status = final.decode()
+        if final_status == "NOT_OURS":
+            log.info("job %s: handed on to another replica; the result here is dropped", job.id)
+            stored = await self.get(job.id, job.tenant)
+            return stored if stored is not None else job
         if final_status != job.status.value and final_status != "GONE":
             # Cancelled meanwhile (or recorded by another replica's run): that stands.
             stored = await self.get(job.id, job.tenant)

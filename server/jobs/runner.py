@@ -345,11 +345,12 @@ class JobRunner:
                 break
         lane.held.pop(job.id, None)
         lane.room.set()
-        code = job.error.code if job.error is not None else "OK"
-        self._metrics.request_counter(job.model, "job", code, job.tenant).inc()
-        self._metrics.request_seconds.labels(job.model, "job").observe(
-            max((job.finished_at or time.time()) - job.created_at, 0.0)
-        )
+        if job.status.finished:  # else it was handed on: its new holder counts it
+            code = job.error.code if job.error is not None else "OK"
+            self._metrics.request_counter(job.model, "job", code, job.tenant).inc()
+            self._metrics.request_seconds.labels(job.model, "job").observe(
+                max((job.finished_at or time.time()) - job.created_at, 0.0)
+            )
         if job.span is not None:
             job.span.set_attribute("tensorgate.job.status", job.status.value)
             job.span.set_attribute("tensorgate.job.attempts", job.attempts)
@@ -427,13 +428,21 @@ class JobRunner:
         await asyncio.gather(*self._feeders, return_exceptions=True)
         await self._hand_back(started=False)
 
-    async def abandon(self, reason: str) -> list[Job]:
-        """The grace period is over. With a shared store, held jobs go back to it (their runs
-        here are abandoned); otherwise every unfinished job turns FAILED (UNAVAILABLE) with the
-        reason, so none vanishes without a final status. Returns the jobs affected."""
+    async def abandon(self, reason: str, finish_s: float = 0.0) -> list[Job]:
+        """The grace period is over. With a shared store, held jobs that have not started go
+        back to it; those running on an instance get up to finish_s more to finish here (a job
+        handed back mid-run would run twice), and only what is still running then is handed
+        back. Otherwise every unfinished job turns FAILED (UNAVAILABLE) with the reason, so none
+        vanishes without a final status. Returns the jobs affected."""
         self._retrying = False
         if self.store.shared:
-            return await self._hand_back(started=None)
+            handed = await self._hand_back(started=False)
+            deadline = time.monotonic() + finish_s
+            while any(lane.held for lane in self._lanes.values()):
+                if time.monotonic() >= deadline:
+                    return handed + await self._hand_back(started=None)
+                await asyncio.sleep(0.005)
+            return handed
         left: list[Job] = []
         for lane in self._lanes.values():
             for job in list(lane.held.values()):
@@ -462,6 +471,11 @@ class JobRunner:
         for lane in self._lanes.values():
             for job in list(lane.held.values()):
                 if job.status.finished or (started is False and job.started):
+                    continue
+                if job.run is not None and job.run.future.done():
+                    # It ran here (its outcome's callback has not run yet): record it, never
+                    # hand it back as well.
+                    self._done(job, job.run.future)
                     continue
                 del lane.held[job.id]
                 handed[job.started].append(job)

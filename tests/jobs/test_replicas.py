@@ -37,6 +37,10 @@ def replica_repository(repository: Path, tmp_path_factory: pytest.TempPathFactor
     write_sleepy_model(
         root / "slow", 0.02, max_batch_size=4, max_queue_delay_ms=1.0, instance_count=1
     )
+    # 400 ms a batch: a batch is still on its instance when a short grace period ends.
+    write_sleepy_model(
+        root / "slower", 0.4, max_batch_size=4, max_queue_delay_ms=1.0, instance_count=1
+    )
     return root
 
 
@@ -178,6 +182,39 @@ def test_sigterm_hands_unstarted_jobs_to_other_replicas_instead_of_failing_them(
     with TensorgateClient(b.target, timeout_s=30) as on_b:
         statuses = [on_b.get_result(job_id, wait_timeout_s=60).status for job_id in ids]
     assert statuses.count("SUCCEEDED") == len(ids), {s: statuses.count(s) for s in set(statuses)}
+    # A graceful hand-off runs each job once: handed back only if it had not started (or it
+    # finished here first), never both; no result was recorded twice.
+    with replicas.redis.client() as redis:
+        attempts = [int(redis.hget(f"tg:job:{job_id}", "attempts")) for job_id in ids]
+        stats = redis.hgetall("tg:stats")
+    twice = [job_id for job_id, n in zip(ids, attempts, strict=True) if n != 1]
+    assert not twice, f"{len(twice)} job(s) ran on both replicas: {twice[:5]}"
+    assert int(stats.get(b"duplicate_runs", 0)) == 0, stats
+
+
+def test_a_job_running_when_the_grace_ends_finishes_on_its_replica_and_runs_once(
+    replicas: Replicas,
+) -> None:
+    """The grace period ends while a batch of jobs is on A's instance: those jobs finish on A
+    (given a moment more) instead of being handed back to run again on B; the jobs A had not
+    started go to B. Every job runs exactly once."""
+    a = replicas.start("--shutdown-grace-s", "0.1", "--models", "slower")
+    with TensorgateClient(a.target, timeout_s=30) as on_a:
+        ids = [on_a.submit("slower", _row(i)).job_id for i in range(24)]
+        wait_until(
+            lambda: any(j.status == "RUNNING" for j in on_a.list_jobs("RUNNING")),
+            what="a batch on A's instance",
+        )
+    b = replicas.start("--models", "slower")
+    assert a.stop() == 0
+    with TensorgateClient(b.target, timeout_s=30) as on_b:
+        statuses = [on_b.get_result(job_id, wait_timeout_s=60).status for job_id in ids]
+    assert statuses.count("SUCCEEDED") == len(ids), statuses
+    with replicas.redis.client() as redis:
+        attempts = [int(redis.hget(f"tg:job:{job_id}", "attempts")) for job_id in ids]
+        stats = redis.hgetall("tg:stats")
+    assert attempts == [1] * len(ids), attempts
+    assert int(stats.get(b"duplicate_runs", 0)) == 0, stats
 
 
 async def _accept_directly(url: str, count: int) -> list[str]:
