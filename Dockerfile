@@ -14,14 +14,13 @@ ARG EXTRAS=""
 WORKDIR /app
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-COPY pyproject.toml README.md constraints.txt build_engines.py ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY protos protos
 COPY server server
 COPY client client
 COPY tensorgate_cli tensorgate_cli
-COPY engines engines
 RUN pip install --no-cache-dir -c constraints.txt ".${EXTRAS:+[$EXTRAS]}" \
- && python build_engines.py \
+ && tensorgate build --out /app/engines \
  && useradd --system --uid 10001 --no-create-home tensorgate
 
 USER tensorgate

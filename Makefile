@@ -61,4 +61,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) .venv-lock .venv-triton .venv-mlserver .pytest_cache .mypy_cache .ruff_cache engines/*/model.onnx
+	rm -rf $(VENV) .venv-lock .venv-triton .venv-mlserver .pytest_cache .mypy_cache .ruff_cache engines

@@ -28,9 +28,9 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
-from build_engines import mlp  # noqa: E402
 from client import AsyncTensorgateClient  # noqa: E402
 from server.app import TensorgateServer  # noqa: E402
+from server.bundled.graphs import mlp  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 
 

@@ -53,7 +53,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     request = argparse.ArgumentParser(add_help=False)
     request.add_argument("--model", default="mlp")
     request.add_argument("--input", action="append", default=[], metavar="NAME=@FILE.npy|JSON")
-    request.add_argument("--random-rows", type=int, default=0, metavar="N")
+    request.add_argument("--random-rows", type=_rows, default=0, metavar="N")
     request.add_argument("--seed", type=int, default=0)
     request.add_argument("--outputs", default="", help="comma-separated output names")
 
@@ -112,6 +112,16 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     vad.set_defaults(func=_vad)
 
 
+def _rows(value: str) -> int:
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = -1
+    if rows < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of rows >= 1, got {value!r}")
+    return rows
+
+
 def _security(args: argparse.Namespace) -> codec.Security:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together: give both")
@@ -167,6 +177,13 @@ def _inputs(client: TensorgateClient, args: argparse.Namespace) -> dict[str, np.
                 raise ValueError(
                     f"--input {name}=…: not JSON ({exc.msg} at character {exc.pos}); give a "
                     f"JSON array such as {name}='[[0.5, 1.0]]', or {name}=@file.npy"
+                ) from None
+            except (TypeError, ValueError):
+                kind = spec.datatype if spec else "numbers"
+                raise ValueError(
+                    f"--input {name}=…: input '{name}' takes {kind}, and the JSON holds "
+                    "something else (a string, or rows of different lengths); give e.g. "
+                    f"{name}='[[0.5, 1.0]]'"
                 ) from None
     if not inputs and args.random_rows and not metadata.inputs:
         return inputs  # a model that is not ready: the server's answer says why
@@ -374,6 +391,12 @@ def _health(args: argparse.Namespace) -> int:
                     f"the server reports no health service named {args.service!r}; "
                     "try '' (the server), a model name or tensorgate.jobs"
                 )
+                if args.service.startswith("tensorgate.worker."):
+                    details += (
+                        ". With --workers N each worker process answers only its own name, and "
+                        "each connection reaches one worker: ask again (a new connection may "
+                        "reach another), or ask for '' to check the server as a whole"
+                    )
             print(f"error: {exc.code().name}: {details}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

@@ -102,13 +102,20 @@ class Security:
         return bool(self.tls_ca or self.tls_cert)
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
-        def read(path: str) -> bytes | None:
-            return Path(path).expanduser().read_bytes() if path else None
+        """The TLS credentials; ValueError naming the flag of a file that cannot be read."""
+
+        def read(path: str, flag: str) -> bytes | None:
+            if not path:
+                return None
+            try:
+                return Path(path).expanduser().read_bytes()
+            except OSError as exc:
+                raise ValueError(f"{flag} {path}: {exc.strerror or exc}") from None
 
         return grpc.ssl_channel_credentials(
-            root_certificates=read(self.tls_ca),
-            private_key=read(self.tls_key),
-            certificate_chain=read(self.tls_cert),
+            root_certificates=read(self.tls_ca, "--tls-ca"),
+            private_key=read(self.tls_key, "--tls-key"),
+            certificate_chain=read(self.tls_cert, "--tls-cert"),
         )
 
     def metadata(self) -> tuple[tuple[str, str], ...]:

@@ -37,8 +37,13 @@ def read_wav(path: Path) -> np.ndarray:
             frames = wav.readframes(wav.getnframes())
     except FileNotFoundError:
         raise WavError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise WavError(f"{path}: a directory, not a WAV file") from None
     except (wave.Error, EOFError) as exc:
-        raise WavError(f"{path}: not a PCM WAV file ({exc})") from None
+        why = str(exc) or "the file ends before its WAV header does"
+        if path.suffix.lower() != ".wav":
+            why += f"; is {path.name} audio at all? give a 16 kHz mono 16-bit WAV file"
+        raise WavError(f"{path}: not a PCM WAV file ({why})") from None
     if (rate, channels, width) != (SAMPLE_RATE, 1, 2):
         raise WavError(
             f"{path}: {rate} Hz, {channels} channel(s), {8 * width}-bit; silero_vad takes 16 kHz "

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 MODEL_CONFIG_FILE = "config.toml"
+# The backends a model's config may name (server/backends/ has one module each).
+BACKENDS = ("onnxruntime", "tensorrt", "python")
 _PENDING_REQUESTS = 1_000_000
 
 
@@ -226,6 +228,8 @@ class ModelConfig:
         backend = raw.pop("backend", None)
         if not isinstance(backend, str):
             raise ConfigError(f"{path}: 'backend' must name a backend, e.g. \"onnxruntime\"")
+        if backend not in BACKENDS:
+            raise ConfigError(f"{path}: {_unknown_backend(backend)}")
         delay_ms = raw.pop("max_queue_delay_ms", 2.0)
         config = cls(
             name=model_dir.name,
@@ -371,6 +375,14 @@ def _scalar(value: Any, key: str, path: Path) -> float | int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{path}: {key} must be a number, got {value!r}")
     return value
+
+
+def _unknown_backend(backend: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(backend, BACKENDS, n=1, cutoff=0.4)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown backend '{backend[:100]}'{hint}; known backends: {', '.join(BACKENDS)}"
 
 
 def _unknown_keys(raw: dict[str, Any], backend: str) -> str:

@@ -13,6 +13,7 @@ def discover(repository: Path, names: Sequence[str] = ()) -> list[ModelConfig]:
     if not repository.is_dir():
         raise ConfigError(
             f"model repository {repository} is not a directory (relative to {Path.cwd()}); "
+            f"write the bundled models there with `tensorgate build --out {repository}`, or "
             "point --model-repository at a folder with one sub-folder per model"
         )
     found = {

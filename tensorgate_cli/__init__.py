@@ -1,6 +1,6 @@
-"""The `tensorgate` command: `serve` (server/cli.py) beside the commands that call a running
-server (client/cli.py). The one place that knows both, so the server and the client packages
-never import each other."""
+"""The `tensorgate` command: `serve` (server/cli.py) and `build` (server/bundled/) beside the
+commands that call a running server (client/cli.py). The one place that knows both, so the server
+and the client packages never import each other."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # GRPC_VERBOSITY=ERROR (or DEBUG) in the environment brings them back.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from client.cli import add_client_commands
+    from server.bundled.command import add_build_command
     from server.cli import add_serve_command
 
     parser = _Parser(prog="tensorgate", description="gRPC inference server")
     commands = parser.add_subparsers(dest="command", required=True)
     add_serve_command(commands)
+    add_build_command(commands)
     add_client_commands(commands)
     args = parser.parse_args(argv)
     result: int = args.func(args)

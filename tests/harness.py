@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from build_engines import build
 from server.app import TensorgateServer
+from server.bundled import build
 from server.config import ServerConfig
 
 T = TypeVar("T")

@@ -42,6 +42,10 @@ def test_defaults_and_units(tmp_path: Path) -> None:
             {"backend": "onnxruntime", "max_batch_size": 8, "preferred_batch_sizes": [16]},
             "preferred_batch_sizes [16] exceed max_batch_size",
         ),
+        (
+            {"backend": "onnx", "onnxruntime": {"intra_op_threads": 1}},
+            "unknown backend 'onnx' (did you mean 'onnxruntime'?); known backends: onnxruntime",
+        ),
     ],
 )
 def test_bad_config_names_the_key(

@@ -51,6 +51,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_installed_wheel_imports_from_itself(installed: Path, tmp_path: Path) -> None:
     modules = "server, server.telemetry, server.jobs.redis_store, server.workers, client, "
+    modules += "server.bundled.command, "
     modules += "tensorgate_cli, tensorgate.v1.inference_pb2, tensorgate.kserve.grpc_service_pb2"
     found = subprocess.run(
         [str(installed / "python"), "-c",
@@ -87,6 +88,53 @@ def test_the_installed_wheel_serves_a_model(
             cwd=tmp_path, capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         assert health.returncode == 0, health.stdout + health.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+
+
+def test_a_wheel_only_user_builds_the_bundled_models_and_serves_them(
+    installed: Path, tmp_path: Path
+) -> None:
+    """Outside a checkout: serve first says how to get a repository; tensorgate build writes it
+    (every bundled model, configs included) and serve serves it."""
+    refused = subprocess.run(
+        [str(installed / "tensorgate"), "serve", "--port", "0", "--metrics-port", "-1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert "model repository engines is not a directory" in refused.stderr
+    assert "tensorgate build --out engines" in refused.stderr
+    assert "build_engines" not in refused.stderr
+    built = subprocess.run(
+        [str(installed / "tensorgate"), "build"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    for name in ("mlp", "mlp_python", "silero_vad"):
+        assert (tmp_path / "engines" / name / "config.toml").exists(), built.stdout
+    assert (tmp_path / "engines" / "mlp_python" / "model.py").exists()
+    server = subprocess.Popen(
+        [str(installed / "tensorgate"), "serve", "--host", "127.0.0.1", "--port", "0",
+         "--metrics-port", "-1", "--drain-delay-s", "0"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert server.stderr is not None
+    port, log = 0, []
+    try:
+        for line in server.stderr:
+            log.append(line)
+            if "listening on 127.0.0.1:" in line:
+                port = int(line.rsplit(":", 1)[1].split(";")[0])
+            if "server.app: serving" in line:
+                assert "mlp, mlp_python, silero_vad" in line, line
+                break
+        assert port, "".join(log)
+        with TensorgateClient(f"127.0.0.1:{port}", timeout_s=10) as client:
+            x = np.ones((2, 256), np.float32)
+            by_onnx = client.predict("mlp", {"input": x})
+            by_python = client.predict("mlp_python", {"input": x})
+        np.testing.assert_allclose(by_python["logits"], by_onnx["logits"], rtol=1e-4, atol=1e-4)
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(30) == 0

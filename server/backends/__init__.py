@@ -6,15 +6,11 @@ from __future__ import annotations
 import importlib
 
 from server.backends.base import AnyBackendInstance, BackendInstance, GpuBackendInstance
-from server.config import ConfigError, ModelConfig
+from server.config import BACKENDS, ConfigError, ModelConfig
 
 # name -> module that defines `load(config: ModelConfig, instance_index: int)`, returning a
 # BackendInstance (CPU) or a GpuBackendInstance.
-BACKEND_MODULES = {
-    "onnxruntime": "server.backends.onnxruntime",
-    "tensorrt": "server.backends.tensorrt",
-    "python": "server.backends.python",
-}
+BACKEND_MODULES = {name: f"server.backends.{name}" for name in BACKENDS}
 
 
 def load_instance(config: ModelConfig, instance_index: int) -> AnyBackendInstance:

@@ -78,8 +78,8 @@ def load(config: ModelConfig, instance_index: int) -> OnnxRuntimeInstance:
     if not artifact.exists():
         raise ConfigError(
             f"model '{config.name}': {artifact} does not exist; put the ONNX file there, or set "
-            "[onnxruntime] artifact in its config.toml (the bundled models are built by "
-            "`python build_engines.py`)"
+            "[onnxruntime] artifact in its config.toml (`tensorgate build` writes the bundled "
+            "models)"
         )
     session_options = ort.SessionOptions()
     session_options.intra_op_num_threads = int(options.pop("intra_op_threads", 1))

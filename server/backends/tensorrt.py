@@ -5,9 +5,9 @@ The runtime is imported as `tensorrt` when the full package is installed, else t
 runs plans built with version compatibility. I/O names, modes, datatypes and profile shapes come
 from the engine, so the model config lists no I/O.
 
-Instance i uses optimization profile i of the plan (build_engines.py writes one per instance),
-since contexts that run at once with dynamic shapes must not share a profile; an instance beyond
-the plan's profiles deserializes its own copy of the engine.
+Instance i uses optimization profile i of the plan (tensorgate build --tensorrt writes one per
+instance), since contexts that run at once with dynamic shapes must not share a profile; an
+instance beyond the plan's profiles deserializes its own copy of the engine.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def load(config: ModelConfig, instance_index: int) -> TensorRTInstance:
     if not plan_path.exists():
         raise ConfigError(
             f"model '{config.name}': {plan_path} does not exist "
-            "(build it on a GPU machine: python build_engines.py --tensorrt)"
+            "(build it on a GPU machine: tensorgate build --tensorrt)"
         )
     cuda.set_device(device)
     with _engines_lock:

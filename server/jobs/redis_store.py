@@ -130,6 +130,7 @@ class RedisJobStore:
         self._reclaim_every_s = max(min(lease_s / 4, 5.0), 0.05)
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.available = False
+        self._checked = False
         self._models: list[str] = []
         self._next_reclaim: dict[str, float] = {}
         self._waiters: dict[str, set[asyncio.Event]] = {}
@@ -158,6 +159,7 @@ class RedisJobStore:
         """Starts the availability check (it prepares the streams once Redis answers) and the
         listener for finished jobs. Redis being down does not stop the server from starting."""
         self._models = list(models)
+        self._checked = False  # a first failed check is logged too
         self._on_available, self._on_cancelled = on_available, on_cancelled
         on_available(False)
         await self._check()
@@ -194,8 +196,13 @@ class RedisJobStore:
         except (redis.exceptions.RedisError, OSError) as exc:
             _keep_cancellation()
             ok = False
-            if self.available:
-                log.error("job store: Redis at %s is unreachable: %s", self.where, exc)
+            if self.available or not self._checked:
+                log.error(
+                    "job store: Redis at %s is unreachable%s: %s; Submit answers UNAVAILABLE "
+                    "until it is (Predict and StreamPredict work meanwhile)",
+                    self.where, "" if self._checked else " at start-up", exc or type(exc).__name__,
+                )  # fmt: skip
+        self._checked = True
         if ok == self.available:
             return
         self.available = ok

@@ -147,6 +147,29 @@ def test_input_mistakes_get_one_line(serve: ServeProcess, given: str, message: s
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "code", "expected"),
+    [
+        (["predict", "--random-rows", "-1"], 2,
+         "argument --random-rows: expected a number of rows >= 1, got '-1'"),
+        (["predict", "--model", "pair", "--input", 'a=[["x", 1, 2, 3]]',
+          "--input", "b=[[1,1,1,1]]"],
+         2, "--input a=…: input 'a' takes FP32, and the JSON holds something else"),
+        (["predict", "--tls-ca", "/nope.crt", "--random-rows", "1"], 2,
+         "error: --tls-ca /nope.crt: No such file or directory"),
+        (["health", "--service", "tensorgate.worker.0"], 1,
+         "each worker process answers only its own name"),
+    ],
+)  # fmt: skip
+def test_a_users_mistake_gets_one_line_naming_what_was_wrong(
+    serve: ServeProcess, args: list[str], code: int, expected: str
+) -> None:
+    result = serve.run(*args)
+    assert result.returncode == code, result.stderr
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_sigterm_shuts_down_cleanly(serve: ServeProcess) -> None:
     code, log = serve.terminate()
     assert code == 0, log

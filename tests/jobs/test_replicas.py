@@ -289,3 +289,22 @@ def test_without_redis_submit_is_unavailable_predict_serves_and_jobs_recover(
         wait_until(lambda: _jobs_health(a.target) == serving, what="jobs health SERVING again")
         job = client.submit("mlp", {"input": X})
         assert client.get_result(job.job_id, wait_timeout_s=10).status == "SUCCEEDED"
+
+
+def test_redis_unreachable_at_start_up_is_logged_and_predict_serves(
+    replica_repository: Path,
+) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{probe.getsockname()[1]}/0"
+    replica = ServeProcess(replica_repository, ("mlp",), extra_args=["--job-store", url])
+    try:
+        log = "".join(replica.log)
+        assert f"Redis at 127.0.0.1:{url.split(':')[2].split('/')[0]}" in log, log
+        assert "is unreachable at start-up" in log and "Submit answers UNAVAILABLE" in log, log
+        with TensorgateClient(replica.target, timeout_s=10) as client:
+            assert client.predict("mlp", {"input": X})["logits"].shape == (1, 16)
+    finally:
+        assert replica.stop() == 0

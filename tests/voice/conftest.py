@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from build_engines import ENGINES, build
 from client.vad import chunks as vad_chunks
+from server.bundled import MODELS_DIR as ENGINES
+from server.bundled import build
 from server.config import ServerConfig
 from tests.harness import ServerThread
 from tests.voice.audio import Recording, compose

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from build_engines import ENGINES
+from server.bundled import MODELS_DIR as ENGINES
 from server.config import ModelConfig
 from tests.harness import ServerThread
 from tests.test_readme import README, _block

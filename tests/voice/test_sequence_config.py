@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from build_engines import ENGINES
 from server.backends import load_instance
+from server.bundled import MODELS_DIR as ENGINES
 from server.config import ConfigError, ModelConfig
 
 BUNDLED = (ENGINES / "silero_vad" / "config.toml").read_text()

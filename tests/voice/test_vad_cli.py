@@ -105,3 +105,10 @@ def test_wrong_audio_gets_one_line(voice_server: ServerThread, tmp_path: Path) -
     missing = _vad(voice_server.target, tmp_path / "missing.wav")
     assert missing.returncode == 2
     assert missing.stderr.strip() == f"error: {tmp_path / 'missing.wav'}: no such file"
+    not_audio = tmp_path / "x.npy"
+    not_audio.write_bytes(b"\x93NUMPY")
+    done = _vad(voice_server.target, not_audio)
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert f"error: {not_audio}: not a PCM WAV file (" in line and "()" not in line
+    assert "is x.npy audio at all? give a 16 kHz mono 16-bit WAV file" in line
