@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import time
@@ -316,3 +317,22 @@ def test_metrics_carry_the_tenant_only_when_asked(
     }  # fmt: skip
     assert 'tenant="team-a"' in scraped["labelled"]
     assert "tenant=" not in scraped["plain"]
+
+
+def test_a_failed_tls_handshake_is_one_line_from_the_cli_without_grpc_core_noise(
+    start_server: Callable[..., ServerThread], pki: dict[str, Any], tmp_path: Path
+) -> None:
+    """A client trusting another CA: the command prints its own one line; gRPC core's log lines
+    (ssl_transport_security … Handshake failed) stay out of its output."""
+    server = start_server(tls_cert=str(pki["server"].cert), tls_key=str(pki["server"].key))
+    other = Authority(tmp_path / "other-pki", name="another CA")
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tensorgate_cli", "health", "--target", server.target,
+         "--tls-ca", str(other.cert), "--timeout-s", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: UNAVAILABLE"), done.stderr
+    assert "ssl_transport_security" not in done.stderr
