@@ -18,7 +18,7 @@ COPY pyproject.toml README.md constraints.txt ./
 COPY protos protos
 COPY server server
 COPY client client
-COPY tensorgate_cli tensorgate_cli
+COPY command command
 RUN pip install --no-cache-dir -c constraints.txt ".${EXTRAS:+[$EXTRAS]}" \
  && tensorgate build --out /app/engines \
  && useradd --system --uid 10001 --no-create-home tensorgate

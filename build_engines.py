@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from server.bundled import MODELS_DIR, build
-from server.bundled.command import main
+from tensorgate.server.bundled import MODELS_DIR, build
+from tensorgate.server.bundled.command import main
 
 ENGINES = Path(__file__).resolve().parent / "engines"
 

@@ -21,7 +21,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
 from bench.loadgen import LoadSpec, run  # noqa: E402
 from bench.serverproc import ServeProcess  # noqa: E402
-from server.bundled import build  # noqa: E402
+from tensorgate.server.bundled import build  # noqa: E402
 
 
 def main() -> int:

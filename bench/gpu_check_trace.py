@@ -22,11 +22,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
-from client import AsyncTensorgateClient  # noqa: E402
-from server.app import TensorgateServer  # noqa: E402
-from server.bundled import build  # noqa: E402
-from server.config import ServerConfig  # noqa: E402
-from server.telemetry import Tracing  # noqa: E402
+from tensorgate.client import AsyncTensorgateClient  # noqa: E402
+from tensorgate.server.app import TensorgateServer  # noqa: E402
+from tensorgate.server.bundled import build  # noqa: E402
+from tensorgate.server.config import ServerConfig  # noqa: E402
+from tensorgate.server.telemetry import Tracing  # noqa: E402
 
 
 async def traced_stages(repository: Path) -> list[str]:

@@ -28,10 +28,10 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
-from client import AsyncTensorgateClient  # noqa: E402
-from server.app import TensorgateServer  # noqa: E402
-from server.bundled.graphs import mlp  # noqa: E402
-from server.config import ServerConfig  # noqa: E402
+from tensorgate.client import AsyncTensorgateClient  # noqa: E402
+from tensorgate.server.app import TensorgateServer  # noqa: E402
+from tensorgate.server.bundled.graphs import mlp  # noqa: E402
+from tensorgate.server.config import ServerConfig  # noqa: E402
 
 
 def make_repository(root: Path, device: str, instances: int, in_features: int, hidden: int) -> None:

@@ -30,7 +30,7 @@ from bench.loadgen import LoadSpec, run  # noqa: E402
 from bench.redisproc import RedisProcess  # noqa: E402
 from bench.report import replace_section  # noqa: E402
 from bench.serverproc import ServeProcess  # noqa: E402
-from server.bundled import build  # noqa: E402
+from tensorgate.server.bundled import build  # noqa: E402
 
 DOCS = ROOT / "docs"
 SECTION = "job-store"
@@ -101,7 +101,7 @@ def _measure(
 
 def _wait_idle(server: ServeProcess) -> None:
     """Lets the jobs a submit-only run left behind finish before the next point."""
-    from client import TensorgateClient
+    from tensorgate.client import TensorgateClient
 
     with TensorgateClient(server.target, timeout_s=120) as client:
         probe = client.submit("mlp", {"input": np.zeros((1, 256), np.float32)})
@@ -111,7 +111,7 @@ def _wait_idle(server: ServeProcess) -> None:
 async def _burst(target: str, count: int, senders: int = 64) -> dict[str, Any]:
     import grpc
 
-    from client import AsyncTensorgateClient
+    from tensorgate.client import AsyncTensorgateClient
 
     x = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)
     accepted: list[str] = []

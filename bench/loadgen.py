@@ -177,7 +177,7 @@ class _Process:
             )  # fmt: skip
             method = stub.ModelInfer
         else:
-            from client import codec
+            from tensorgate.client import codec
             from tensorgate.v1 import inference_pb2 as pb
             from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 
@@ -226,7 +226,7 @@ class _Process:
 
     async def _stream(self, index: int) -> None:
         """One stream keeping `depth` requests in flight until the window ends."""
-        from client import codec
+        from tensorgate.client import codec
         from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 
         spec = self.spec

@@ -28,7 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 from bench.loadgen import LoadSpec, run  # noqa: E402
 from bench.report import replace_section  # noqa: E402
 from bench.serverproc import ServeProcess  # noqa: E402
-from server.bundled import build  # noqa: E402
+from tensorgate.server.bundled import build  # noqa: E402
 
 
 def main() -> int:
@@ -98,7 +98,7 @@ def _run_burst(target: str, count: int, accepted: threading.Event) -> None:
 
 
 async def _burst(target: str, count: int, accepted: threading.Event) -> None:
-    from client import AsyncTensorgateClient
+    from tensorgate.client import AsyncTensorgateClient
 
     x = np.zeros((1, 256), np.float32)
     left = iter(range(count))

@@ -24,7 +24,7 @@ class ServeProcess:
     ) -> None:
         """root: the source tree to run (another checkout, to compare revisions)."""
         args = [
-            sys.executable, "-m", "tensorgate_cli", "serve", "--host", "127.0.0.1", "--port", "0",
+            sys.executable, "-m", "tensorgate", "serve", "--host", "127.0.0.1", "--port", "0",
             "--metrics-port", "-1", "--model-repository", str(repository), *extra_args,
         ]  # fmt: skip
         if models:

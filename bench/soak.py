@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
 from bench.serverproc import ServeProcess  # noqa: E402
-from client import AsyncTensorgateClient, StreamItem  # noqa: E402
-from server.bundled import build  # noqa: E402
+from tensorgate.client import AsyncTensorgateClient, StreamItem  # noqa: E402
+from tensorgate.server.bundled import build  # noqa: E402
 
 
 async def soak(target: str, seconds: float, rss_mib: Callable[[], float]) -> dict[str, int]:

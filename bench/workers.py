@@ -29,7 +29,7 @@ from bench.redisproc import RedisProcess  # noqa: E402
 from bench.report import replace_section  # noqa: E402
 from bench.serverproc import ServeProcess  # noqa: E402
 from bench.suite import echo_server  # noqa: E402
-from server.bundled import build  # noqa: E402
+from tensorgate.server.bundled import build  # noqa: E402
 
 DOCS = ROOT / "docs"
 

@@ -8,10 +8,10 @@ from types import TracebackType
 import grpc
 import numpy as np
 
-from client import codec
-from client.codec import JobResult, JobSummary, StreamItem, StreamResult, Submitted
-from client.sequences import SequenceStream
-from client.sync import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from tensorgate.client import codec
+from tensorgate.client.codec import JobResult, JobSummary, StreamItem, StreamResult, Submitted
+from tensorgate.client.sequences import SequenceStream
+from tensorgate.client.sync import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from tensorgate.v1 import inference_pb2 as pb
 from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 

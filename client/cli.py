@@ -18,10 +18,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import codec
-from client.codec import JobResult, StreamItem
-from client.sequences import SequenceError
-from client.sync import TensorgateClient
+from tensorgate.client import codec
+from tensorgate.client.codec import JobResult, StreamItem
+from tensorgate.client.sequences import SequenceError
+from tensorgate.client.sync import TensorgateClient
 from tensorgate.v1 import inference_pb2 as pb
 
 
@@ -307,8 +307,8 @@ def _vad(args: argparse.Namespace) -> int:
     import uuid
     from pathlib import Path
 
-    from client.aio import AsyncTensorgateClient
-    from client.vad import Segmenter, WavError, read_wav, stream_vad
+    from tensorgate.client.aio import AsyncTensorgateClient
+    from tensorgate.client.vad import Segmenter, WavError, read_wav, stream_vad
 
     try:
         samples = read_wav(Path(args.wav))

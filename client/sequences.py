@@ -21,7 +21,7 @@ from types import TracebackType
 import grpc
 import numpy as np
 
-from client import codec
+from tensorgate.client import codec
 from tensorgate.v1 import inference_pb2 as pb
 from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 

@@ -8,8 +8,8 @@ from types import TracebackType
 import grpc
 import numpy as np
 
-from client import codec
-from client.codec import JobResult, JobSummary, StreamItem, StreamResult, Submitted
+from tensorgate.client import codec
+from tensorgate.client.codec import JobResult, JobSummary, StreamItem, StreamResult, Submitted
 from tensorgate.v1 import inference_pb2 as pb
 from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.aio import AsyncTensorgateClient
+from tensorgate.client.aio import AsyncTensorgateClient
 
 SAMPLE_RATE = 16_000
 CHUNK = 512  # samples: 32 ms at 16 kHz, what silero_vad takes

@@ -24,20 +24,20 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.api.auth import Authenticator, AuthInterceptor, TlsFiles, server_credentials
-from server.api.health import HealthReporter
-from server.api.kserve import KServeServicer
-from server.api.messages import add_service
-from server.api.rpc import Frontend
-from server.api.servicer import InferenceServicer
-from server.config import ConfigError, ServerConfig
-from server.dataplane import DataPlane
-from server.jobs.runner import JobRunner
-from server.jobs.store import JobStore, MemoryJobStore
-from server.model import ModelState, ServedModel
-from server.repository import discover
-from server.telemetry import Metrics, Telemetry, Tracing
 from tensorgate.kserve import grpc_service_pb2
+from tensorgate.server.api.auth import Authenticator, AuthInterceptor, TlsFiles, server_credentials
+from tensorgate.server.api.health import HealthReporter
+from tensorgate.server.api.kserve import KServeServicer
+from tensorgate.server.api.messages import add_service
+from tensorgate.server.api.rpc import Frontend
+from tensorgate.server.api.servicer import InferenceServicer
+from tensorgate.server.config import ConfigError, ServerConfig
+from tensorgate.server.dataplane import DataPlane
+from tensorgate.server.jobs.runner import JobRunner
+from tensorgate.server.jobs.store import JobStore, MemoryJobStore
+from tensorgate.server.model import ModelState, ServedModel
+from tensorgate.server.repository import discover
+from tensorgate.server.telemetry import Metrics, Telemetry, Tracing
 from tensorgate.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ def _job_store(config: ServerConfig) -> JobStore:
             config.max_pending_jobs_per_tenant,
         )
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from server.jobs.redis_store import RedisJobStore
+        from tensorgate.server.jobs.redis_store import RedisJobStore
 
         return RedisJobStore(
             url,

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from server.config import ConfigError, ServerConfig
-from server.logs import FORMATS, LEVELS
+from tensorgate.server.config import ConfigError, ServerConfig
+from tensorgate.server.logs import FORMATS, LEVELS
 
 log = logging.getLogger("tensorgate")
 
@@ -61,7 +61,7 @@ def _names(value: str) -> tuple[str, ...]:
 
 def _workers(value: str) -> int:
     if value == "auto":
-        from server.workers import usable_cores
+        from tensorgate.server.workers import usable_cores
 
         return usable_cores()
     try:
@@ -212,7 +212,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from server import logs
+    from tensorgate.server import logs
 
     try:
         resolve(args)
@@ -227,12 +227,12 @@ def _serve(args: argparse.Namespace) -> int:
     config = server_config(args)
     try:
         if workers > 1:
-            from server.workers import Supervisor
+            from tensorgate.server.workers import Supervisor
 
             return Supervisor(
                 config, workers, args.log_level, args.event_loop, args.log_format
             ).run()
-        from server.launch import run
+        from tensorgate.server.launch import run
 
         run(config, args.event_loop)
     except ConfigError as exc:

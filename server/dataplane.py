@@ -14,13 +14,20 @@ from collections.abc import Mapping
 
 from opentelemetry.trace import Span
 
-from server.errors import InvalidArgument, NotFound, Unavailable, clip
-from server.jobs.runner import JobRunner
-from server.limits import check_idempotency_key, check_request
-from server.model import ModelState, ServedModel
-from server.records import JobStatus, JobView, ModelInfo, ModelStatistics, Request, Submitted
-from server.telemetry import Telemetry
-from server.tensors import Outputs
+from tensorgate.server.errors import InvalidArgument, NotFound, Unavailable, clip
+from tensorgate.server.jobs.runner import JobRunner
+from tensorgate.server.limits import check_idempotency_key, check_request
+from tensorgate.server.model import ModelState, ServedModel
+from tensorgate.server.records import (
+    JobStatus,
+    JobView,
+    ModelInfo,
+    ModelStatistics,
+    Request,
+    Submitted,
+)
+from tensorgate.server.telemetry import Telemetry
+from tensorgate.server.tensors import Outputs
 
 
 class DataPlane:

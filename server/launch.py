@@ -8,8 +8,8 @@ import logging
 import signal
 from collections.abc import Callable
 
-from server.app import TensorgateServer
-from server.config import ConfigError, ServerConfig
+from tensorgate.server.app import TensorgateServer
+from tensorgate.server.config import ConfigError, ServerConfig
 
 log = logging.getLogger("tensorgate")
 

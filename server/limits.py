@@ -7,8 +7,8 @@ keep, or one request expensive to parse.
 
 from __future__ import annotations
 
-from server.errors import InvalidArgument
-from server.records import Request
+from tensorgate.server.errors import InvalidArgument
+from tensorgate.server.records import Request
 
 # Most tensors one request may name (no model has more inputs than this).
 MAX_TENSORS = 256

@@ -16,19 +16,19 @@ from dataclasses import replace
 
 import numpy as np
 
-from server.backends import AnyBackendInstance, load_instance
-from server.batching.batcher import DynamicBatcher
-from server.batching.request import InferenceRequest
-from server.batching.scheduler import Scheduler
-from server.batching.sequences import SequenceScheduler
-from server.config import ConfigError, ModelConfig
-from server.datatypes import NUMPY_BY_DATATYPE
-from server.errors import InvalidArgument, Unavailable
-from server.executor.instance import Instance
-from server.executor.pool import InstancePool, make_instance
-from server.records import Request
-from server.telemetry import Telemetry
-from server.tensors import TensorSpec, decode_inputs
+from tensorgate.server.backends import AnyBackendInstance, load_instance
+from tensorgate.server.batching.batcher import DynamicBatcher
+from tensorgate.server.batching.request import InferenceRequest
+from tensorgate.server.batching.scheduler import Scheduler
+from tensorgate.server.batching.sequences import SequenceScheduler
+from tensorgate.server.config import ConfigError, ModelConfig
+from tensorgate.server.datatypes import NUMPY_BY_DATATYPE
+from tensorgate.server.errors import InvalidArgument, Unavailable
+from tensorgate.server.executor.instance import Instance
+from tensorgate.server.executor.pool import InstancePool, make_instance
+from tensorgate.server.records import Request
+from tensorgate.server.telemetry import Telemetry
+from tensorgate.server.tensors import TensorSpec, decode_inputs
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.errors import TensorgateError
-from server.tensors import Outputs, TensorInput, TensorSpec
+from tensorgate.server.errors import TensorgateError
+from tensorgate.server.tensors import Outputs, TensorInput, TensorSpec
 
 
 @dataclass(slots=True)

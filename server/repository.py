@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from server.config import MODEL_CONFIG_FILE, ConfigError, ModelConfig
+from tensorgate.server.config import MODEL_CONFIG_FILE, ConfigError, ModelConfig
 
 
 def discover(repository: Path, names: Sequence[str] = ()) -> list[ModelConfig]:

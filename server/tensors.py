@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.datatypes import NUMPY_BY_DATATYPE
-from server.errors import InvalidArgument, clip
+from tensorgate.server.datatypes import NUMPY_BY_DATATYPE
+from tensorgate.server.errors import InvalidArgument, clip
 
 # A request's (or a batch's) outputs by name.
 Outputs = dict[str, np.ndarray]

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from server import logs
-from server.config import ConfigError, ServerConfig
-from server.launch import loop_factory, run_server
+from tensorgate.server import logs
+from tensorgate.server.config import ConfigError, ServerConfig
+from tensorgate.server.launch import loop_factory, run_server
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class Supervisor:
         return port
 
     def _serve_metrics(self) -> None:
-        from server.telemetry.combined import CombinedMetrics
+        from tensorgate.server.telemetry.combined import CombinedMetrics
 
         self._metrics = CombinedMetrics(self._metric_endpoints)
         config = self._config

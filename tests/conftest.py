@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from bench.redisproc import RedisProcess
-from client import AsyncTensorgateClient, TensorgateClient
-from server.config import ServerConfig
+from tensorgate.client import AsyncTensorgateClient, TensorgateClient
+from tensorgate.server.config import ServerConfig
 from tests.harness import MlpReference, ServerThread, build_repository
 
 TRITON_VENV = Path(__file__).resolve().parents[1] / ".venv-triton"

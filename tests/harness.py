@@ -14,9 +14,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from server.app import TensorgateServer
-from server.bundled import build
-from server.config import ServerConfig
+from tensorgate.server.app import TensorgateServer
+from tensorgate.server.bundled import build
+from tensorgate.server.config import ServerConfig
 
 T = TypeVar("T")
 

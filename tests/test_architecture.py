@@ -28,11 +28,17 @@ def _imports(package: str) -> dict[str, set[str]]:
 
 
 def _layer(module: str) -> str | None:
-    """server.batching.queue → "batching"; server.model → "model"; others → None."""
+    """tensorgate.server.batching.queue → "batching"; tensorgate.server.model → "model"; others
+    → None."""
     parts = module.split(".")
-    if parts[0] != "server" or len(parts) < 2:
+    if parts[:2] != ["tensorgate", "server"] or len(parts) < 3:
         return None
-    return parts[1]
+    return parts[2]
+
+
+def _module(path: str) -> str:
+    """server/batching/queue.py → tensorgate.server.batching.queue (the name it is imported by)."""
+    return "tensorgate." + path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
 
 
 def test_front_ends_reach_the_core_only_through_the_data_plane() -> None:
@@ -65,9 +71,18 @@ def test_lower_layers_never_import_higher_ones(lower: str, upper: str) -> None:
 
 def test_server_and_client_packages_do_not_import_each_other() -> None:
     for path, names in _imports("server").items():
-        assert not {n for n in names if n.split(".")[0] == "client"}, path
+        assert not {n for n in names if n.startswith("tensorgate.client")}, path
     for path, names in _imports("client").items():
-        assert not {n for n in names if n.split(".")[0] == "server"}, path
+        assert not {n for n in names if n.startswith("tensorgate.server")}, path
+
+
+def test_everything_imports_the_one_package_name() -> None:
+    """server/ and client/ are tensorgate.server and tensorgate.client: importing them by their
+    folder names would load a second copy of every module."""
+    for package in ("server", "client", "command", "tests", "bench"):
+        for path, names in _imports(package).items():
+            old = {n for n in names if n.split(".")[0] in {"server", "client", "tensorgate_cli"}}
+            assert not old, f"{path} imports {sorted(old)}"
 
 
 def test_futures_are_settled_only_through_the_settle_once_helpers() -> None:
@@ -86,11 +101,8 @@ def test_futures_are_settled_only_through_the_settle_once_helpers() -> None:
 
 def test_no_module_imports_itself_back_through_others() -> None:
     """No import cycles, lazy imports included (a lazy import that dodges a cycle hides it)."""
-    files = {**_imports("server"), **_imports("client")}
-    modules = {
-        path.removesuffix(".py").removesuffix("/__init__").replace("/", "."): names
-        for path, names in files.items()
-    }
+    files = {**_imports("server"), **_imports("client"), **_imports("command")}
+    modules = {_module(path): names for path, names in files.items()}
     # `from package import submodule` inside the package names the package too: no edge back.
     graph = {
         module: {

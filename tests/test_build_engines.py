@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from server.bundled import MODELS_DIR
+from tensorgate.server.bundled import MODELS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def test_tensorrt_build_without_the_builder_fails_in_one_clear_line(tmp_path: Pa
 def test_fp16_variant_for_strongly_typed_tensorrt_computes_the_same_model() -> None:
     import onnx
 
-    from server.bundled.graphs import float16_variant, mlp
+    from tensorgate.server.bundled.graphs import float16_variant, mlp
 
     variant = float16_variant(mlp())
     assert {i.type.tensor_type.elem_type for i in variant.graph.input} == {onnx.TensorProto.FLOAT16}

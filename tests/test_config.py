@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ConfigError, ModelConfig
+from tensorgate.server.config import ConfigError, ModelConfig
 from tests.harness import write_config
 
 

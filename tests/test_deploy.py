@@ -15,10 +15,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from server.api.health import SERVER_SERVICES
-from server.cli import add_serve_command, resolve
-from server.config import ConfigError
-from server.jobs.redis_store import GROUP, _stream
+from tensorgate.server.api.health import SERVER_SERVICES
+from tensorgate.server.cli import add_serve_command, resolve
+from tensorgate.server.config import ConfigError
+from tensorgate.server.jobs.redis_store import GROUP, _stream
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 KUBERNETES_VERSION = "1.30.0"
@@ -198,7 +198,7 @@ def test_the_image_copies_every_package_and_probes_real_flags() -> None:
     command = json.loads(healthcheck.strip().splitlines()[0])
     assert command[:2] == ["tensorgate", "health"]
     parser = argparse.ArgumentParser()
-    from client.cli import add_client_commands
+    from tensorgate.client.cli import add_client_commands
 
     add_client_commands(parser.add_subparsers())
     parser.parse_args(command[1:])  # exits with a usage error if a flag is wrong

@@ -28,7 +28,7 @@ def _block(after: str, language: str) -> str:
 
 
 def _tensorgate(server: ServerThread, command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    args = [sys.executable, "-m", "tensorgate_cli", *_split(command), "--target", server.target]
+    args = [sys.executable, "-m", "tensorgate", *_split(command), "--target", server.target]
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
@@ -129,7 +129,7 @@ def _uncut(line: str) -> str:
 
 def test_the_serving_options_table_names_real_flags_and_defaults() -> None:
     help_text = subprocess.run(
-        [sys.executable, "-m", "tensorgate_cli", "serve", "--help"],
+        [sys.executable, "-m", "tensorgate", "serve", "--help"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     ).stdout  # fmt: skip
     table = README[README.index("## Serving options") : README.index("### Workers")]

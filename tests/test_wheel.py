@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench.serverproc import ROOT
-from client import TensorgateClient
+from tensorgate.client import TensorgateClient
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +50,12 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_installed_wheel_imports_from_itself(installed: Path, tmp_path: Path) -> None:
-    modules = "server, server.telemetry, server.jobs.redis_store, server.workers, client, "
-    modules += "server.bundled.command, "
-    modules += "tensorgate_cli, tensorgate.v1.inference_pb2, tensorgate.kserve.grpc_service_pb2"
+    modules = "tensorgate.server, tensorgate.server.telemetry, tensorgate.server.jobs.redis_store, "
+    modules += "tensorgate.server.workers, tensorgate.client, tensorgate.server.bundled.command, "
+    modules += "tensorgate.command, tensorgate.v1.inference_pb2, tensorgate.kserve.grpc_service_pb2"
     found = subprocess.run(
         [str(installed / "python"), "-c",
-         f"import {modules}; print(server.__file__, tensorgate_cli.__file__)"],
+         f"import {modules}; print(tensorgate.server.__file__, tensorgate.command.__file__)"],
         cwd=tmp_path, check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     assert str(ROOT) not in found and str(installed.parent) in found, found

@@ -22,8 +22,8 @@ from typing import Any
 
 import grpc
 
-from server.config import ConfigError
-from server.errors import ResourceExhausted, Unauthenticated
+from tensorgate.server.config import ConfigError
+from tensorgate.server.errors import ResourceExhausted, Unauthenticated
 
 log = logging.getLogger(__name__)
 

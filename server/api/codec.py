@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from server.datatypes import to_wire
-from server.errors import InvalidArgument
-from server.limits import MAX_TENSORS
-from server.tensors import TensorInput
+from tensorgate.server.datatypes import to_wire
+from tensorgate.server.errors import InvalidArgument
+from tensorgate.server.limits import MAX_TENSORS
+from tensorgate.server.tensors import TensorInput
 from tensorgate.v1 import inference_pb2 as pb
 
 

@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator
 import grpc
 from opentelemetry.trace import Span
 
-from server.api import kserve_codec as codec
-from server.api.rpc import Frontend, rpc
-from server.api.status import MAX_MESSAGE_CHARS, as_domain_error
-from server.errors import InvalidArgument, Unavailable, clip
-from server.records import ModelInfo, ModelStatistics, Request, SequenceControl
 from tensorgate.kserve import grpc_service_pb2 as kpb
 from tensorgate.kserve import grpc_service_pb2_grpc as kpb_grpc
+from tensorgate.server.api import kserve_codec as codec
+from tensorgate.server.api.rpc import Frontend, rpc
+from tensorgate.server.api.status import MAX_MESSAGE_CHARS, as_domain_error
+from tensorgate.server.errors import InvalidArgument, Unavailable, clip
+from tensorgate.server.records import ModelInfo, ModelStatistics, Request, SequenceControl
 
 SERVER_NAME = "tensorgate"
 SERVER_VERSION = "0.1.0"

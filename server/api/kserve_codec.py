@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from server.api import codec as v1_codec
-from server.datatypes import NUMPY_BY_DATATYPE, to_wire
-from server.errors import InvalidArgument
-from server.tensors import TensorInput, format_shape
 from tensorgate.kserve import grpc_service_pb2 as kpb
+from tensorgate.server.api import codec as v1_codec
+from tensorgate.server.datatypes import NUMPY_BY_DATATYPE, to_wire
+from tensorgate.server.errors import InvalidArgument
+from tensorgate.server.tensors import TensorInput, format_shape
 
 # datatype -> the typed contents field that carries it
 _CONTENTS_FIELD = {

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from server.errors import InvalidArgument
+from tensorgate.server.errors import InvalidArgument
 
 
 @dataclass(slots=True, frozen=True)

@@ -22,14 +22,14 @@ from typing import Any, TypeVar
 import grpc
 from opentelemetry.trace import Span
 
-from server.api.auth import Authenticator, TenantRates
-from server.api.messages import Malformed, resolve
-from server.api.status import abort, as_domain_error, status_of
-from server.dataplane import DataPlane
-from server.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unauthenticated
-from server.logs import REQUEST_ID
-from server.records import Request, Submitted
-from server.tensors import Outputs
+from tensorgate.server.api.auth import Authenticator, TenantRates
+from tensorgate.server.api.messages import Malformed, resolve
+from tensorgate.server.api.status import abort, as_domain_error, status_of
+from tensorgate.server.dataplane import DataPlane
+from tensorgate.server.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unauthenticated
+from tensorgate.server.logs import REQUEST_ID
+from tensorgate.server.records import Request, Submitted
+from tensorgate.server.tensors import Outputs
 
 log = logging.getLogger(__name__)
 

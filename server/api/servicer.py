@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 import grpc
 from opentelemetry.trace import Span
 
-from server.api import codec
-from server.api.rpc import Frontend, rpc
-from server.api.status import error_message
-from server.errors import InvalidArgument
-from server.records import JobStatus, JobView, Request, SequenceControl
-from server.tensors import Outputs, TensorSpec
+from tensorgate.server.api import codec
+from tensorgate.server.api.rpc import Frontend, rpc
+from tensorgate.server.api.status import error_message
+from tensorgate.server.errors import InvalidArgument
+from tensorgate.server.records import JobStatus, JobView, Request, SequenceControl
+from tensorgate.server.tensors import Outputs, TensorSpec
 from tensorgate.v1 import inference_pb2 as pb
 from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 

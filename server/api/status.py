@@ -8,7 +8,7 @@ import secrets
 
 import grpc
 
-from server.errors import Internal, ResourceExhausted, TensorgateError, clip
+from tensorgate.server.errors import Internal, ResourceExhausted, TensorgateError, clip
 from tensorgate.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import importlib
 
-from server.backends.base import AnyBackendInstance, BackendInstance, GpuBackendInstance
-from server.config import BACKENDS, ConfigError, ModelConfig
+from tensorgate.server.backends.base import AnyBackendInstance, BackendInstance, GpuBackendInstance
+from tensorgate.server.config import BACKENDS, ConfigError, ModelConfig
 
 # name -> module that defines `load(config: ModelConfig, instance_index: int)`, returning a
 # BackendInstance (CPU) or a GpuBackendInstance.
-BACKEND_MODULES = {name: f"server.backends.{name}" for name in BACKENDS}
+BACKEND_MODULES = {name: f"tensorgate.server.backends.{name}" for name in BACKENDS}
 
 
 def load_instance(config: ModelConfig, instance_index: int) -> AnyBackendInstance:
@@ -30,7 +30,7 @@ def load_instance(config: ModelConfig, instance_index: int) -> AnyBackendInstanc
                 f"model '{config.name}': stateful models ([sequence]) run on CPU instances in "
                 'this release; set device = "cpu" or serve it with onnxruntime'
             )
-        from server.backends.stateful import StatefulBackend
+        from tensorgate.server.backends.stateful import StatefulBackend
 
         instance = StatefulBackend(instance, config)
     return instance

@@ -13,7 +13,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from server.tensors import TensorSpec
+from tensorgate.server.tensors import TensorSpec
 
 
 class BackendInstance(Protocol):

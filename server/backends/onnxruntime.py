@@ -8,8 +8,8 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from server.config import ConfigError, ModelConfig
-from server.tensors import TensorSpec
+from tensorgate.server.config import ConfigError, ModelConfig
+from tensorgate.server.tensors import TensorSpec
 
 DEFAULT_ARTIFACT = "model.onnx"
 

@@ -30,11 +30,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from server.backends.base import DeviceArray
-from server.config import ConfigError, ModelConfig
-from server.datatypes import NUMPY_BY_DATATYPE
-from server.errors import Internal
-from server.tensors import TensorSpec
+from tensorgate.server.backends.base import DeviceArray
+from tensorgate.server.config import ConfigError, ModelConfig
+from tensorgate.server.datatypes import NUMPY_BY_DATATYPE
+from tensorgate.server.errors import Internal
+from tensorgate.server.tensors import TensorSpec
 
 
 class _UserModel:
@@ -145,7 +145,7 @@ class PythonGpuInstance(_PythonInstance):
         outputs: Mapping[str, DeviceArray],
         stream: int,
     ) -> dict[str, tuple[int, ...]]:
-        from server.backends import cuda
+        from tensorgate.server.backends import cuda
 
         result = self._model.call(inputs, stream)
         self._last = result
@@ -184,11 +184,11 @@ def load(config: ModelConfig, instance_index: int) -> PythonCpuInstance | Python
     model = _UserModel(config, instance_index)
     device = model.device
     if device == "auto":
-        from server.backends import cuda
+        from tensorgate.server.backends import cuda
 
         device = "gpu" if cuda.gpu_unavailable_reason() is None else "cpu"
     elif device == "gpu":
-        from server.backends import cuda
+        from tensorgate.server.backends import cuda
 
         reason = cuda.gpu_unavailable_reason()
         if reason is not None:

@@ -15,10 +15,10 @@ from typing import Literal
 
 import numpy as np
 
-from server.backends.base import BackendInstance
-from server.config import ConfigError, ModelConfig, StateSpec
-from server.datatypes import NUMPY_BY_DATATYPE
-from server.tensors import TensorSpec, format_shape
+from tensorgate.server.backends.base import BackendInstance
+from tensorgate.server.config import ConfigError, ModelConfig, StateSpec
+from tensorgate.server.datatypes import NUMPY_BY_DATATYPE
+from tensorgate.server.tensors import TensorSpec, format_shape
 
 
 class StatefulBackend:

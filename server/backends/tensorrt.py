@@ -21,10 +21,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
-from server.backends.base import DeviceArray
-from server.config import ConfigError, ModelConfig
-from server.errors import Internal, InvalidArgument
-from server.tensors import TensorSpec, format_shape
+from tensorgate.server.backends.base import DeviceArray
+from tensorgate.server.config import ConfigError, ModelConfig
+from tensorgate.server.errors import Internal, InvalidArgument
+from tensorgate.server.tensors import TensorSpec, format_shape
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def load(config: ModelConfig, instance_index: int) -> TensorRTInstance:
 
     Fails with one clear ConfigError where no GPU or no TensorRT runtime is present.
     """
-    from server.backends import cuda  # imports cuda-python, needed only here
+    from tensorgate.server.backends import cuda  # imports cuda-python, needed only here
 
     options = dict(config.backend_options)
     plan_path = config.path / str(options.pop("artifact", DEFAULT_ARTIFACT))

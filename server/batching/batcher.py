@@ -16,18 +16,18 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from server.batching.execution import BatchExecution, InstanceHung, Started
-from server.batching.policy import AdaptiveWindow, BatchingPolicy, StaticWindow
-from server.batching.queue import RequestQueue
-from server.batching.request import InferenceRequest
-from server.batching.stats import BatcherStats
-from server.config import ModelConfig
-from server.errors import DeadlineExceeded, TensorgateError, Unavailable
-from server.executor.batch import Batch
-from server.executor.instance import BatchResult, Instance
-from server.executor.pool import InstancePool
-from server.futures import settle_error
-from server.telemetry import Telemetry
+from tensorgate.server.batching.execution import BatchExecution, InstanceHung, Started
+from tensorgate.server.batching.policy import AdaptiveWindow, BatchingPolicy, StaticWindow
+from tensorgate.server.batching.queue import RequestQueue
+from tensorgate.server.batching.request import InferenceRequest
+from tensorgate.server.batching.stats import BatcherStats
+from tensorgate.server.config import ModelConfig
+from tensorgate.server.errors import DeadlineExceeded, TensorgateError, Unavailable
+from tensorgate.server.executor.batch import Batch
+from tensorgate.server.executor.instance import BatchResult, Instance
+from tensorgate.server.executor.pool import InstancePool
+from tensorgate.server.futures import settle_error
+from tensorgate.server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter
 
-from server.batching.request import InferenceRequest
-from server.batching.stats import BatcherStats
-from server.config import ModelConfig
-from server.errors import Internal, TensorgateError, Unavailable
-from server.executor.batch import Batch
-from server.executor.instance import BatchResult, Instance
-from server.futures import settle_error, settle_result
-from server.telemetry import Telemetry
+from tensorgate.server.batching.request import InferenceRequest
+from tensorgate.server.batching.stats import BatcherStats
+from tensorgate.server.config import ModelConfig
+from tensorgate.server.errors import Internal, TensorgateError, Unavailable
+from tensorgate.server.executor.batch import Batch
+from tensorgate.server.executor.instance import BatchResult, Instance
+from tensorgate.server.futures import settle_error, settle_result
+from tensorgate.server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from server.records import SequenceControl
-from server.telemetry.tracing import RequestTrace
-from server.tensors import Outputs
+from tensorgate.server.records import SequenceControl
+from tensorgate.server.telemetry.tracing import RequestTrace
+from tensorgate.server.tensors import Outputs
 
 
 @dataclass(slots=True, eq=False)

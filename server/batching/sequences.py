@@ -28,14 +28,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.batching.batcher import DynamicBatcher
-from server.batching.request import InferenceRequest
-from server.config import ModelConfig, SequenceConfig
-from server.datatypes import NUMPY_BY_DATATYPE
-from server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, TensorgateError
-from server.futures import settle_error, settle_result
-from server.records import SequenceControl
-from server.tensors import Outputs
+from tensorgate.server.batching.batcher import DynamicBatcher
+from tensorgate.server.batching.request import InferenceRequest
+from tensorgate.server.config import ModelConfig, SequenceConfig
+from tensorgate.server.datatypes import NUMPY_BY_DATATYPE
+from tensorgate.server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    TensorgateError,
+)
+from tensorgate.server.futures import settle_error, settle_result
+from tensorgate.server.records import SequenceControl
+from tensorgate.server.tensors import Outputs
 
 # Freed sequences remembered, to tell a late chunk why its sequence is gone.
 _REMEMBERED = 10_000

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnx
 
-from server.bundled.graphs import BENCH_MODELS, GRAPHS, BuildError
+from tensorgate.server.bundled.graphs import BENCH_MODELS, GRAPHS, BuildError
 
 __all__ = ["BENCH_MODELS", "BUNDLED", "MODELS_DIR", "STATEFUL", "BuildError", "build"]
 

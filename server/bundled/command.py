@@ -13,8 +13,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from server.bundled import BENCH_MODELS, BUNDLED, STATEFUL, BuildError, build
-from server.bundled.plans import build_plan
+from tensorgate.server.bundled import BENCH_MODELS, BUNDLED, STATEFUL, BuildError, build
+from tensorgate.server.bundled.plans import build_plan
 
 DEFAULT_OUT = Path("engines")
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import onnx
 
-from server.backends import cuda
-from server.bundled.graphs import BuildError, float16_variant
+from tensorgate.server.backends import cuda
+from tensorgate.server.bundled.graphs import BuildError, float16_variant
 
 
 def tensorrt_builder() -> Any:

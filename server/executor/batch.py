@@ -14,8 +14,8 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
-from server.errors import Internal
-from server.tensors import Outputs
+from tensorgate.server.errors import Internal
+from tensorgate.server.tensors import Outputs
 
 
 class BatchPart(Protocol):

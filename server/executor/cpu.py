@@ -7,10 +7,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from server.backends.base import BackendInstance
-from server.executor.batch import Batch, BatchPart
-from server.executor.instance import BatchResult, Instance
-from server.tensors import Outputs
+from tensorgate.server.backends.base import BackendInstance
+from tensorgate.server.executor.batch import Batch, BatchPart
+from tensorgate.server.executor.instance import BatchResult, Instance
+from tensorgate.server.tensors import Outputs
 
 
 class CpuInstance(Instance):

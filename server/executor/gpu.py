@@ -13,12 +13,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from server.backends import cuda
-from server.backends.base import DeviceArray, GpuBackendInstance
-from server.datatypes import NUMPY_BY_DATATYPE
-from server.executor.batch import Batch, BatchPart
-from server.executor.instance import BatchResult, Instance
-from server.tensors import Outputs, TensorSpec
+from tensorgate.server.backends import cuda
+from tensorgate.server.backends.base import DeviceArray, GpuBackendInstance
+from tensorgate.server.datatypes import NUMPY_BY_DATATYPE
+from tensorgate.server.executor.batch import Batch, BatchPart
+from tensorgate.server.executor.instance import BatchResult, Instance
+from tensorgate.server.tensors import Outputs, TensorSpec
 
 
 class _Staging:

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.executor.batch import Batch, BatchPart
-from server.executor.worker import Worker
-from server.futures import settle_error
-from server.tensors import Outputs
+from tensorgate.server.executor.batch import Batch, BatchPart
+from tensorgate.server.executor.worker import Worker
+from tensorgate.server.futures import settle_error
+from tensorgate.server.tensors import Outputs
 
 # How long close() waits for a batch still on the worker thread.
 _CLOSE_WAIT_S = 10.0

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from server.backends.base import AnyBackendInstance
-from server.config import ModelConfig
-from server.executor.cpu import CpuInstance
-from server.executor.instance import Instance
+from tensorgate.server.backends.base import AnyBackendInstance
+from tensorgate.server.config import ModelConfig
+from tensorgate.server.executor.cpu import CpuInstance
+from tensorgate.server.executor.instance import Instance
 
 
 def make_instance(
@@ -16,7 +16,7 @@ def make_instance(
 ) -> Instance:
     """A CPU instance (worker thread) or a GPU instance (stream, buffers) for the backend."""
     if backend.placement == "gpu":
-        from server.executor.gpu import GpuInstance  # imports cuda-python
+        from tensorgate.server.executor.gpu import GpuInstance  # imports cuda-python
 
         pad = config.preferred_batch_sizes if config.pad_to_preferred else ()
         return GpuInstance(config.name, index, backend, max_rows, pad)

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from server import errors
-from server.errors import Internal, TensorgateError
-from server.records import Request
-from server.tensors import Outputs, TensorInput
+from tensorgate.server import errors
+from tensorgate.server.errors import Internal, TensorgateError
+from tensorgate.server.records import Request
+from tensorgate.server.tensors import Outputs, TensorInput
 
 _LENGTH = struct.Struct("<I")
 

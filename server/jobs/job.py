@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 from opentelemetry.trace import Span
 
-from server.batching.request import InferenceRequest
-from server.errors import TensorgateError
-from server.records import JobStatus, Request
-from server.tensors import Outputs
+from tensorgate.server.batching.request import InferenceRequest
+from tensorgate.server.errors import TensorgateError
+from tensorgate.server.records import JobStatus, Request
+from tensorgate.server.tensors import Outputs
 
 __all__ = ["Job", "JobStatus"]
 

@@ -41,11 +41,11 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from server.config import ConfigError
-from server.errors import ResourceExhausted, Unavailable
-from server.jobs import codec
-from server.jobs.job import Job, JobStatus
-from server.jobs.redis_scripts import (
+from tensorgate.server.config import ConfigError
+from tensorgate.server.errors import ResourceExhausted, Unavailable
+from tensorgate.server.jobs import codec
+from tensorgate.server.jobs.job import Job, JobStatus
+from tensorgate.server.jobs.redis_scripts import (
     CANCEL,
     CLAIM,
     FINISH,

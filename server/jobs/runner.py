@@ -27,9 +27,9 @@ from typing import Any
 
 from opentelemetry.trace import Span
 
-from server.batching.request import InferenceRequest
-from server.config import ServerConfig
-from server.errors import (
+from tensorgate.server.batching.request import InferenceRequest
+from tensorgate.server.config import ServerConfig
+from tensorgate.server.errors import (
     Cancelled,
     Internal,
     InvalidArgument,
@@ -38,13 +38,13 @@ from server.errors import (
     TensorgateError,
     Unavailable,
 )
-from server.futures import settle_error
-from server.jobs.job import Job, JobStatus
-from server.jobs.store import JobStore
-from server.model import ServedModel
-from server.records import JobView, Request
-from server.telemetry import Telemetry
-from server.tensors import Outputs
+from tensorgate.server.futures import settle_error
+from tensorgate.server.jobs.job import Job, JobStatus
+from tensorgate.server.jobs.store import JobStore
+from tensorgate.server.model import ServedModel
+from tensorgate.server.records import JobView, Request
+from tensorgate.server.telemetry import Telemetry
+from tensorgate.server.tensors import Outputs
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from server.errors import Cancelled, ResourceExhausted, Unavailable
-from server.jobs.job import Job, JobStatus
+from tensorgate.server.errors import Cancelled, ResourceExhausted, Unavailable
+from tensorgate.server.jobs.job import Job, JobStatus
 
 
 class JobStore(Protocol):

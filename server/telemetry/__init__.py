@@ -6,8 +6,8 @@ the batchers; with tracing off, the tracing hooks return at their first line.
 
 from __future__ import annotations
 
-from server.telemetry.metrics import Metrics
-from server.telemetry.tracing import RequestTrace, Tracing
+from tensorgate.server.telemetry.metrics import Metrics
+from tensorgate.server.telemetry.tracing import RequestTrace, Tracing
 
 __all__ = ["Metrics", "RequestTrace", "Telemetry", "Tracing"]
 

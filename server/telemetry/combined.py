@@ -15,7 +15,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.telemetry.metrics import SCRAPE_THREADS, ScrapeServer
+from tensorgate.server.telemetry.metrics import SCRAPE_THREADS, ScrapeServer
 
 # Families that describe something shared by the workers, not a part each of them holds.
 _SHARED = {"tensorgate_jobs"}

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from tensorgate.client import codec
 from tests.harness import ServerThread, write_config
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -61,13 +62,13 @@ def test_a_model_that_fails_to_load_is_reported_while_the_others_serve(
     assert _check(running.target, "") == SERVING
     assert _check(running.target, "pair") == SERVING
     assert _check(running.target, "broken") == NOT_SERVING
-    from client import TensorgateClient
+    from tensorgate.client import TensorgateClient
 
     with TensorgateClient(running.target, timeout_s=5) as c:
         ready = {m.name: m.ready for m in c.list_models().models}
         assert ready == {"broken": False, "pair": True}
         with pytest.raises(grpc.RpcError) as failed:
-            c._stub.Predict(__import__("client").codec.predict_request("broken", {}), timeout=5)
+            c._stub.Predict(codec.predict_request("broken", {}), timeout=5)
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "model 'broken' failed to load" in failed.value.details()
     assert "model.onnx does not exist; put the ONNX file there" in failed.value.details()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.api import kserve_codec
-from server.errors import InvalidArgument
 from tensorgate.kserve import grpc_service_pb2 as kpb
+from tensorgate.server.api import kserve_codec
+from tensorgate.server.errors import InvalidArgument
 
 
 def _request(datatype: str, field: str, values: list[int]) -> kpb.ModelInferRequest:

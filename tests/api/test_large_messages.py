@@ -10,8 +10,8 @@ import grpc
 import numpy as np
 import pytest
 
-from client import StreamItem, TensorgateClient, codec
-from server.api.messages import PARSE_OFF_LOOP_BYTES
+from tensorgate.client import StreamItem, TensorgateClient, codec
+from tensorgate.server.api.messages import PARSE_OFF_LOOP_BYTES
 from tests.harness import MlpReference, ServerThread, write_config
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from client import AsyncTensorgateClient, TensorgateClient
+from tensorgate.client import AsyncTensorgateClient, TensorgateClient
 from tests.harness import MlpReference
 
 
@@ -31,7 +31,7 @@ def test_predict_returns_only_the_requested_outputs(
 
 
 def test_predict_echoes_the_request_id(client: TensorgateClient, rng: np.random.Generator) -> None:
-    from client import codec
+    from tensorgate.client import codec
 
     x = rng.standard_normal((1, 256)).astype(np.float32)
     response = client._stub.Predict(codec.predict_request("mlp", {"input": x}, (), "req-42"))

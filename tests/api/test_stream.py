@@ -8,7 +8,7 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 
-from client import AsyncTensorgateClient, StreamItem, TensorgateClient
+from tensorgate.client import AsyncTensorgateClient, StreamItem, TensorgateClient
 from tests.harness import MlpReference, ServerThread
 
 

@@ -9,8 +9,8 @@ import grpc
 import numpy as np
 import pytest
 
-from client import TensorgateClient
-from server.backends import cuda
+from tensorgate.client import TensorgateClient
+from tensorgate.server.backends import cuda
 from tests.harness import MlpReference, ServerThread, write_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,9 +16,9 @@ from types import ModuleType
 import grpc
 import pytest
 
-from client import TensorgateClient, codec
-from server.backends import cuda
-from server.backends import tensorrt as backend
+from tensorgate.client import TensorgateClient, codec
+from tensorgate.server.backends import cuda
+from tensorgate.server.backends import tensorrt as backend
 from tests.harness import ServerThread, write_config
 
 SOURCE = Path(backend.__file__).read_text()

@@ -16,12 +16,12 @@ import grpc
 import numpy as np
 import pytest
 
-from client import AsyncTensorgateClient, StreamItem, TensorgateClient, codec
-from server.config import ModelConfig
-from server.errors import DeadlineExceeded
-from server.model import ServedModel
-from server.records import Request
-from server.tensors import TensorInput
+from tensorgate.client import AsyncTensorgateClient, StreamItem, TensorgateClient, codec
+from tensorgate.server.config import ModelConfig
+from tensorgate.server.errors import DeadlineExceeded
+from tensorgate.server.model import ServedModel
+from tensorgate.server.records import Request
+from tensorgate.server.tensors import TensorInput
 from tests.harness import MlpReference, ServerThread, wait_until, write_config
 
 WINDOW_S = 0.3

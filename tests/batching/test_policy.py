@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.batching.policy import AdaptiveWindow, StaticWindow
+from tensorgate.server.batching.policy import AdaptiveWindow, StaticWindow
 
 WINDOW = StaticWindow(max_batch_size=8, max_queue_delay_s=0.002, preferred_batch_sizes=(4,))
 

@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from client import codec
+from tensorgate.client import codec
 from tensorgate.kserve import grpc_service_pb2 as kpb
 from tensorgate.kserve import grpc_service_pb2_grpc as kpb_grpc
 from tensorgate.v1 import inference_pb2_grpc as pb_grpc
@@ -75,7 +75,7 @@ async def test_kserve_priority_parameter_follows_triton_levels(serial: ServerThr
 
 
 def test_jobs_queue_below_interactive_calls_by_default(serial: ServerThread) -> None:
-    from client import TensorgateClient
+    from tensorgate.client import TensorgateClient
 
     with TensorgateClient(serial.target, timeout_s=30) as client:
         x = {"x": np.ones((1, 4), np.float32)}

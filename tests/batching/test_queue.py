@@ -7,10 +7,10 @@ import asyncio
 import numpy as np
 import pytest
 
-from server.batching.queue import RequestQueue
-from server.batching.request import InferenceRequest
-from server.batching.stats import BatcherStats
-from server.errors import ResourceExhausted
+from tensorgate.server.batching.queue import RequestQueue
+from tensorgate.server.batching.request import InferenceRequest
+from tensorgate.server.batching.stats import BatcherStats
+from tensorgate.server.errors import ResourceExhausted
 
 
 def _request(rows: int = 1, priority: int = 0) -> InferenceRequest:

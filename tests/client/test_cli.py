@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-TENSORGATE = [sys.executable, "-m", "tensorgate_cli"]
+TENSORGATE = [sys.executable, "-m", "tensorgate"]
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.backends import python as python_backend
-from server.backends.base import DeviceArray
-from server.batching.request import InferenceRequest
-from server.config import ModelConfig
-from server.executor import gpu
-from server.executor.batch import Batch
-from server.tensors import TensorSpec
+from tensorgate.server.backends import python as python_backend
+from tensorgate.server.backends.base import DeviceArray
+from tensorgate.server.batching.request import InferenceRequest
+from tensorgate.server.config import ModelConfig
+from tensorgate.server.executor import gpu
+from tensorgate.server.executor.batch import Batch
+from tensorgate.server.tensors import TensorSpec
 from tests.harness import write_config
 
 
@@ -130,10 +130,10 @@ class Model:
 
 @pytest.fixture
 def gpu_instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    import server.backends
+    import tensorgate.server.backends
 
     monkeypatch.setattr(gpu, "cuda", HOST_CUDA)
-    monkeypatch.setattr(server.backends, "cuda", HOST_CUDA)
+    monkeypatch.setattr(tensorgate.server.backends, "cuda", HOST_CUDA)
     write_config(
         tmp_path / "double",
         backend="python",
@@ -318,7 +318,7 @@ def test_gpu_instance_close_releases_everything_past_a_failing_release(
 def test_cuda_buffers_free_once_however_often_free_is_called(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from server.backends import cuda
+    from tensorgate.server.backends import cuda
 
     freed: list[int] = []
     fake_runtime = types.SimpleNamespace(

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import AsyncTensorgateClient
-from server.backends import cuda
+from tensorgate.client import AsyncTensorgateClient
+from tensorgate.server.backends import cuda
 from tests.harness import MlpReference, ServerThread
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bench.redisproc import RedisProcess
-from server.config import ServerConfig
+from tensorgate.server.config import ServerConfig
 from tests.harness import ServerThread
 
 

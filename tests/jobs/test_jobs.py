@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from client import AsyncTensorgateClient, TensorgateClient
+from tensorgate.client import AsyncTensorgateClient, TensorgateClient
 from tests.harness import MlpReference, ServerThread
 
 X = np.linspace(-1, 1, 256, dtype=np.float32).reshape(1, 256)

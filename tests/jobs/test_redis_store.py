@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.errors import Internal
-from server.jobs.job import Job, JobStatus
-from server.jobs.redis_store import RedisJobStore
-from server.records import Request
-from server.tensors import TensorInput
+from tensorgate.server.errors import Internal
+from tensorgate.server.jobs.job import Job, JobStatus
+from tensorgate.server.jobs.redis_store import RedisJobStore
+from tensorgate.server.records import Request
+from tensorgate.server.tensors import TensorInput
 
 X = np.arange(4, dtype=np.float32).reshape(1, 4)
 
@@ -144,7 +144,7 @@ async def test_handed_back_jobs_are_taken_at_once_without_counting_an_attempt(
 
 
 async def test_the_pending_bound_holds_over_replicas(replicas: Callable[..., Any]) -> None:
-    from server.errors import ResourceExhausted
+    from tensorgate.server.errors import ResourceExhausted
 
     a = await replicas(max_pending=3)
     b = await replicas(max_pending=3)
@@ -157,7 +157,7 @@ async def test_the_pending_bound_holds_over_replicas(replicas: Callable[..., Any
 async def test_pending_jobs_are_bounded_per_tenant_over_replicas(
     replicas: Callable[..., Any],
 ) -> None:
-    from server.errors import ResourceExhausted
+    from tensorgate.server.errors import ResourceExhausted
 
     a = await replicas(max_per_tenant=1)
     b = await replicas(max_per_tenant=1)

@@ -17,11 +17,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.redisproc import RedisProcess
 from bench.serverproc import ServeProcess
-from client import AsyncTensorgateClient, TensorgateClient
-from server.jobs.job import Job
-from server.jobs.redis_store import RedisJobStore
-from server.records import Request
-from server.tensors import TensorInput
+from tensorgate.client import AsyncTensorgateClient, TensorgateClient
+from tensorgate.server.jobs.job import Job
+from tensorgate.server.jobs.redis_store import RedisJobStore
+from tensorgate.server.records import Request
+from tensorgate.server.tensors import TensorInput
 from tests.harness import wait_until, write_sleepy_model
 
 X = np.linspace(-1, 1, 256, dtype=np.float32).reshape(1, 256)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import AsyncTensorgateClient, TensorgateClient
+from tensorgate.client import AsyncTensorgateClient, TensorgateClient
 from tensorgate.v1 import inference_pb2 as pb
 from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 from tests.harness import ServerThread, wait_until

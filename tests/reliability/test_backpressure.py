@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from client import AsyncTensorgateClient, StreamItem, TensorgateClient, codec
+from tensorgate.client import AsyncTensorgateClient, StreamItem, TensorgateClient, codec
 from tests.harness import ServerThread, wait_until, write_config
 
 ROW = np.zeros((1, 256), np.float32)

@@ -11,9 +11,9 @@ import grpc
 import numpy as np
 import pytest
 
-from client import TensorgateClient
-from server.errors import InvalidArgument
-from server.tensors import TensorInput, TensorSpec, decode_inputs
+from tensorgate.client import TensorgateClient
+from tensorgate.server.errors import InvalidArgument
+from tensorgate.server.tensors import TensorInput, TensorSpec, decode_inputs
 from tensorgate.v1 import inference_pb2 as pb
 from tests.harness import ServerThread
 

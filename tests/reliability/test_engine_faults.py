@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import AsyncTensorgateClient, TensorgateClient
+from tensorgate.client import AsyncTensorgateClient, TensorgateClient
 from tests.harness import ServerThread, wait_until
 
 
@@ -143,7 +143,7 @@ def test_json_logs_are_one_object_a_line_with_the_request_id(fault_repository: P
     """--log-format json: what log pipelines expect; the poisoned request's failure is logged
     with the id its caller gave it."""
     served = subprocess.Popen(
-        [sys.executable, "-m", "tensorgate_cli", "serve", "--host", "127.0.0.1", "--port", "0",
+        [sys.executable, "-m", "tensorgate", "serve", "--host", "127.0.0.1", "--port", "0",
          "--metrics-port", "-1", "--drain-delay-s", "0", "--log-format", "json",
          "--model-repository", str(fault_repository), "--models", "faulty"],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import TensorgateClient, codec
-from server.config import ServerConfig
+from tensorgate.client import TensorgateClient, codec
 from tensorgate.kserve import grpc_service_pb2 as kpb
 from tensorgate.kserve import grpc_service_pb2_grpc as kpb_grpc
+from tensorgate.server.config import ServerConfig
 from tests.harness import ServerThread, wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -161,7 +161,7 @@ def test_health_says_not_serving_for_the_drain_delay_while_calls_are_still_serve
 
 def _serve(repository: Path, *flags: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tensorgate_cli", "serve", "--host", "127.0.0.1", "--port", "0",
+        [sys.executable, "-m", "tensorgate", "serve", "--host", "127.0.0.1", "--port", "0",
          "--metrics-port", "-1", "--model-repository", str(repository), *flags],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from client import AsyncTensorgateClient, StreamItem
+from tensorgate.client import AsyncTensorgateClient, StreamItem
 from tests.harness import ServerThread
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 def _start(repository: Path) -> tuple[subprocess.Popen[str], int, list[str]]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "tensorgate_cli", "serve", "--host", "127.0.0.1", "--port", "0",
+        [sys.executable, "-m", "tensorgate", "serve", "--host", "127.0.0.1", "--port", "0",
          "--metrics-port", "-1", "--model-repository", str(repository), "--models", "mlp",
          "--shutdown-grace-s", "10"],
         cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -18,8 +18,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.serverproc import ROOT, ServeProcess
-from client import TensorgateClient, codec
-from server.telemetry.combined import merge
+from tensorgate.client import TensorgateClient, codec
+from tensorgate.server.telemetry.combined import merge
 from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 from tests.harness import wait_until
 
@@ -85,7 +85,7 @@ def _value(text: str, sample: str) -> float:
 def _worker_pids(server: ServeProcess) -> dict[int, int]:
     pids: dict[int, int] = {}
     for line in server.log:
-        if match := re.search(r"\[worker (\d+) pid (\d+)\] server\.app: serving", line):
+        if match := re.search(r"\[worker (\d+) pid (\d+)\] tensorgate\.server\.app: serving", line):
             pids[int(match.group(1))] = int(match.group(2))
     return pids
 
@@ -210,7 +210,7 @@ def test_sigterm_drains_every_worker_with_exit_code_0(
 )
 def test_worker_mistakes_get_one_line(flags: list[str], code: int, message: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "tensorgate_cli", "serve", "--port", "0", *flags],
+        [sys.executable, "-m", "tensorgate", "serve", "--port", "0", *flags],
         cwd=ROOT,
         capture_output=True,
         text=True,

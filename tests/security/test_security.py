@@ -18,8 +18,8 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from client import TensorgateClient
-from client.codec import Security
+from tensorgate.client import TensorgateClient
+from tensorgate.client.codec import Security
 from tensorgate.kserve import grpc_service_pb2
 from tensorgate.v1 import inference_pb2
 from tests.harness import ServerThread, wait_until
@@ -241,7 +241,7 @@ def test_a_bad_token_file_is_refused_at_start_with_one_line(
     if content is not None:
         path.write_text(content)
     done = subprocess.run(
-        [sys.executable, "-m", "tensorgate_cli", "serve", "--port", "0", "--metrics-port", "-1",
+        [sys.executable, "-m", "tensorgate", "serve", "--port", "0", "--metrics-port", "-1",
          "--model-repository", str(repository), "--auth-tokens", str(path)],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
@@ -328,7 +328,7 @@ def test_a_failed_tls_handshake_is_one_line_from_the_cli_without_grpc_core_noise
     other = Authority(tmp_path / "other-pki", name="another CA")
     env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
     done = subprocess.run(
-        [sys.executable, "-m", "tensorgate_cli", "health", "--target", server.target,
+        [sys.executable, "-m", "tensorgate", "health", "--target", server.target,
          "--tls-ca", str(other.cert), "--timeout-s", "3"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from client import StreamItem, TensorgateClient, codec
+from tensorgate.client import StreamItem, TensorgateClient, codec
 from tests.harness import ServerThread, wait_until
 
 X = np.ones((1, 256), np.float32)
@@ -146,8 +146,8 @@ def _try_scrape(port: int) -> bool:
 def test_a_taken_metrics_port_fails_the_start_before_the_grpc_port_is_bound(
     repository: Path,
 ) -> None:
-    from server.app import TensorgateServer
-    from server.config import ConfigError, ServerConfig
+    from tensorgate.server.app import TensorgateServer
+    from tensorgate.server.config import ConfigError, ServerConfig
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

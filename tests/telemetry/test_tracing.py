@@ -16,8 +16,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from client import AsyncTensorgateClient, StreamItem, TensorgateClient
-from server.telemetry import Tracing
+from tensorgate.client import AsyncTensorgateClient, StreamItem, TensorgateClient
+from tensorgate.server.telemetry import Tracing
 from tests.harness import ServerThread
 
 X = np.ones((1, 256), np.float32)

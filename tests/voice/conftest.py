@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client.vad import chunks as vad_chunks
-from server.bundled import MODELS_DIR as ENGINES
-from server.bundled import build
-from server.config import ServerConfig
+from tensorgate.client.vad import chunks as vad_chunks
+from tensorgate.server.bundled import MODELS_DIR as ENGINES
+from tensorgate.server.bundled import build
+from tensorgate.server.config import ServerConfig
 from tests.harness import ServerThread
 from tests.voice.audio import Recording, compose
 

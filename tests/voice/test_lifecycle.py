@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
-from client import AsyncTensorgateClient, SequenceError, TensorgateClient
+from tensorgate.client import AsyncTensorgateClient, SequenceError, TensorgateClient
 from tests.harness import ServerThread, wait_until
 from tests.voice.audio import Recording
 from tests.voice.conftest import reference, start_voice_server, voices
@@ -134,7 +134,7 @@ def test_a_departed_caller_frees_its_sequences(clean: ServerThread, chunks: np.n
     code = textwrap.dedent(f"""
         import asyncio, sys, numpy as np
         sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "protos")!r}]
-        from client import AsyncTensorgateClient
+        from tensorgate.client import AsyncTensorgateClient
         async def main():
             async with AsyncTensorgateClient({clean.target!r}) as client:
                 async with client.sequences({SMALL!r}) as stream:
@@ -257,7 +257,7 @@ def test_tenants_do_not_share_sequences(
     """Two tenants using the same sequence_id hold two sequences: neither sees the other's."""
     import hashlib
 
-    from client import Security
+    from tensorgate.client import Security
 
     tokens = {"team-a": "token-of-team-a", "team-b": "token-of-team-b"}
     (tmp_path / "tokens").write_text("".join(

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from server.bundled import MODELS_DIR as ENGINES
-from server.config import ModelConfig
+from tensorgate.server.bundled import MODELS_DIR as ENGINES
+from tensorgate.server.config import ModelConfig
 from tests.harness import ServerThread
 from tests.test_readme import README, _block
 from tests.voice.audio import compose
@@ -51,7 +51,7 @@ def test_the_vad_commands_run(voice_server: ServerThread, tmp_path: Path) -> Non
     assert len(commands) == 2
     for command in commands:
         done = subprocess.run(
-            [sys.executable, "-m", "tensorgate_cli", *command.split()[1:], "--target",
+            [sys.executable, "-m", "tensorgate", *command.split()[1:], "--target",
              voice_server.target],
             cwd=tmp_path, capture_output=True, text=True, timeout=60,
         )  # fmt: skip

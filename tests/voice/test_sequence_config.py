@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.backends import load_instance
-from server.bundled import MODELS_DIR as ENGINES
-from server.config import ConfigError, ModelConfig
+from tensorgate.server.backends import load_instance
+from tensorgate.server.bundled import MODELS_DIR as ENGINES
+from tensorgate.server.config import ConfigError, ModelConfig
 
 BUNDLED = (ENGINES / "silero_vad" / "config.toml").read_text()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client import AsyncTensorgateClient, TensorgateClient
+from tensorgate.client import AsyncTensorgateClient, TensorgateClient
 from tests.harness import ServerThread
 from tests.voice.audio import Recording
 from tests.voice.conftest import reference, voices

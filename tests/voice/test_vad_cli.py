@@ -16,7 +16,7 @@ from tests.harness import ServerThread
 from tests.voice.audio import Recording, compose
 
 ROOT = Path(__file__).resolve().parents[2]
-TENSORGATE = [sys.executable, "-m", "tensorgate_cli"]
+TENSORGATE = [sys.executable, "-m", "tensorgate"]
 
 
 def _vad(target: str, wav: Path, *flags: str) -> subprocess.CompletedProcess[str]:

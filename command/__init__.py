@@ -16,9 +16,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # into the command's output and the server's log; the server reports what matters itself.
     # GRPC_VERBOSITY=ERROR (or DEBUG) in the environment brings them back.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    from client.cli import add_client_commands
-    from server.bundled.command import add_build_command
-    from server.cli import add_serve_command
+    from tensorgate.client.cli import add_client_commands
+    from tensorgate.server.bundled.command import add_build_command
+    from tensorgate.server.cli import add_serve_command
 
     parser = _Parser(prog="tensorgate", description="gRPC inference server")
     commands = parser.add_subparsers(dest="command", required=True)

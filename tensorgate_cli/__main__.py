@@ -1,5 +1,0 @@
-import sys
-
-from tensorgate_cli import main
-
-sys.exit(main())
