@@ -26,7 +26,7 @@ from tensorgate.server.bundled import build  # noqa: E402
 
 
 def _frame_name(frame: str) -> str:
-    """'handler (server/api/rpc.py:52)' -> 'server/api/rpc.py:handler'."""
+    """'handler (server/api/unary.py:52)' -> 'server/api/unary.py:handler'."""
     name, _, where = frame.partition(" (")
     path = where.rstrip(")").rsplit(":", 1)[0]
     for marker in ("site-packages/", "/work/main/", "lib/python3.11/"):

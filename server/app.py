@@ -16,7 +16,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +26,16 @@ from grpc_reflection.v1alpha import reflection
 
 from tensorgate.kserve import grpc_service_pb2
 from tensorgate.server.api.auth import Authenticator, AuthInterceptor, TlsFiles, server_credentials
+from tensorgate.server.api.frontend import Frontend
 from tensorgate.server.api.health import HealthReporter
 from tensorgate.server.api.kserve import KServeServicer
 from tensorgate.server.api.messages import add_service
-from tensorgate.server.api.rpc import Frontend
 from tensorgate.server.api.servicer import InferenceServicer
 from tensorgate.server.config import ConfigError, ServerConfig
 from tensorgate.server.dataplane import DataPlane
-from tensorgate.server.jobs.runner import JobRunner
+from tensorgate.server.jobs.service import JobService
 from tensorgate.server.jobs.store import JobStore, MemoryJobStore
-from tensorgate.server.model import ModelState, ServedModel
+from tensorgate.server.models import ModelSet
 from tensorgate.server.repository import discover
 from tensorgate.server.telemetry import Metrics, Telemetry, Tracing
 from tensorgate.v1 import inference_pb2
@@ -65,11 +65,11 @@ class TensorgateServer:
         self._tracing = tracing
         self.telemetry: Telemetry | None = None
         self.metrics_port = 0
-        self.models: dict[str, ServedModel] = {}
+        self.models = ModelSet(())
         self.port = 0
         self.health = HealthReporter()
         self._grpc: grpc.aio.Server | None = None
-        self._jobs: JobRunner | None = None
+        self._jobs: JobService | None = None
         self.plane: DataPlane | None = None
         self.frontend: Frontend | None = None
         self._stopped = asyncio.Event()
@@ -91,11 +91,11 @@ class TensorgateServer:
         model_configs = await asyncio.to_thread(discover, config.model_repository, config.models)
         if self._stopping:
             return
-        self.models = {c.name: ServedModel(c) for c in model_configs}
+        self.models = ModelSet(model_configs)
         tracing = self._tracing if self._tracing is not None else Tracing.from_env()
         self.telemetry = Telemetry(tracing, Metrics(config.metrics_tenant_label))
         self.telemetry.metrics.watch(self._state)
-        self._jobs = JobRunner(self.models, store, config, self.telemetry, self._on_jobs)
+        self._jobs = JobService(self.models, store, config, self.telemetry, self._on_jobs)
         self.plane = DataPlane(self.models, self._jobs, self.telemetry)
 
         # No gRPC-core limit on concurrent calls: the front ends refuse calls beyond
@@ -149,33 +149,28 @@ class TensorgateServer:
                 self.metrics_port,
             )
         self._grpc = server
-        await self.health.starting(self.models)
+        await self.health.starting(list(self.models))
         await server.start()
         log.info(
             "listening on %s:%d; loading %d model(s)", config.host, self.port, len(self.models)
         )
 
-        await asyncio.gather(*(self._load(model) for model in self.models.values()))
+        await self.models.load()
         if self._stopping:
             # stop() began while the models loaded: release them instead of serving.
-            for model in self.models.values():
-                await asyncio.to_thread(model.close)
+            await self.models.close()
             return
-        for model in self.models.values():
-            if model.state is ModelState.LOADING:
-                model.start(self._on_ready(model), self.telemetry)
-        ready = [m for m in self.models.values() if m.state is ModelState.READY]
+        ready = self.models.start(self._on_ready, self.telemetry)
         if not ready:
-            failures = "; ".join(m.failure for m in self.models.values())
             self._started.set()  # stop() waits for start() to finish: this is its end
             await self.stop()
-            raise ConfigError(f"no model could be loaded: {failures}")
-        await self._jobs.start()
+            raise ConfigError(f"no model could be loaded: {self.models.failures()}")
+        await self._jobs.start(ready)
         await self.health.set_server(True)
         if config.worker_index >= 0:
             await self.health.set_worker(config.worker_index)
         self.serving = not self._stopping
-        log.info("serving %s on port %d", ", ".join(m.name for m in ready), self.port)
+        log.info("serving %s on port %d", ", ".join(ready), self.port)
 
     def _bind(self, server: grpc.aio.Server, credentials: grpc.ServerCredentials | None) -> int:
         """Binds the gRPC port; returns it (the one chosen, for port 0)."""
@@ -194,14 +189,6 @@ class TensorgateServer:
             raise ConfigError(_PORT_TAKEN.format(host=config.host, port=config.port))
         return int(port)
 
-    async def _load(self, model: ServedModel) -> None:
-        try:
-            await asyncio.to_thread(model.load)
-        except Exception as exc:
-            log.error("model %s failed to load: %s", model.name, exc)
-            model.fail(str(exc))
-            await asyncio.to_thread(model.close)
-
     def _on_jobs(self, available: bool) -> None:
         """The job store's availability, told to grpc.health.v1 (JOBS_SERVICE)."""
         if not self._stopping:
@@ -212,19 +199,15 @@ class TensorgateServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _on_ready(self, model: ServedModel) -> Callable[[bool], None]:
-        """The model's readiness, told to grpc.health.v1 (KServe reads model.ready itself)."""
-
-        def changed(ready: bool) -> None:
-            if self._stopping:
-                return  # health is NOT_SERVING for good already
-            if ready:
-                log.info("model %s is ready: SERVING", model.name)
-            else:
-                log.error("model %s is not ready: NOT_SERVING", model.name)
-            self._background(self.health.set_model(model.name, ready))
-
-        return changed
+    def _on_ready(self, model: str, ready: bool) -> None:
+        """A model's readiness changed: told to grpc.health.v1 (KServe asks the model set)."""
+        if self._stopping:
+            return  # health is NOT_SERVING for good already
+        if ready:
+            log.info("model %s is ready: SERVING", model)
+        else:
+            log.error("model %s is not ready: NOT_SERVING", model)
+        self._background(self.health.set_model(model, ready))
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Graceful shutdown; safe to call more than once (later calls wait for the first).
@@ -255,7 +238,7 @@ class TensorgateServer:
             await self._jobs.quiesce()
             # At most half the grace: the rest is for finishing what was accepted.
             delay_s = min(self.config.drain_delay_s, grace_s / 2)
-            if delay_s > 0 and any(m.state is ModelState.READY for m in self.models.values()):
+            if delay_s > 0 and self.models.serving():
                 log.info("NOT_SERVING; still serving for the %.1f s drain delay", delay_s)
                 await asyncio.sleep(delay_s)
             self.plane.accepting = False
@@ -280,13 +263,7 @@ class TensorgateServer:
         if self._jobs is not None:
             await self._jobs.stop()
         models_deadline = max(deadline, time.monotonic() + _TEARDOWN_S)
-        await asyncio.gather(
-            *(
-                model.stop(models_deadline)
-                for model in self.models.values()
-                if model.state is ModelState.READY
-            )
-        )
+        await self.models.stop(models_deadline)
         if self.telemetry is not None:
             self.telemetry.metrics.close()
             await asyncio.to_thread(self.telemetry.tracing.shutdown)  # flushes pending spans
@@ -295,17 +272,12 @@ class TensorgateServer:
 
     def _state(self) -> dict[str, dict[str, int]]:
         """Current state for the metrics scrape (runs on the scrape thread: reads only)."""
-        queue_depth, busy, instances = {}, {}, {}
-        for name, model in list(self.models.items()):
-            if model.state is ModelState.READY:
-                queue_depth[name] = model.scheduler.queued_requests
-                busy[name] = model.busy_instances
-                instances[name] = model.instance_total
+        load = self.models.load_now()
         jobs = self._jobs.store.count_by_status() if self._jobs is not None else {}
         return {
-            "queue_depth": queue_depth,
-            "busy_instances": busy,
-            "instances": instances,
+            "queue_depth": {name: m.queued_requests for name, m in load.items()},
+            "busy_instances": {name: m.busy_instances for name, m in load.items()},
+            "instances": {name: m.instances for name, m in load.items()},
             "jobs": jobs,
         }
 

@@ -1,29 +1,31 @@
 """The data plane: the one interface every front end (tensorgate.v1, KServe v2) calls.
 
 Front ends hand in plain records (server/records.py) and get plain records or outputs back. The
-path of every request is api → dataplane → scheduler (server/batching) → executor → backends;
-jobs go through the job runner, which feeds the same schedulers. Nothing here knows a transport.
-Once shutdown begins it refuses new work.
+path of every request is api → dataplane → the model set (models.py: admitted once, queued on its
+model) → scheduler → executor → backends; a job goes api → dataplane → the model set (admitted)
+→ the job service (jobs/), whose lanes queue it through the model set when it runs. Nothing here
+knows a transport. Once shutdown begins it refuses new work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections.abc import Mapping
 
 from opentelemetry.trace import Span
 
-from tensorgate.server.errors import InvalidArgument, NotFound, Unavailable, clip
-from tensorgate.server.jobs.runner import JobRunner
-from tensorgate.server.limits import check_idempotency_key, check_request
-from tensorgate.server.model import ModelState, ServedModel
+from tensorgate.server.errors import Unavailable
+from tensorgate.server.jobs.service import JobService
+from tensorgate.server.limits import check_idempotency_key
+from tensorgate.server.models import ModelSet, stateful_job_error
 from tensorgate.server.records import (
     JobStatus,
     JobView,
     ModelInfo,
     ModelStatistics,
     Request,
+    RequestKind,
     Submitted,
 )
 from tensorgate.server.telemetry import Telemetry
@@ -32,10 +34,7 @@ from tensorgate.server.tensors import Outputs
 
 class DataPlane:
     def __init__(
-        self,
-        models: Mapping[str, ServedModel],
-        jobs: JobRunner,
-        telemetry: Telemetry | None = None,
+        self, models: ModelSet, jobs: JobService, telemetry: Telemetry | None = None
     ) -> None:
         self._models = models
         self._jobs = jobs
@@ -45,23 +44,25 @@ class DataPlane:
         # Shutdown began: readiness (health and KServe alike) says no, while calls are still
         # served through the drain delay. A private job store takes no new job from then on.
         self.draining = False
-        # Unary and stream requests queued or running (jobs are counted by the job runner).
+        # Unary and stream requests queued or running (jobs are counted by the job service).
         self.inflight = 0
         # When the last call reached the data plane (monotonic); drain waits for a quiet spell.
         self.last_call_at = 0.0
 
     # --- inference ---------------------------------------------------------------------------
 
-    def start(self, request: Request, span: Span | None = None) -> asyncio.Future[Outputs]:
-        """Validates and queues one request (unary or stream); the future settles with its
-        outputs or its error. With a span, the request's stages are recorded on it (validate,
-        queue, execute)."""
+    def start(
+        self, request: Request, kind: RequestKind = RequestKind.UNARY, span: Span | None = None
+    ) -> asyncio.Future[Outputs]:
+        """Admits and queues one request (unary or stream); the future settles with its outputs
+        or its error. With a span, the request's stages are recorded on it (validate, queue,
+        execute)."""
+        self._check_accepting()
         started_ns = time.time_ns() if span is not None else 0
-        model = self._admit(request)
-        queued = model.new_request(request)
+        queued = self._models.admit(request, kind)
         if span is not None:
             queued.trace = self.tracing.request_trace(span, 0, time.time_ns() - started_ns)
-        model.scheduler.put(queued)
+        self._models.enqueue(queued, request.model)
         self.inflight += 1
         queued.future.add_done_callback(self._settled)
         return queued.future
@@ -69,29 +70,26 @@ class DataPlane:
     async def infer(self, request: Request, span: Span | None = None) -> Outputs:
         # If the caller goes away, this task is cancelled and so is the future: the request
         # leaves its queue at once.
-        return await self.start(request, span)
+        return await self.start(request, RequestKind.UNARY, span)
 
     def _settled(self, _: object) -> None:
         self.inflight -= 1
 
     def end_sequences(self, owner: str) -> None:
         """A stream ended: frees the sequences it was driving, on every stateful model."""
-        for model in self._models.values():
-            model.end_sequences(owner)
+        self._models.end_sequences(owner)
 
-    def _admit(self, request: Request) -> ServedModel:
+    def _check_accepting(self) -> None:
         if not self.accepting:
             raise Unavailable("the server is shutting down and takes no new requests")
-        check_request(request)
-        return self._model(request.model)
 
     # --- jobs --------------------------------------------------------------------------------
 
     async def submit(
         self, request: Request, idempotency_key: str = "", span: Span | None = None
     ) -> Submitted:
-        """Validates and accepts a job. With the Submit call's span, the job's run is traced as
-        a `job` span under it."""
+        """Admits and accepts a job. With the Submit call's span, the job's run is traced as a
+        `job` span under it."""
         check_idempotency_key(idempotency_key)
         if self.draining and not self._jobs.store.shared:
             # A job is a promise that outlives the call; this process's memory does not outlive
@@ -100,15 +98,12 @@ class DataPlane:
                 "the server is shutting down and takes no new jobs (its job store is in this "
                 "process's memory); submit to another replica"
             )
-        model = self._admit(request)
-        if model.config.sequence is not None:
-            raise InvalidArgument(
-                f"model '{model.name}' is stateful: its sequences run through Predict or "
-                "StreamPredict, not as jobs"
-            )
-        queued = model.new_request(request, job=True)
+        self._check_accepting()
+        if not self._models.takes_jobs(request.model):
+            raise stateful_job_error(request.model)
+        admitted = self._models.admit(request, RequestKind.JOB)
         job, deduplicated, estimate_s = await self._jobs.submit(
-            model, request, queued, idempotency_key, span
+            request, admitted, idempotency_key, span
         )
         return Submitted(self._jobs.view(job), deduplicated, estimate_s)
 
@@ -131,59 +126,38 @@ class DataPlane:
 
     # --- models ------------------------------------------------------------------------------
 
-    def models(self) -> list[ModelInfo]:
-        return [self._info(model) for model in self._models.values()]
-
-    def model_info(self, name: str) -> ModelInfo:
-        return self._info(self._model(name))
-
     @property
     def serving(self) -> bool:
         """Not shutting down: the server-wide half of every readiness answer."""
         return self.accepting and not self.draining
 
+    def models(self) -> list[ModelInfo]:
+        return [self._served(info) for info in self._models.infos()]
+
+    def model_info(self, name: str) -> ModelInfo:
+        return self._served(self._models.info(name))
+
+    def _served(self, info: ModelInfo) -> ModelInfo:
+        """A model as callers see it: not ready while the server shuts down."""
+        if info.ready and not self.serving:
+            return dataclasses.replace(info, ready=False, reason="the server is shutting down")
+        return info
+
     def model_ready(self, name: str) -> bool:
         """The same answer grpc.health.v1 gives for the model's name."""
-        return self.serving and self._model(name).ready
+        return self.serving and self._models.ready(name)
 
     def server_ready(self) -> bool:
-        return self.serving and all(m.ready for m in self._models.values())
+        return self.serving and self._models.all_ready()
 
     def statistics(self, name: str = "") -> list[ModelStatistics]:
         """Counters of one model, or of every model that has served."""
-        if name:
-            model = self._model(name)
-            if model.state is not ModelState.READY:
-                raise Unavailable(model.not_ready_message())
-            return [_statistics(model)]
-        return [_statistics(m) for m in self._models.values() if m.state is ModelState.READY]
+        return self._models.statistics(name)
 
     def metric_model(self, name: str) -> str:
         """The model label for metrics: unknown names collapse into one, so callers cannot grow
         the label set."""
-        return name if name in self._models else "_unknown"
-
-    def _model(self, name: str) -> ServedModel:
-        model = self._models.get(name)
-        if model is None:
-            known = ", ".join(self._models) or "none"
-            raise NotFound(f"model '{clip(name)}' is not served; served models: {known}")
-        return model
-
-    def _info(self, model: ServedModel) -> ModelInfo:
-        config = model.config
-        return ModelInfo(
-            name=model.name,
-            backend=config.backend,
-            ready=self.serving and model.ready,
-            inputs=model.inputs,
-            outputs=model.outputs,
-            max_batch_size=model.max_batch_size,
-            instance_count=config.instance_count,
-            max_queue_delay_s=config.max_queue_delay_s,
-            preferred_batch_sizes=config.preferred_batch_sizes,
-            reason="" if model.ready else model.not_ready_message(),
-        )
+        return self._models.metric_label(name)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -204,23 +178,3 @@ class DataPlane:
             if now >= deadline:
                 return not busy
             await asyncio.sleep(0.01)
-
-
-def _statistics(model: ServedModel) -> ModelStatistics:
-    stats = model.scheduler.stats
-    return ModelStatistics(
-        name=model.name,
-        last_inference_ms=stats.last_inference_ms,
-        rows=stats.rows,
-        batches=stats.batches,
-        requests=stats.requests,
-        success_s_total=stats.success_s_total,
-        failed_requests=stats.failed_requests,
-        failed_s_total=stats.failed_s_total,
-        queue_s_total=stats.queue_s_total,
-        compute_s_total=stats.compute_s_total,
-        by_batch_size={
-            size: (count, stats.compute_s_by_size[size])
-            for size, count in sorted(stats.batch_sizes.items())
-        },
-    )

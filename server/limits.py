@@ -1,4 +1,5 @@
-"""Bounds on what one request may carry besides its tensors, checked before anything is kept.
+"""Bounds on what one request may carry besides its tensors, checked before anything is kept;
+and the per-tenant rate of calls (--tenant-rate).
 
 Request ids, idempotency keys and parameters are stored with a job for its whole TTL, and
 tensors are decoded one by one: without bounds one caller could make every job expensive to
@@ -7,7 +8,10 @@ keep, or one request expensive to parse.
 
 from __future__ import annotations
 
-from tensorgate.server.errors import InvalidArgument
+import time
+from dataclasses import dataclass, field
+
+from tensorgate.server.errors import InvalidArgument, ResourceExhausted
 from tensorgate.server.records import Request
 
 # Most tensors one request may name (no model has more inputs than this).
@@ -42,3 +46,37 @@ def check_idempotency_key(key: str) -> None:
 def _at_most(what: str, count: int, limit: int) -> None:
     if count > limit:
         raise InvalidArgument(f"{what.format(count)}; at most {limit}")
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    at: float
+
+
+@dataclass(slots=True)
+class TenantRates:
+    """A token bucket per tenant: `rate` calls a second, bursts up to one second's worth. Every
+    call a tenant makes is charged (unary calls once, each request of a stream once); the health
+    service is never."""
+
+    rate: float
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+
+    def charge(self, tenant: str) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        bucket = self._buckets.get(tenant)
+        if bucket is None:
+            bucket = self._buckets[tenant] = _Bucket(self.rate, now)
+        bucket.tokens = min(self.rate, bucket.tokens + (now - bucket.at) * self.rate)
+        bucket.at = now
+        if bucket.tokens < 1.0:
+            wait_s = (1.0 - bucket.tokens) / self.rate
+            raise ResourceExhausted(
+                f"tenant '{tenant}' is over its rate of {self.rate:g} requests/s "
+                "(--tenant-rate); retry later",
+                retry_after_s=wait_s,
+            )
+        bucket.tokens -= 1.0

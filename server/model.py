@@ -18,7 +18,6 @@ import numpy as np
 
 from tensorgate.server.backends import AnyBackendInstance, load_instance
 from tensorgate.server.batching.batcher import DynamicBatcher
-from tensorgate.server.batching.request import InferenceRequest
 from tensorgate.server.batching.scheduler import Scheduler
 from tensorgate.server.batching.sequences import SequenceScheduler
 from tensorgate.server.config import ConfigError, ModelConfig
@@ -26,9 +25,10 @@ from tensorgate.server.datatypes import NUMPY_BY_DATATYPE
 from tensorgate.server.errors import InvalidArgument, Unavailable
 from tensorgate.server.executor.instance import Instance
 from tensorgate.server.executor.pool import InstancePool, make_instance
-from tensorgate.server.records import Request
+from tensorgate.server.inference import InferenceRequest
+from tensorgate.server.records import ModelStatistics, Request, RequestKind
 from tensorgate.server.telemetry import Telemetry
-from tensorgate.server.tensors import TensorSpec, decode_inputs
+from tensorgate.server.tensors import TensorSpec, decode_inputs, view_inputs
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class ServedModel:
         self.outputs: tuple[TensorSpec, ...] = ()
         self.engine_inputs: tuple[TensorSpec, ...] = ()
         self.engine_outputs: tuple[TensorSpec, ...] = ()
+        self._output_names: tuple[str, ...] = ()
         self.max_batch_size = config.max_batch_size
         self._instances: list[Instance] = []
         self._pool: InstancePool | None = None
@@ -139,6 +140,7 @@ class ServedModel:
         state = {n for s in sequence.state for n in (s.input, s.output)} if sequence else set()
         self.inputs = tuple(spec for spec in self.engine_inputs if spec.name not in state)
         self.outputs = tuple(spec for spec in self.engine_outputs if spec.name not in state)
+        self._output_names = tuple(spec.name for spec in self.outputs)
         if not self.inputs or not self.outputs:
             raise ConfigError(f"model '{self.name}' has no inputs or no outputs")
         limit = backend.max_batch_size
@@ -243,19 +245,15 @@ class ServedModel:
         self.failure = reason
         self._notify()
 
-    def new_request(self, request: Request, job: bool = False) -> InferenceRequest:
-        """Validates a request against this model and wraps it with a fresh future.
-
-        Without a caller deadline the model's default_timeout applies, except to a job (nobody
-        waits on the call). Without a priority (0) the request gets the model's default for its
-        kind: default_priority, or job_priority for a job.
-        """
-        # A model whose engine keeps failing still takes requests: a success is how it recovers.
+    def check_taking(self) -> None:
+        """UNAVAILABLE naming the cause unless the model takes requests now. (One whose engine
+        keeps failing still does: a success is how it recovers.)"""
         if self.state is not ModelState.READY or self._pool is None or not self._pool.instances:
             raise Unavailable(self.not_ready_message())
-        deadline = request.deadline
-        if deadline is None and not job and self.config.default_timeout_s > 0:
-            deadline = time.monotonic() + self.config.default_timeout_s
+
+    def admit(self, request: Request, kind: RequestKind) -> InferenceRequest:
+        """Checks a request against this model's inputs and outputs and wraps it, decoded into
+        zero-copy views, with a fresh future. Raises InvalidArgument naming what is wrong."""
         arrays, rows = decode_inputs(self.name, self.inputs, request.inputs, self.max_batch_size)
         known = [spec.name for spec in self.outputs]
         if request.requested_outputs:
@@ -265,13 +263,29 @@ class ServedModel:
                     f"model '{self.name}' has no output '{unknown[0][:200]}'; "
                     f"its outputs are: {', '.join(known)}"
                 )
-            output_names = tuple(dict.fromkeys(request.requested_outputs))
-        else:
-            output_names = tuple(known)
+        return self._request(request, kind, arrays, rows)
+
+    def admit_stored(self, payload: Request) -> InferenceRequest:
+        """A job's request, admitted when it was submitted, decoded from what the store holds
+        without checking it again."""
+        arrays, rows = view_inputs(payload.inputs)
+        return self._request(payload, RequestKind.JOB, arrays, rows)
+
+    def _request(
+        self, request: Request, kind: RequestKind, arrays: dict[str, np.ndarray], rows: int
+    ) -> InferenceRequest:
+        """The record the scheduler takes. Without a caller deadline the model's default_timeout
+        applies, except to a job (nobody waits on the call). Without a priority (0) the request
+        gets the model's default for its kind: default_priority, or job_priority for a job."""
+        job = kind is RequestKind.JOB
+        deadline = request.deadline
+        if deadline is None and not job and self.config.default_timeout_s > 0:
+            deadline = time.monotonic() + self.config.default_timeout_s
+        names = request.requested_outputs
         return InferenceRequest(
             inputs=arrays,
             rows=rows,
-            output_names=output_names,
+            output_names=tuple(dict.fromkeys(names)) if names else self._output_names,
             future=(self._loop or asyncio.get_running_loop()).create_future(),
             deadline=deadline,
             id=request.id,
@@ -281,6 +295,30 @@ class ServedModel:
             tenant=request.tenant,
             sequence=request.sequence if self.config.sequence else None,
         )
+
+    def statistics(self) -> ModelStatistics:
+        """Cumulative counters (KServe ModelStatistics)."""
+        stats = self.scheduler.stats
+        return ModelStatistics(
+            name=self.name,
+            last_inference_ms=stats.last_inference_ms,
+            rows=stats.rows,
+            batches=stats.batches,
+            requests=stats.requests,
+            success_s_total=stats.success_s_total,
+            failed_requests=stats.failed_requests,
+            failed_s_total=stats.failed_s_total,
+            queue_s_total=stats.queue_s_total,
+            compute_s_total=stats.compute_s_total,
+            by_batch_size={
+                size: (count, stats.compute_s_by_size[size])
+                for size, count in sorted(stats.batch_sizes.items())
+            },
+        )
+
+    @property
+    def queued_requests(self) -> int:
+        return self._scheduler.queued_requests if self._scheduler is not None else 0
 
     def end_sequences(self, owner: str) -> int:
         """Frees the sequences a stream was driving; returns how many (0 for a stateless

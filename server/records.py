@@ -14,6 +14,14 @@ from tensorgate.server.errors import TensorgateError
 from tensorgate.server.tensors import Outputs, TensorInput, TensorSpec
 
 
+class RequestKind(enum.Enum):
+    """How a request reached the server: it decides its default deadline and priority."""
+
+    UNARY = "unary"
+    STREAM = "stream"
+    JOB = "job"
+
+
 @dataclass(slots=True)
 class SequenceControl:
     """Stateful-model control carried by a request (Triton's sequence batcher's fields)."""

@@ -155,3 +155,15 @@ def _product(shape: Iterable[int]) -> int:
     for d in shape:
         result *= d
     return result
+
+
+def view_inputs(inputs: Sequence[TensorInput]) -> tuple[dict[str, np.ndarray], int]:
+    """Zero-copy arrays of inputs that decode_inputs accepted before (a job's, as its store holds
+    them), and their batch size: not checked again."""
+    arrays = {
+        tensor.name: np.frombuffer(
+            tensor.contents, dtype=NUMPY_BY_DATATYPE[tensor.datatype]
+        ).reshape(tuple(tensor.shape))
+        for tensor in inputs
+    }
+    return arrays, next(iter(arrays.values())).shape[0]

@@ -43,8 +43,32 @@ def _module(path: str) -> str:
 
 def test_front_ends_reach_the_core_only_through_the_data_plane() -> None:
     for path, names in _imports("server/api").items():
-        forbidden = {n for n in names if _layer(n) in {"model", "jobs", "batching", "executor"}}
+        forbidden = {
+            n for n in names if _layer(n) in {"model", "models", "jobs", "batching", "executor"}
+        }
         assert not forbidden, f"{path} imports {sorted(forbidden)}"
+
+
+@pytest.mark.parametrize("caller", ["dataplane", "jobs", "api", "app"])
+def test_only_the_model_set_knows_how_a_model_is_scheduled(caller: str) -> None:
+    """The data plane and the job service sit on the model set (models.py): neither imports the
+    schedulers (batching), the executor or a served model (model.py)."""
+    for path, names in _imports("server").items():
+        if Path(path).parts[1].removesuffix(".py") != caller:
+            continue
+        wrong = {n for n in names if _layer(n) in {"batching", "executor", "model"}}
+        assert not wrong, f"{path} imports {sorted(wrong)}"
+
+
+def test_a_models_scheduler_is_reached_only_by_the_model_set() -> None:
+    allowed = {"server/model.py", "server/models.py"}
+    for path in sorted((ROOT / "server").rglob("*.py")):
+        name = str(path.relative_to(ROOT))
+        if name in allowed or name.startswith("server/batching/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "scheduler":
+                raise AssertionError(f"{name}:{node.lineno} reaches a model's scheduler")
 
 
 @pytest.mark.parametrize(

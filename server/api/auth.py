@@ -1,5 +1,5 @@
 """Who is calling: TLS credentials (re-read when the files change), bearer tokens from a file of
-SHA-256 hashes (re-read when it changes), the tenant a call acts for, and per-tenant rate limits.
+SHA-256 hashes (re-read when it changes), and the tenant a call acts for.
 
 Tenant of a call, in order: a valid `authorization: Bearer TOKEN` names it; else, with mutual TLS,
 the common name of the verified client certificate; else (auth off) the anonymous tenant "".
@@ -16,14 +16,14 @@ import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from tensorgate.server.config import ConfigError
-from tensorgate.server.errors import ResourceExhausted, Unauthenticated
+from tensorgate.server.errors import Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -256,35 +256,3 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
-
-
-@dataclass(slots=True)
-class _Bucket:
-    tokens: float
-    at: float
-
-
-@dataclass(slots=True)
-class TenantRates:
-    """A token bucket per tenant: `rate` requests a second, bursts up to one second's worth."""
-
-    rate: float
-    _buckets: dict[str, _Bucket] = field(default_factory=dict)
-
-    def charge(self, tenant: str) -> None:
-        if self.rate <= 0:
-            return
-        now = time.monotonic()
-        bucket = self._buckets.get(tenant)
-        if bucket is None:
-            bucket = self._buckets[tenant] = _Bucket(self.rate, now)
-        bucket.tokens = min(self.rate, bucket.tokens + (now - bucket.at) * self.rate)
-        bucket.at = now
-        if bucket.tokens < 1.0:
-            wait_s = (1.0 - bucket.tokens) / self.rate
-            raise ResourceExhausted(
-                f"tenant '{tenant}' is over its rate of {self.rate:g} requests/s "
-                "(--tenant-rate); retry later",
-                retry_after_s=wait_s,
-            )
-        bucket.tokens -= 1.0

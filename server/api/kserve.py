@@ -8,13 +8,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-from opentelemetry.trace import Span
 
 from tensorgate.kserve import grpc_service_pb2 as kpb
 from tensorgate.kserve import grpc_service_pb2_grpc as kpb_grpc
 from tensorgate.server.api import kserve_codec as codec
-from tensorgate.server.api.rpc import Frontend, rpc
+from tensorgate.server.api.frontend import Frontend
 from tensorgate.server.api.status import MAX_MESSAGE_CHARS, as_domain_error
+from tensorgate.server.api.stream import pump
+from tensorgate.server.api.unary import Call, rpc
 from tensorgate.server.errors import InvalidArgument, Unavailable, clip
 from tensorgate.server.records import ModelInfo, ModelStatistics, Request, SequenceControl
 
@@ -33,41 +34,39 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         self.frontend = frontend
         self._plane = frontend.plane
 
-    @rpc
+    @rpc()
     async def ServerLive(
-        self, request: kpb.ServerLiveRequest, context: grpc.aio.ServicerContext, span: Span | None
+        self, request: kpb.ServerLiveRequest, call: Call
     ) -> kpb.ServerLiveResponse:
         return kpb.ServerLiveResponse(live=True)
 
-    @rpc
+    @rpc()
     async def ServerReady(
-        self, request: kpb.ServerReadyRequest, context: grpc.aio.ServicerContext, span: Span | None
+        self, request: kpb.ServerReadyRequest, call: Call
     ) -> kpb.ServerReadyResponse:
         return kpb.ServerReadyResponse(ready=self._plane.server_ready())
 
-    @rpc
+    @rpc()
     async def ModelReady(
-        self, request: kpb.ModelReadyRequest, context: grpc.aio.ServicerContext, span: Span | None
+        self, request: kpb.ModelReadyRequest, call: Call
     ) -> kpb.ModelReadyResponse:
         return kpb.ModelReadyResponse(ready=self._plane.model_ready(request.name))
 
-    @rpc
+    @rpc()
     async def ServerMetadata(
         self,
         request: kpb.ServerMetadataRequest,
-        context: grpc.aio.ServicerContext,
-        span: Span | None,
+        call: Call,
     ) -> kpb.ServerMetadataResponse:
         return kpb.ServerMetadataResponse(
             name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS
         )
 
-    @rpc
+    @rpc()
     async def ModelMetadata(
         self,
         request: kpb.ModelMetadataRequest,
-        context: grpc.aio.ServicerContext,
-        span: Span | None,
+        call: Call,
     ) -> kpb.ModelMetadataResponse:
         model = self._loaded_model(request.name)
         meta = kpb.ModelMetadataResponse.TensorMetadata
@@ -79,21 +78,20 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             outputs=[meta(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.outputs],
         )
 
-    @rpc
+    @rpc("unary")
     async def ModelInfer(
-        self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext, span: Span | None
+        self, request: kpb.ModelInferRequest, call: Call
     ) -> kpb.ModelInferResponse:
-        outputs = await self.frontend.infer(_request(request), context, span)
-        return self.frontend.encode(
-            span, lambda: codec.infer_response(request.model_name, request.id, outputs)
-        )
+        outputs = await self._plane.infer(call.bind(_request(request)), call.span)
+        return call.encode(lambda: codec.infer_response(request.model_name, request.id, outputs))
 
     async def ModelStreamInfer(
         self,
         request_iterator: AsyncIterator[kpb.ModelInferRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[kpb.ModelStreamInferResponse]:
-        async for response in self.frontend.pump(
+        async for response in pump(
+            self.frontend,
             self.SERVICE,
             "ModelStreamInfer",
             request_iterator,
@@ -106,9 +104,9 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         ):
             yield response
 
-    @rpc
+    @rpc()
     async def ModelConfig(
-        self, request: kpb.ModelConfigRequest, context: grpc.aio.ServicerContext, span: Span | None
+        self, request: kpb.ModelConfigRequest, call: Call
     ) -> kpb.ModelConfigResponse:
         model = self._loaded_model(request.name)
         kind = (
@@ -146,12 +144,11 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             )
         )
 
-    @rpc
+    @rpc()
     async def ModelStatistics(
         self,
         request: kpb.ModelStatisticsRequest,
-        context: grpc.aio.ServicerContext,
-        span: Span | None,
+        call: Call,
     ) -> kpb.ModelStatisticsResponse:
         stats = self._plane.statistics(request.name)
         return kpb.ModelStatisticsResponse(model_stats=[_statistics(m) for m in stats])

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-from opentelemetry.trace import Span
 
 from tensorgate.server.api import codec
-from tensorgate.server.api.rpc import Frontend, rpc
+from tensorgate.server.api.frontend import Frontend
 from tensorgate.server.api.status import error_message
+from tensorgate.server.api.stream import pump
+from tensorgate.server.api.unary import Call, rpc
 from tensorgate.server.errors import InvalidArgument
 from tensorgate.server.records import JobStatus, JobView, Request, SequenceControl
 from tensorgate.server.tensors import Outputs, TensorSpec
@@ -26,19 +27,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.frontend = frontend
         self._plane = frontend.plane
 
-    @rpc
-    async def Predict(
-        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext, span: Span | None
-    ) -> pb.PredictResponse:
-        outputs = await self.frontend.infer(_request(request), context, span)
-        return self.frontend.encode(span, lambda: _response(request.model, request.id, outputs))
+    @rpc("unary")
+    async def Predict(self, request: pb.PredictRequest, call: Call) -> pb.PredictResponse:
+        outputs = await self._plane.infer(call.bind(_request(request)), call.span)
+        return call.encode(lambda: _response(request.model, request.id, outputs))
 
     async def StreamPredict(
         self,
         request_iterator: AsyncIterator[pb.PredictRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StreamPredictResponse]:
-        async for response in self.frontend.pump(
+        async for response in pump(
+            self.frontend,
             self.SERVICE,
             "StreamPredict",
             request_iterator,
@@ -51,12 +51,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         ):
             yield response
 
-    @rpc
-    async def Submit(
-        self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext, span: Span | None
-    ) -> pb.SubmitResponse:
-        submitted = await self.frontend.submit(
-            _request(request.request), request.idempotency_key, span
+    @rpc("job")
+    async def Submit(self, request: pb.SubmitRequest, call: Call) -> pb.SubmitResponse:
+        submitted = await self._plane.submit(
+            call.bind(_request(request.request)), request.idempotency_key, call.span
         )
         return pb.SubmitResponse(
             job_id=submitted.job.id,
@@ -65,33 +63,27 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             deduplicated=submitted.deduplicated,
         )
 
-    @rpc
-    async def GetResult(
-        self, request: pb.GetResultRequest, context: grpc.aio.ServicerContext, span: Span | None
-    ) -> pb.GetResultResponse:
+    @rpc()
+    async def GetResult(self, request: pb.GetResultRequest, call: Call) -> pb.GetResultResponse:
         job = await self._plane.job(
             request.job_id,
-            self.frontend.tenant(),
+            call.tenant,
             wait_s=max(request.wait_timeout_seconds, 0.0),
-            span=span,
+            span=call.span,
         )
         return _job_result(job)
 
-    @rpc
-    async def CancelJob(
-        self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext, span: Span | None
-    ) -> pb.CancelJobResponse:
-        job = await self._plane.cancel_job(request.job_id, self.frontend.tenant())
+    @rpc()
+    async def CancelJob(self, request: pb.CancelJobRequest, call: Call) -> pb.CancelJobResponse:
+        job = await self._plane.cancel_job(request.job_id, call.tenant)
         return pb.CancelJobResponse(job_id=job.id, status=job.status.value)
 
-    @rpc
-    async def ListJobs(
-        self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext, span: Span | None
-    ) -> pb.ListJobsResponse:
+    @rpc()
+    async def ListJobs(self, request: pb.ListJobsRequest, call: Call) -> pb.ListJobsResponse:
         if request.limit < 0 or request.limit > _MAX_LISTED_JOBS:
             raise InvalidArgument(f"limit must be between 0 and {_MAX_LISTED_JOBS}")
         jobs = await self._plane.list_jobs(
-            _job_status(request.status), request.limit or 100, self.frontend.tenant()
+            _job_status(request.status), request.limit or 100, call.tenant
         )
         return pb.ListJobsResponse(
             jobs=[
@@ -108,10 +100,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             ]
         )
 
-    @rpc
-    async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext, span: Span | None
-    ) -> pb.ListModelsResponse:
+    @rpc()
+    async def ListModels(self, request: pb.ListModelsRequest, call: Call) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
             models=[
                 pb.ModelSummary(name=m.name, backend=m.backend, ready=m.ready)
@@ -119,12 +109,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             ]
         )
 
-    @rpc
+    @rpc()
     async def GetModelMetadata(
         self,
         request: pb.GetModelMetadataRequest,
-        context: grpc.aio.ServicerContext,
-        span: Span | None,
+        call: Call,
     ) -> pb.GetModelMetadataResponse:
         model = self._plane.model_info(request.model)
         return pb.GetModelMetadataResponse(

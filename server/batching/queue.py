@@ -17,10 +17,10 @@ import collections
 import functools
 import time
 
-from tensorgate.server.batching.request import InferenceRequest
 from tensorgate.server.batching.stats import BatcherStats
 from tensorgate.server.errors import ResourceExhausted, TensorgateError
 from tensorgate.server.futures import settle_error
+from tensorgate.server.inference import InferenceRequest
 
 # Dead entries tolerated beyond the live ones before the deque is rebuilt without them.
 _COMPACT_SLACK = 64

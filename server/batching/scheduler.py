@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from tensorgate.server.batching.request import InferenceRequest
 from tensorgate.server.batching.stats import BatcherStats
 from tensorgate.server.errors import TensorgateError
+from tensorgate.server.inference import InferenceRequest
 
 
 class Scheduler(Protocol):

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from opentelemetry.trace import Span
 
-from tensorgate.server.batching.request import InferenceRequest
 from tensorgate.server.errors import TensorgateError
+from tensorgate.server.inference import InferenceRequest
 from tensorgate.server.records import JobStatus, Request
 from tensorgate.server.tensors import Outputs
 

@@ -75,6 +75,12 @@ class Metrics:
             ["model", "instance"],
             registry=r,
         )
+        self.calls = Counter(
+            "tensorgate_calls",
+            "Calls answered, by RPC method (every service but health) and gRPC status code",
+            ["method", "code"],
+            registry=r,
+        )
         self.scheduler_restarts = Counter(
             "tensorgate_scheduler_restarts",
             "Times a model's scheduler died of an unexpected error and was restarted",

@@ -20,7 +20,7 @@ from tensorgate.client import AsyncTensorgateClient, StreamItem, TensorgateClien
 from tensorgate.server.config import ModelConfig
 from tensorgate.server.errors import DeadlineExceeded
 from tensorgate.server.model import ServedModel
-from tensorgate.server.records import Request
+from tensorgate.server.records import Request, RequestKind
 from tensorgate.server.tensors import TensorInput
 from tests.harness import MlpReference, ServerThread, wait_until, write_config
 
@@ -176,7 +176,7 @@ async def test_a_lone_request_at_an_idle_batcher_starts_its_engine_call_from_put
             while model.busy_instances:  # the previous batch's task is winding up
                 await asyncio.sleep(0.001)
             tensor = TensorInput("input", "FP32", x.shape, x.tobytes())
-            request = model.new_request(Request("mlp", [tensor]))
+            request = model.admit(Request("mlp", [tensor]), RequestKind.UNARY)
             model.scheduler.put(request)
             if not first:
                 assert model.busy_instances == (1 if batching == "adaptive" else 0)
@@ -210,10 +210,11 @@ async def test_a_request_cancelled_in_the_loop_turn_its_batch_forms_is_skipped_n
         requests = []
         for i, x in enumerate(xs):
             tensor = TensorInput("input", "FP32", x.shape, x.tobytes())
-            requests.append(model.new_request(Request("mlp", [tensor], id=f"r{i}")))
+            requests.append(model.admit(Request("mlp", [tensor], id=f"r{i}"), RequestKind.UNARY))
             model.scheduler.put(requests[-1])
-        expired = model.new_request(
-            Request("mlp", [TensorInput("input", "FP32", xs[0].shape, xs[0].tobytes())])
+        expired = model.admit(
+            Request("mlp", [TensorInput("input", "FP32", xs[0].shape, xs[0].tobytes())]),
+            RequestKind.UNARY,
         )
         expired.deadline = time.monotonic() - 1  # passed while it waited
         model.scheduler.put(expired)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from tensorgate.server.batching.queue import RequestQueue
-from tensorgate.server.batching.request import InferenceRequest
 from tensorgate.server.batching.stats import BatcherStats
 from tensorgate.server.errors import ResourceExhausted
+from tensorgate.server.inference import InferenceRequest
 
 
 def _request(rows: int = 1, priority: int = 0) -> InferenceRequest:

@@ -336,3 +336,38 @@ def test_a_failed_tls_handshake_is_one_line_from_the_cli_without_grpc_core_noise
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: UNAVAILABLE"), done.stderr
     assert "ssl_transport_security" not in done.stderr
+
+
+def test_every_call_passes_the_one_door_job_reads_are_charged_and_counted(
+    start_server: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    """GetResult and ListJobs go through the same wrapper as Predict: charged to the tenant's
+    rate and counted (tensorgate_calls_total)."""
+    server = start_server(
+        auth_tokens=str(_token_file(tmp_path / "tokens", TOKENS)), tenant_rate=5.0
+    )
+    with _client(server, token=TOKENS["team-a"]) as a:
+        job = a.submit("mlp", {"input": X})
+        refused = None
+        for _ in range(50):
+            try:
+                a.get_result(job.job_id)
+                a.list_jobs()
+            except grpc.RpcError as exc:
+                refused = exc
+                break
+        assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "tenant 'team-a' is over its rate" in refused.details()
+    assert server.server.telemetry is not None
+    calls = server.server.telemetry.metrics.calls
+
+    def counted(method: str, code: str) -> float:
+        return float(calls.labels(method, code)._value.get())
+
+    assert counted("Submit", "OK") == 1
+    assert counted("GetResult", "OK") >= 1 and counted("ListJobs", "OK") >= 1
+    # The refusal is counted as the call ends, just after its status went out.
+    wait_until(
+        lambda: sum(counted(m, "RESOURCE_EXHAUSTED") for m in ("GetResult", "ListJobs")) == 1,
+        what="the refusal counted",
+    )

@@ -108,7 +108,8 @@ def test_a_call_whose_deadline_passes_is_counted_as_deadline_exceeded(
     running = start_server(models=("mlp_wide",), metrics_port=0)
     with TensorgateClient(running.target, timeout_s=10) as c:
         with pytest.raises(grpc.RpcError) as late:
-            c._stub.Predict(codec.predict_request("mlp_wide", {"input": X}), timeout=0.05)
+            # 150 ms: time to reach the handler, and well short of the 300 ms batch window.
+            c._stub.Predict(codec.predict_request("mlp_wide", {"input": X}), timeout=0.15)
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
     def counted(code: str) -> float:

@@ -1,8 +1,11 @@
-"""The record one request is while it waits for and passes through a batch."""
+"""The record of one request admitted for inference: its decoded inputs and the future its caller
+awaits, as it waits for and passes through a batch (the model set makes it; the schedulers,
+the executor and the job lanes carry it)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,3 +44,13 @@ class InferenceRequest:
     trace: RequestTrace | None = None
     # A chunk of a sequence, for a stateful model (batching/sequences.py).
     sequence: SequenceControl | None = None
+
+    def again(self, trace: RequestTrace | None = None) -> InferenceRequest:
+        """The same request with a fresh future, for another attempt (a retried job)."""
+        return dataclasses.replace(
+            self,
+            future=self.future.get_loop().create_future(),
+            queued=False,
+            on_start=None,
+            trace=trace,
+        )

@@ -1,0 +1,142 @@
+"""What every gRPC front end shares: the data plane, who is calling (auth), the admission limit,
+the per-tenant rate, and the counting of calls. tensorgate.v1 (servicer.py) and KServe v2
+(kserve.py) are thin adapters over it; unary.py is the one door of every unary call, stream.py
+the pump of every bidirectional stream.
+
+Admission is the application's, not gRPC core's: calls and open streams beyond
+max_concurrent_rpcs are refused with RESOURCE_EXHAUSTED and retry-after-ms, while the health
+service, which is not wrapped, keeps answering probes however busy the server is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from tensorgate.server.api.auth import Authenticator
+from tensorgate.server.api.status import abort, as_domain_error
+from tensorgate.server.dataplane import DataPlane
+from tensorgate.server.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unauthenticated
+from tensorgate.server.limits import TenantRates
+
+# The tenant of the call being handled (set by Frontend.admitted, read by the handlers and, in a
+# stream, by the reader task it starts).
+_TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="")
+
+# A deadline further away than this is treated as none (gRPC reports "infinite" as a huge number).
+_NO_DEADLINE_S = 10**8
+
+
+def gone(deadline: float | None) -> Cancelled | DeadlineExceeded:
+    """Why a call's task was cancelled: its deadline passed, or the caller went away."""
+    if deadline is not None and time.monotonic() >= deadline:
+        return DeadlineExceeded("the call's deadline passed before it was answered")
+    return Cancelled("the caller cancelled the call")
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's deadline on the monotonic clock, or None."""
+    remaining: float | None = context.time_remaining()
+    if remaining is None or remaining > _NO_DEADLINE_S:
+        return None
+    return time.monotonic() + remaining
+
+
+class Frontend:
+    """The data plane plus the telemetry a front end reports to, and the limits shared by every
+    front end."""
+
+    def __init__(
+        self,
+        plane: DataPlane,
+        max_inflight_per_stream: int,
+        max_concurrent_rpcs: int = 0,
+        auth: Authenticator | None = None,
+        tenant_rate: float = 0.0,
+    ) -> None:
+        self.plane = plane
+        self.auth = auth if auth is not None and auth.enabled else None
+        self.rates = TenantRates(tenant_rate)
+        self.tracing = plane.tracing
+        self.metrics = plane.telemetry.metrics
+        self.max_inflight_per_stream = max_inflight_per_stream
+        self.max_concurrent_rpcs = max_concurrent_rpcs
+        # Unary calls in a handler plus streams open, across both front ends.
+        self.calls = 0
+        # Streams opened so far (names each stream as the owner of its sequences).
+        self._streams = 0
+        # (model, kind, code, tenant) -> the counter and histogram children: labels() takes a
+        # lock and validates on every call, which the request path need not pay. Bounded: model
+        # names collapse to the served ones, kinds and codes are fixed sets, tenants are ""
+        # unless --metrics-tenant-label.
+        self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        # (method, code) -> the calls counter's child (a fixed set of methods and codes).
+        self._calls_children: dict[tuple[str, str], Any] = {}
+
+    def tenant(self) -> str:
+        """The tenant of the call being handled ("" with auth off)."""
+        return _TENANT.get()
+
+    def stream_owner(self) -> str:
+        """A name for a new stream: the owner of the sequences it starts or drives."""
+        self._streams += 1
+        return f"stream-{self._streams}"
+
+    @contextlib.asynccontextmanager
+    async def admitted(self, context: grpc.aio.ServicerContext) -> AsyncIterator[str]:
+        """Names the caller's tenant (yielded), and counts a unary call or an open stream for as
+        long as it runs; beyond max_concurrent_rpcs the call ends at once with
+        RESOURCE_EXHAUSTED and retry-after-ms."""
+        if self.auth is not None:
+            try:
+                _TENANT.set(self.auth.tenant(context.invocation_metadata(), context.auth_context()))
+            except Unauthenticated as exc:
+                await abort(context, exc)
+        limit = self.max_concurrent_rpcs
+        if limit and self.calls >= limit:
+            await abort(
+                context,
+                ResourceExhausted(
+                    f"the server is at its limit of {limit} concurrent calls and streams "
+                    "(--max-concurrent-rpcs); retry later",
+                    retry_after_s=0.05,
+                ),
+            )
+        self.calls += 1
+        try:
+            yield _TENANT.get()
+        finally:
+            self.calls -= 1
+
+    def count(
+        self, model: str, kind: str, error: BaseException | None, started: float, tenant: str = ""
+    ) -> None:
+        """One inference request answered (tensorgate_requests_total and its latency)."""
+        code = "OK" if error is None else as_domain_error(error).code
+        if not self.metrics.tenant_label:
+            tenant = ""
+        key = (model, kind, code, tenant)
+        children = self._children.get(key)
+        if children is None:
+            label = self.plane.metric_model(model)
+            children = (
+                self.metrics.request_counter(label, kind, code, tenant),
+                self.metrics.request_seconds.labels(label, kind),
+            )
+            if label == model:  # unknown names are not remembered, so the dict stays bounded
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
+
+    def count_call(self, method: str, error: BaseException | None) -> None:
+        """One call of any RPC but health's answered (tensorgate_calls_total)."""
+        code = "OK" if error is None else as_domain_error(error).code
+        child = self._calls_children.get((method, code))
+        if child is None:
+            child = self._calls_children[(method, code)] = self.metrics.calls.labels(method, code)
+        child.inc()
