@@ -20,12 +20,13 @@ from tensorgate.server.backends import AnyBackendInstance, load_instance
 from tensorgate.server.batching.batcher import DynamicBatcher
 from tensorgate.server.batching.scheduler import Scheduler
 from tensorgate.server.batching.sequences import SequenceScheduler
-from tensorgate.server.config import ConfigError, ModelConfig
+from tensorgate.server.config import ConfigError
 from tensorgate.server.datatypes import NUMPY_BY_DATATYPE
 from tensorgate.server.errors import InvalidArgument, Unavailable
 from tensorgate.server.executor.instance import Instance
 from tensorgate.server.executor.pool import InstancePool, make_instance
 from tensorgate.server.inference import InferenceRequest
+from tensorgate.server.model_config import ModelConfig
 from tensorgate.server.records import ModelStatistics, Request, RequestKind
 from tensorgate.server.telemetry import Telemetry
 from tensorgate.server.tensors import TensorSpec, decode_inputs, view_inputs

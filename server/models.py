@@ -24,11 +24,11 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from tensorgate.server.config import ModelConfig
 from tensorgate.server.errors import InvalidArgument, NotFound, Unavailable, clip
 from tensorgate.server.inference import InferenceRequest
 from tensorgate.server.limits import check_request
 from tensorgate.server.model import ModelState, ServedModel
+from tensorgate.server.model_config import ModelConfig
 from tensorgate.server.records import ModelInfo, ModelStatistics, Request, RequestKind
 from tensorgate.server.telemetry import Telemetry
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from tensorgate.server.config import MODEL_CONFIG_FILE, ConfigError, ModelConfig
+from tensorgate.server.config import ConfigError
+from tensorgate.server.model_config import MODEL_CONFIG_FILE, ModelConfig
 
 
 def discover(repository: Path, names: Sequence[str] = ()) -> list[ModelConfig]:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tensorgate.server.config import ConfigError, ModelConfig
+from tensorgate.server.config import ConfigError
+from tensorgate.server.model_config import ModelConfig
 from tests.harness import write_config
 
 

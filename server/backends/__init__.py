@@ -6,7 +6,8 @@ from __future__ import annotations
 import importlib
 
 from tensorgate.server.backends.base import AnyBackendInstance, BackendInstance, GpuBackendInstance
-from tensorgate.server.config import BACKENDS, ConfigError, ModelConfig
+from tensorgate.server.config import ConfigError
+from tensorgate.server.model_config import BACKENDS, ModelConfig
 
 # name -> module that defines `load(config: ModelConfig, instance_index: int)`, returning a
 # BackendInstance (CPU) or a GpuBackendInstance.

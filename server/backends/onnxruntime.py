@@ -8,7 +8,8 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from tensorgate.server.config import ConfigError, ModelConfig
+from tensorgate.server.config import ConfigError
+from tensorgate.server.model_config import ModelConfig
 from tensorgate.server.tensors import TensorSpec
 
 DEFAULT_ARTIFACT = "model.onnx"

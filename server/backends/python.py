@@ -31,9 +31,10 @@ from typing import Any, Literal
 import numpy as np
 
 from tensorgate.server.backends.base import DeviceArray
-from tensorgate.server.config import ConfigError, ModelConfig
+from tensorgate.server.config import ConfigError
 from tensorgate.server.datatypes import NUMPY_BY_DATATYPE
 from tensorgate.server.errors import Internal
+from tensorgate.server.model_config import ModelConfig
 from tensorgate.server.tensors import TensorSpec
 
 

@@ -16,8 +16,9 @@ from typing import Literal
 import numpy as np
 
 from tensorgate.server.backends.base import BackendInstance
-from tensorgate.server.config import ConfigError, ModelConfig, StateSpec
+from tensorgate.server.config import ConfigError
 from tensorgate.server.datatypes import NUMPY_BY_DATATYPE
+from tensorgate.server.model_config import ModelConfig, StateSpec
 from tensorgate.server.tensors import TensorSpec, format_shape
 
 

@@ -22,8 +22,9 @@ from types import ModuleType
 from typing import Any, Literal
 
 from tensorgate.server.backends.base import DeviceArray
-from tensorgate.server.config import ConfigError, ModelConfig
+from tensorgate.server.config import ConfigError
 from tensorgate.server.errors import Internal, InvalidArgument
+from tensorgate.server.model_config import ModelConfig
 from tensorgate.server.tensors import TensorSpec, format_shape
 
 log = logging.getLogger(__name__)

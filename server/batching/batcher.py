@@ -20,13 +20,13 @@ from tensorgate.server.batching.execution import BatchExecution, InstanceHung, S
 from tensorgate.server.batching.policy import AdaptiveWindow, BatchingPolicy, StaticWindow
 from tensorgate.server.batching.queue import RequestQueue
 from tensorgate.server.batching.stats import BatcherStats
-from tensorgate.server.config import ModelConfig
 from tensorgate.server.errors import DeadlineExceeded, TensorgateError, Unavailable
 from tensorgate.server.executor.batch import Batch
 from tensorgate.server.executor.instance import BatchResult, Instance
 from tensorgate.server.executor.pool import InstancePool
 from tensorgate.server.futures import settle_error
 from tensorgate.server.inference import InferenceRequest
+from tensorgate.server.model_config import ModelConfig
 from tensorgate.server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)

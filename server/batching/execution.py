@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from prometheus_client import Counter
 
 from tensorgate.server.batching.stats import BatcherStats
-from tensorgate.server.config import ModelConfig
 from tensorgate.server.errors import Internal, TensorgateError, Unavailable
 from tensorgate.server.executor.batch import Batch
 from tensorgate.server.executor.instance import BatchResult, Instance
 from tensorgate.server.futures import settle_error, settle_result
 from tensorgate.server.inference import InferenceRequest
+from tensorgate.server.model_config import ModelConfig
 from tensorgate.server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tensorgate.server.batching.batcher import DynamicBatcher
-from tensorgate.server.config import ModelConfig, SequenceConfig
 from tensorgate.server.datatypes import NUMPY_BY_DATATYPE
 from tensorgate.server.errors import (
     FailedPrecondition,
@@ -39,6 +38,7 @@ from tensorgate.server.errors import (
 )
 from tensorgate.server.futures import settle_error, settle_result
 from tensorgate.server.inference import InferenceRequest
+from tensorgate.server.model_config import ModelConfig, SequenceConfig
 from tensorgate.server.records import SequenceControl
 from tensorgate.server.tensors import Outputs
 

@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import Sequence
 
 from tensorgate.server.backends.base import AnyBackendInstance
-from tensorgate.server.config import ModelConfig
 from tensorgate.server.executor.cpu import CpuInstance
 from tensorgate.server.executor.instance import Instance
+from tensorgate.server.model_config import ModelConfig
 
 
 def make_instance(

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from tensorgate.client import AsyncTensorgateClient, StreamItem, TensorgateClient, codec
-from tensorgate.server.config import ModelConfig
 from tensorgate.server.errors import DeadlineExceeded
 from tensorgate.server.model import ServedModel
+from tensorgate.server.model_config import ModelConfig
 from tensorgate.server.records import Request, RequestKind
 from tensorgate.server.tensors import TensorInput
 from tests.harness import MlpReference, ServerThread, wait_until, write_config

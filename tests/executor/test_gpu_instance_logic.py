@@ -20,10 +20,10 @@ import pytest
 
 from tensorgate.server.backends import python as python_backend
 from tensorgate.server.backends.base import DeviceArray
-from tensorgate.server.config import ModelConfig
 from tensorgate.server.executor import gpu
 from tensorgate.server.executor.batch import Batch
 from tensorgate.server.inference import InferenceRequest
+from tensorgate.server.model_config import ModelConfig
 from tensorgate.server.tensors import TensorSpec
 from tests.harness import write_config
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from tensorgate.server.bundled import MODELS_DIR as ENGINES
-from tensorgate.server.config import ModelConfig
+from tensorgate.server.model_config import ModelConfig
 from tests.harness import ServerThread
 from tests.test_readme import README, _block
 from tests.voice.audio import compose

@@ -11,7 +11,8 @@ import pytest
 
 from tensorgate.server.backends import load_instance
 from tensorgate.server.bundled import MODELS_DIR as ENGINES
-from tensorgate.server.config import ConfigError, ModelConfig
+from tensorgate.server.config import ConfigError
+from tensorgate.server.model_config import ModelConfig
 
 BUNDLED = (ENGINES / "silero_vad" / "config.toml").read_text()
 
