@@ -35,10 +35,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
-from bench.redisproc import RedisProcess  # noqa: E402
 from bench.report import replace_section  # noqa: E402
 from bench.serverproc import ServeProcess  # noqa: E402
 from tensorgate.server.bundled import build  # noqa: E402
+from tests.redisproc import RedisProcess  # noqa: E402
 
 DOCS = ROOT / "docs"
 PERIOD_S = 0.032

@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
 from bench.loadgen import LoadSpec, run  # noqa: E402
-from bench.redisproc import RedisProcess  # noqa: E402
 from bench.report import replace_section  # noqa: E402
 from bench.serverproc import ServeProcess  # noqa: E402
 from bench.suite import echo_server  # noqa: E402
 from tensorgate.server.bundled import build  # noqa: E402
+from tests.redisproc import RedisProcess  # noqa: E402
 
 DOCS = ROOT / "docs"
 

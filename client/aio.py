@@ -1,19 +1,38 @@
-"""asyncio client. Failures raise grpc.aio.AioRpcError with the server's status and message."""
+"""asyncio client. Failures raise TensorgateError (a grpc.aio.AioRpcError) with the server's
+status code, message and retry-after hint."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
+from typing import Any
 
 import grpc
 import numpy as np
 
 from tensorgate.client import codec
-from tensorgate.client.codec import JobResult, JobSummary, StreamItem, StreamResult, Submitted
+from tensorgate.client.connection import DEFAULT_MAX_MESSAGE_BYTES, aio_connection
+from tensorgate.client.errors import Retry, TensorgateError, acall
+from tensorgate.client.results import (
+    JobResult,
+    JobSummary,
+    ModelMetadata,
+    ModelSummary,
+    StreamItem,
+    StreamResult,
+    Submitted,
+)
+from tensorgate.client.security import Security
 from tensorgate.client.sequences import SequenceStream
-from tensorgate.client.sync import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from tensorgate.v1 import inference_pb2 as pb
-from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 
 
 class AsyncTensorgateClient:
@@ -25,21 +44,16 @@ class AsyncTensorgateClient:
         *,
         timeout_s: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        security: codec.Security | None = None,
+        security: Security | None = None,
+        retry: Retry | None = None,
     ) -> None:
-        """security: TLS files and a bearer token (codec.Security); plaintext when None."""
-        self._security = security or codec.Security()
-        options = channel_options(max_message_bytes)
-        if self._security.tls:
-            credentials = self._security.channel_credentials()
-            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
-        self._stub = pb_grpc.InferenceStub(self._channel)
+        """security: TLS files and a bearer token; plaintext when None. retry: run calls the
+        server refuses (RESOURCE_EXHAUSTED, UNAVAILABLE) again, honouring its retry-after hint;
+        off when None."""
+        self._connection = aio_connection(target, timeout_s, max_message_bytes, security, retry)
+        self._channel = self._connection.channel
+        self._stub = self._connection.stub
         self._timeout_s = timeout_s
-
-    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
-        return codec.call_metadata(self._security)
 
     async def predict(
         self,
@@ -48,22 +62,21 @@ class AsyncTensorgateClient:
         *,
         outputs: Sequence[str] = (),
         request_id: str = "",
+        priority: int = 0,
         timeout_s: float | None = None,
         sequence_id: str = "",
         sequence_start: bool = False,
         sequence_end: bool = False,
     ) -> dict[str, np.ndarray]:
-        """One inference. For a stateful model, the request is a chunk of the sequence
-        sequence_id (sequence_start on its first chunk, sequence_end on its last); many live
-        sequences go better over one stream (sequences())."""
+        """One inference. priority: higher is taken first in the model's queue (0: the model's
+        default). For a stateful model, the request is a chunk of the sequence sequence_id
+        (sequence_start on its first chunk, sequence_end on its last); many live sequences go
+        better over one stream (sequences())."""
         request = codec.predict_request(
-            model, inputs, outputs, request_id, sequence_id, sequence_start, sequence_end
-        )
-        response = await self._stub.Predict(
-            request,
-            timeout=timeout_s or self._timeout_s,
-            metadata=self._metadata(),
-        )
+            model, inputs, outputs, request_id, priority=priority, sequence_id=sequence_id,
+            sequence_start=sequence_start, sequence_end=sequence_end,
+        )  # fmt: skip
+        response = await self._call(self._stub.Predict, request, timeout_s)
         return codec.decode_all(response.outputs)
 
     async def submit(
@@ -74,24 +87,25 @@ class AsyncTensorgateClient:
         outputs: Sequence[str] = (),
         idempotency_key: str = "",
         request_id: str = "",
+        priority: int = 0,
     ) -> Submitted:
-        request = codec.submit_request(model, inputs, outputs, idempotency_key, request_id)
-        return codec.submitted(
-            await self._stub.Submit(request, timeout=self._timeout_s, metadata=self._metadata())
+        """A job: its id at once (get_result() for the outcome). Retried after UNAVAILABLE
+        only with an idempotency_key, which makes a second try name the same job."""
+        request = codec.submit_request(
+            model, inputs, outputs, request_id, idempotency_key=idempotency_key, priority=priority
         )
+        response = await self._call(self._stub.Submit, request, may_be_accepted=not idempotency_key)
+        return codec.submitted(response)
 
     async def get_result(self, job_id: str, wait_timeout_s: float = 0.0) -> JobResult:
+        """The job's state; with wait_timeout_s it returns as soon as the job finishes."""
         request = pb.GetResultRequest(job_id=job_id, wait_timeout_seconds=wait_timeout_s)
         timeout = None if self._timeout_s is None else self._timeout_s + wait_timeout_s
-        return codec.job_result(
-            await self._stub.GetResult(request, timeout=timeout, metadata=self._metadata())
-        )
+        return codec.job_result(await self._call(self._stub.GetResult, request, timeout))
 
     async def cancel(self, job_id: str) -> str:
-        request = pb.CancelJobRequest(job_id=job_id)
-        response = await self._stub.CancelJob(
-            request, timeout=self._timeout_s, metadata=self._metadata()
-        )
+        """Cancels a job; returns its status afterwards."""
+        response = await self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id))
         return pb.JobStatus.Name(response.status)
 
     async def stream(
@@ -107,40 +121,55 @@ class AsyncTensorgateClient:
                 for item in items:
                     yield codec.stream_request(item)
 
-        call = self._stub.StreamPredict(
-            requests(), timeout=self._timeout_s, metadata=self._metadata()
+        stream = self._stub.StreamPredict(
+            requests(), timeout=self._timeout_s, metadata=self._connection.metadata()
         )
-        async for response in call:
-            yield codec.stream_result(response)
+        try:
+            async for response in stream:
+                yield codec.stream_result(response)
+        except grpc.RpcError as exc:
+            raise TensorgateError.of(exc) from None
 
     def sequences(self, model: str) -> SequenceStream:
         """One stream carrying chunks of many sequences of a stateful model
         (`async with client.sequences(model) as s: await s.send(id, inputs, start=True)`)."""
-        return SequenceStream(self._stub, model, self._metadata(), self._timeout_s)
+        return SequenceStream(self._stub, model, self._connection.metadata(), self._timeout_s)
 
     async def list_jobs(self, status: str = "", limit: int = 100) -> list[JobSummary]:
         """Jobs, newest first; status "FAILED" lists the dead letters."""
         request = pb.ListJobsRequest(status=status or "JOB_STATUS_UNSPECIFIED", limit=limit)
-        response = await self._stub.ListJobs(
-            request, timeout=self._timeout_s, metadata=self._metadata()
-        )
+        response = await self._call(self._stub.ListJobs, request)
         return [codec.job_summary(job) for job in response.jobs]
 
-    async def list_models(self) -> pb.ListModelsResponse:
-        return await self._stub.ListModels(
-            pb.ListModelsRequest(),
-            timeout=self._timeout_s,
-            metadata=self._metadata(),
+    async def list_models(self) -> list[ModelSummary]:
+        return codec.model_summaries(
+            await self._call(self._stub.ListModels, pb.ListModelsRequest())
         )
 
-    async def model_metadata(self, model: str) -> pb.GetModelMetadataResponse:
+    async def model_metadata(self, model: str) -> ModelMetadata:
         request = pb.GetModelMetadataRequest(model=model)
-        return await self._stub.GetModelMetadata(
-            request, timeout=self._timeout_s, metadata=self._metadata()
-        )
+        return codec.model_metadata(await self._call(self._stub.GetModelMetadata, request))
+
+    async def _call(
+        self,
+        method: Callable[..., Awaitable[Any]],
+        request: object,
+        timeout_s: float | None = None,
+        may_be_accepted: bool = False,
+    ) -> Any:
+        connection = self._connection
+
+        def once() -> Awaitable[Any]:
+            return method(  # type: ignore[no-any-return]
+                request,
+                timeout=timeout_s or connection.timeout_s,
+                metadata=connection.metadata(),
+            )
+
+        return await acall(once, connection.retry, may_be_accepted)
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._connection.channel.close()
 
     async def __aenter__(self) -> AsyncTensorgateClient:
         return self

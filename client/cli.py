@@ -19,10 +19,10 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tensorgate.client import codec
-from tensorgate.client.codec import JobResult, StreamItem
+from tensorgate.client.results import JobResult, StreamItem, TensorMetadata
+from tensorgate.client.security import Security
 from tensorgate.client.sequences import SequenceError
 from tensorgate.client.sync import TensorgateClient
-from tensorgate.v1 import inference_pb2 as pb
 
 
 def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -122,10 +122,10 @@ def _rows(value: str) -> int:
     return rows
 
 
-def _security(args: argparse.Namespace) -> codec.Security:
+def _security(args: argparse.Namespace) -> Security:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together: give both")
-    return codec.Security(args.tls_ca, args.tls_cert, args.tls_key, args.token)
+    return Security(args.tls_ca, args.tls_cert, args.tls_key, args.token)
 
 
 def _call(args: argparse.Namespace, action: Any) -> int:
@@ -169,8 +169,8 @@ def _inputs(client: TensorgateClient, args: argparse.Namespace) -> dict[str, np.
         if value.startswith("@"):
             inputs[name] = _load_npy(name, value[1:])
         else:
-            spec = specs.get(name)
-            typed = codec.numpy_dtype(spec.datatype) if spec else None
+            known = specs.get(name)
+            typed = codec.numpy_dtype(known.datatype) if known else None
             try:
                 inputs[name] = np.asarray(json.loads(value), dtype=typed)
             except json.JSONDecodeError as exc:
@@ -179,7 +179,7 @@ def _inputs(client: TensorgateClient, args: argparse.Namespace) -> dict[str, np.
                     f"JSON array such as {name}='[[0.5, 1.0]]', or {name}=@file.npy"
                 ) from None
             except (TypeError, ValueError):
-                kind = spec.datatype if spec else "numbers"
+                kind = known.datatype if known else "numbers"
                 raise ValueError(
                     f"--input {name}=…: input '{name}' takes {kind}, and the JSON holds "
                     "something else (a string, or rows of different lengths); give e.g. "
@@ -351,14 +351,14 @@ def _vad(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     def action(client: TensorgateClient) -> None:
-        for summary in client.list_models().models:
+        for summary in client.list_models():
             shown: dict[str, Any] = {
                 "name": summary.name,
                 "backend": summary.backend,
                 "ready": summary.ready,
             }
             if summary.ready:
-                meta: pb.GetModelMetadataResponse = client.model_metadata(summary.name)
+                meta = client.model_metadata(summary.name)
                 shown["max_batch_size"] = meta.max_batch_size
                 shown["inputs"] = [_tensor_meta(t) for t in meta.inputs]
                 shown["outputs"] = [_tensor_meta(t) for t in meta.outputs]
@@ -404,5 +404,5 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
-def _tensor_meta(tensor: pb.TensorMetadata) -> dict[str, Any]:
+def _tensor_meta(tensor: TensorMetadata) -> dict[str, Any]:
     return {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}

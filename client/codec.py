@@ -1,15 +1,23 @@
-"""numpy <-> tensorgate.v1 messages, shared by the sync and asyncio clients."""
+"""numpy <-> tensorgate.v1 messages, and messages -> the clients' results (results.py); shared by
+the sync and asyncio clients."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import numpy as np
-from opentelemetry import propagate
 
+from tensorgate.client.results import (
+    JobResult,
+    JobSummary,
+    ModelMetadata,
+    ModelSummary,
+    StreamItem,
+    StreamResult,
+    Submitted,
+    TensorMetadata,
+)
 from tensorgate.v1 import inference_pb2 as pb
 
 # KServe v2 datatype <-> numpy kind and size; little-endian on the wire.
@@ -23,118 +31,6 @@ _NUMPY = {
     name: np.dtype(f"<{kind}{size}" if kind != "b" else "?")
     for (kind, size), name in _DATATYPES.items()
 }
-
-
-@dataclass(slots=True, frozen=True)
-class Submitted:
-    job_id: str
-    status: str
-    estimated_wait_s: float
-    deduplicated: bool
-
-
-@dataclass(slots=True, frozen=True)
-class JobResult:
-    job_id: str
-    status: str  # PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED
-    outputs: dict[str, np.ndarray] | None = None
-    error_code: grpc.StatusCode | None = None
-    error_message: str = ""
-    expires_in_s: float = 0.0
-
-    @property
-    def finished(self) -> bool:
-        return self.status in ("SUCCEEDED", "FAILED", "CANCELLED")
-
-
-@dataclass(slots=True, frozen=True)
-class JobSummary:
-    job_id: str
-    model: str
-    status: str
-    attempts: int
-    age_s: float
-    request_id: str = ""
-    error_code: grpc.StatusCode | None = None
-    error_message: str = ""
-
-
-@dataclass(slots=True, frozen=True)
-class StreamItem:
-    """One request to send on a stream."""
-
-    id: str
-    model: str
-    inputs: Mapping[str, np.ndarray]
-    outputs: Sequence[str] = field(default_factory=tuple)
-    # A chunk of a sequence, for a stateful model (see AsyncTensorgateClient.sequences).
-    sequence_id: str = ""
-    sequence_start: bool = False
-    sequence_end: bool = False
-
-
-@dataclass(slots=True, frozen=True)
-class StreamResult:
-    """The answer to one stream request: outputs, or an error for that request alone."""
-
-    id: str
-    outputs: dict[str, np.ndarray] | None = None
-    error_code: grpc.StatusCode | None = None
-    error_message: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.error_code is None
-
-
-@dataclass(slots=True, frozen=True)
-class Security:
-    """How a client proves itself: TLS (the server's CA; a client certificate and key for mutual
-    TLS) and a bearer token. Empty: plaintext, anonymous."""
-
-    tls_ca: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    token: str = ""
-
-    @property
-    def tls(self) -> bool:
-        return bool(self.tls_ca or self.tls_cert)
-
-    def channel_credentials(self) -> grpc.ChannelCredentials:
-        """The TLS credentials; ValueError naming the flag of a file that cannot be read."""
-
-        def read(path: str, flag: str) -> bytes | None:
-            if not path:
-                return None
-            try:
-                return Path(path).expanduser().read_bytes()
-            except OSError as exc:
-                raise ValueError(f"{flag} {path}: {exc.strerror or exc}") from None
-
-        return grpc.ssl_channel_credentials(
-            root_certificates=read(self.tls_ca, "--tls-ca"),
-            private_key=read(self.tls_key, "--tls-key"),
-            certificate_chain=read(self.tls_cert, "--tls-cert"),
-        )
-
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
-
-
-def call_metadata(security: Security) -> tuple[tuple[str, str], ...] | None:
-    """A call's metadata: the trace context (when tracing) and the bearer token (when set)."""
-    trace = trace_metadata() or ()
-    both = (*trace, *security.metadata())
-    return both or None
-
-
-def trace_metadata() -> tuple[tuple[str, str], ...] | None:
-    """W3C trace context (traceparent, tracestate) of the caller's current OpenTelemetry span,
-    so the server's spans continue the caller's trace; None when there is no active span."""
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return tuple(carrier.items()) or None
 
 
 def numpy_dtype(datatype: str) -> np.dtype:
@@ -170,6 +66,8 @@ def predict_request(
     inputs: Mapping[str, np.ndarray],
     outputs: Sequence[str] = (),
     request_id: str = "",
+    *,
+    priority: int = 0,
     sequence_id: str = "",
     sequence_start: bool = False,
     sequence_end: bool = False,
@@ -179,6 +77,7 @@ def predict_request(
         id=request_id,
         inputs=[encode(name, array) for name, array in inputs.items()],
         requested_outputs=list(outputs),
+        priority=priority,
         sequence_id=sequence_id,
         sequence_start=sequence_start,
         sequence_end=sequence_end,
@@ -189,11 +88,13 @@ def submit_request(
     model: str,
     inputs: Mapping[str, np.ndarray],
     outputs: Sequence[str] = (),
-    idempotency_key: str = "",
     request_id: str = "",
+    *,
+    idempotency_key: str = "",
+    priority: int = 0,
 ) -> pb.SubmitRequest:
     return pb.SubmitRequest(
-        request=predict_request(model, inputs, outputs, request_id),
+        request=predict_request(model, inputs, outputs, request_id, priority=priority),
         idempotency_key=idempotency_key,
     )
 
@@ -235,8 +136,9 @@ def job_summary(job: pb.JobSummary) -> JobSummary:
 
 def stream_request(item: StreamItem) -> pb.PredictRequest:
     return predict_request(
-        item.model, item.inputs, item.outputs, item.id,
-        item.sequence_id, item.sequence_start, item.sequence_end,
+        item.model, item.inputs, item.outputs, item.id, priority=item.priority,
+        sequence_id=item.sequence_id, sequence_start=item.sequence_start,
+        sequence_end=item.sequence_end,
     )  # fmt: skip
 
 
@@ -250,8 +152,32 @@ def stream_result(response: pb.StreamPredictResponse) -> StreamResult:
     return StreamResult(id=response.id, outputs=decode_all(response.response.outputs))
 
 
+def model_summaries(response: pb.ListModelsResponse) -> list[ModelSummary]:
+    return [ModelSummary(m.name, m.backend, m.ready) for m in response.models]
+
+
+def model_metadata(response: pb.GetModelMetadataResponse) -> ModelMetadata:
+    return ModelMetadata(
+        name=response.name,
+        backend=response.backend,
+        inputs=tuple(_tensor_metadata(t) for t in response.inputs),
+        outputs=tuple(_tensor_metadata(t) for t in response.outputs),
+        max_batch_size=response.max_batch_size,
+        instance_count=response.instance_count,
+    )
+
+
+def _tensor_metadata(tensor: pb.TensorMetadata) -> TensorMetadata:
+    return TensorMetadata(tensor.name, tensor.datatype, tuple(tensor.shape))
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """The grpc.StatusCode of a status number (UNKNOWN for one gRPC does not know)."""
+    return _CODES.get(number, grpc.StatusCode.UNKNOWN)
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
 def _status_code(number: int) -> grpc.StatusCode:
-    for code in grpc.StatusCode:
-        if code.value[0] == number:
-            return code
-    return grpc.StatusCode.UNKNOWN
+    return status_code(number)

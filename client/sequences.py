@@ -97,7 +97,15 @@ class SequenceStream:
         future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         self._outbox.put_nowait(
-            codec.predict_request(self._model, inputs, (), request_id, sequence_id, start, end)
+            codec.predict_request(
+                self._model,
+                inputs,
+                (),
+                request_id,
+                sequence_id=sequence_id,
+                sequence_start=start,
+                sequence_end=end,
+            )
         )
         return future
 

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench.redisproc import RedisProcess
 from tensorgate.client import AsyncTensorgateClient, TensorgateClient
 from tensorgate.server.config import ServerConfig
 from tests.harness import MlpReference, ServerThread, build_repository
+from tests.redisproc import RedisProcess
 
 TRITON_VENV = Path(__file__).resolve().parents[1] / ".venv-triton"
 TRITONCLIENT = "tritonclient[grpc]==2.73.0"

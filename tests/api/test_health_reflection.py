@@ -65,7 +65,7 @@ def test_a_model_that_fails_to_load_is_reported_while_the_others_serve(
     from tensorgate.client import TensorgateClient
 
     with TensorgateClient(running.target, timeout_s=5) as c:
-        ready = {m.name: m.ready for m in c.list_models().models}
+        ready = {m.name: m.ready for m in c.list_models()}
         assert ready == {"broken": False, "pair": True}
         with pytest.raises(grpc.RpcError) as failed:
             c._stub.Predict(codec.predict_request("broken", {}), timeout=5)

@@ -59,7 +59,7 @@ async def test_async_client_predicts_concurrently(
 
 
 def test_list_models_and_metadata(client: TensorgateClient) -> None:
-    models = {m.name: m for m in client.list_models().models}
+    models = {m.name: m for m in client.list_models()}
     assert {"mlp", "pair", "mlp_wide"} <= set(models)
     assert models["mlp"].ready and models["mlp"].backend == "onnxruntime"
     meta = client.model_metadata("mlp")

@@ -98,7 +98,7 @@ def test_a_gpu_python_model_is_refused_without_a_gpu(
     config.write_text(config.read_text().replace('device = "auto"', 'device = "gpu"'))
     running = start_server(model_repository=python_repository, models=("mlp_python", "echo"))
     with TensorgateClient(running.target, timeout_s=10) as c:
-        ready = {m.name: m.ready for m in c.list_models().models}
+        ready = {m.name: m.ready for m in c.list_models()}
     assert ready == {"mlp_python": False, "echo": True}
     failure = running.server.models["mlp_python"].failure
     assert failure.startswith("model 'mlp_python' needs an NVIDIA GPU")

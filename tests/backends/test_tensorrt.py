@@ -102,7 +102,7 @@ def test_a_tensorrt_model_is_refused_without_a_gpu_while_the_others_serve(
     (tmp_path / "trt_model" / "model.plan").write_bytes(b"not really a plan")
     running = start_server(model_repository=tmp_path)
     with TensorgateClient(running.target, timeout_s=10) as c:
-        assert {m.name: m.ready for m in c.list_models().models} == {
+        assert {m.name: m.ready for m in c.list_models()} == {
             "pair": True,
             "trt_model": False,
         }

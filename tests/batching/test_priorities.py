@@ -84,3 +84,24 @@ def test_jobs_queue_below_interactive_calls_by_default(serial: ServerThread) -> 
         unfinished = [j for j in jobs if not client.get_result(j).finished]
         assert len(unfinished) >= 4, unfinished
         assert {client.get_result(j, wait_timeout_s=10).status for j in jobs} == {"SUCCEEDED"}
+
+
+async def test_the_clients_priority_argument_overtakes_the_queue(serial: ServerThread) -> None:
+    """The same as above through the public asyncio client's `priority=`."""
+    from tensorgate.client import AsyncTensorgateClient
+
+    finished: list[str] = []
+    async with AsyncTensorgateClient(serial.target, timeout_s=30) as client:
+
+        async def call(tag: int, priority: int) -> None:
+            x = np.full((1, 4), tag, np.float32)
+            await client.predict("serial", {"x": x}, priority=priority)
+            finished.append(str(tag))
+
+        first = asyncio.create_task(call(0, 0))
+        await asyncio.sleep(0.01)
+        queued = [asyncio.create_task(call(tag, -1)) for tag in range(1, 6)]
+        await asyncio.sleep(0.01)
+        urgent = asyncio.create_task(call(99, 5))
+        await asyncio.gather(first, urgent, *queued)
+    assert finished[:2] == ["0", "99"], finished

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from bench.redisproc import RedisProcess
 from tensorgate.server.config import ServerConfig
 from tests.harness import ServerThread
+from tests.redisproc import RedisProcess
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.redisproc import RedisProcess
 from bench.serverproc import ServeProcess
 from tensorgate.client import AsyncTensorgateClient, TensorgateClient
 from tensorgate.server.jobs.job import Job
@@ -23,6 +22,7 @@ from tensorgate.server.jobs.redis_store import RedisJobStore
 from tensorgate.server.records import Request
 from tensorgate.server.tensors import TensorInput
 from tests.harness import wait_until, write_sleepy_model
+from tests.redisproc import RedisProcess
 
 X = np.linspace(-1, 1, 256, dtype=np.float32).reshape(1, 256)
 

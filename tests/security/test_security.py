@@ -18,8 +18,7 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tensorgate.client import TensorgateClient
-from tensorgate.client.codec import Security
+from tensorgate.client import Security, TensorgateClient
 from tensorgate.kserve import grpc_service_pb2
 from tensorgate.v1 import inference_pb2
 from tests.harness import ServerThread, wait_until
