@@ -63,18 +63,20 @@ class AsyncTensorgateClient:
         outputs: Sequence[str] = (),
         request_id: str = "",
         priority: int = 0,
+        parameters: Mapping[str, bool | int | float | str] | None = None,
         timeout_s: float | None = None,
         sequence_id: str = "",
         sequence_start: bool = False,
         sequence_end: bool = False,
     ) -> dict[str, np.ndarray]:
         """One inference. priority: higher is taken first in the model's queue (0: the model's
-        default). For a stateful model, the request is a chunk of the sequence sequence_id
-        (sequence_start on its first chunk, sequence_end on its last); many live sequences go
-        better over one stream (sequences())."""
+        default). parameters reach the model (a python model's execute() reads them). For a
+        stateful model, the request is a chunk of the sequence sequence_id (sequence_start on
+        its first chunk, sequence_end on its last); many live sequences go better over one
+        stream (sequences())."""
         request = codec.predict_request(
-            model, inputs, outputs, request_id, priority=priority, sequence_id=sequence_id,
-            sequence_start=sequence_start, sequence_end=sequence_end,
+            model, inputs, outputs, request_id, priority=priority, parameters=parameters,
+            sequence_id=sequence_id, sequence_start=sequence_start, sequence_end=sequence_end,
         )  # fmt: skip
         response = await self._call(self._stub.Predict, request, timeout_s)
         return codec.decode_all(response.outputs)
@@ -88,12 +90,14 @@ class AsyncTensorgateClient:
         idempotency_key: str = "",
         request_id: str = "",
         priority: int = 0,
+        parameters: Mapping[str, bool | int | float | str] | None = None,
     ) -> Submitted:
         """A job: its id at once (get_result() for the outcome). Retried after UNAVAILABLE
         only with an idempotency_key, which makes a second try name the same job."""
         request = codec.submit_request(
-            model, inputs, outputs, request_id, idempotency_key=idempotency_key, priority=priority
-        )
+            model, inputs, outputs, request_id, idempotency_key=idempotency_key,
+            priority=priority, parameters=parameters,
+        )  # fmt: skip
         response = await self._call(self._stub.Submit, request, may_be_accepted=not idempotency_key)
         return codec.submitted(response)
 

@@ -68,6 +68,7 @@ def predict_request(
     request_id: str = "",
     *,
     priority: int = 0,
+    parameters: Mapping[str, bool | int | float | str] | None = None,
     sequence_id: str = "",
     sequence_start: bool = False,
     sequence_end: bool = False,
@@ -77,11 +78,25 @@ def predict_request(
         id=request_id,
         inputs=[encode(name, array) for name, array in inputs.items()],
         requested_outputs=list(outputs),
+        parameters={k: _parameter(v) for k, v in (parameters or {}).items()},
         priority=priority,
         sequence_id=sequence_id,
         sequence_start=sequence_start,
         sequence_end=sequence_end,
     )
+
+
+def _parameter(value: bool | int | float | str) -> pb.Parameter:
+    """A request parameter: bool, int, float or str (bool before int: True is an int too)."""
+    if isinstance(value, bool):
+        return pb.Parameter(bool_param=value)
+    if isinstance(value, int):
+        return pb.Parameter(int64_param=value)
+    if isinstance(value, float):
+        return pb.Parameter(double_param=value)
+    if isinstance(value, str):
+        return pb.Parameter(string_param=value)
+    raise TypeError(f"a parameter is a bool, int, float or str, not {type(value).__name__}")
 
 
 def submit_request(
@@ -92,9 +107,12 @@ def submit_request(
     *,
     idempotency_key: str = "",
     priority: int = 0,
+    parameters: Mapping[str, bool | int | float | str] | None = None,
 ) -> pb.SubmitRequest:
     return pb.SubmitRequest(
-        request=predict_request(model, inputs, outputs, request_id, priority=priority),
+        request=predict_request(
+            model, inputs, outputs, request_id, priority=priority, parameters=parameters
+        ),
         idempotency_key=idempotency_key,
     )
 
@@ -137,6 +155,7 @@ def job_summary(job: pb.JobSummary) -> JobSummary:
 def stream_request(item: StreamItem) -> pb.PredictRequest:
     return predict_request(
         item.model, item.inputs, item.outputs, item.id, priority=item.priority,
+        parameters=item.parameters,
         sequence_id=item.sequence_id, sequence_start=item.sequence_start,
         sequence_end=item.sequence_end,
     )  # fmt: skip

@@ -58,6 +58,8 @@ class StreamItem:
     sequence_end: bool = False
     # Higher is taken first within the model's queue; 0: the model's default.
     priority: int = 0
+    # Reach the model (a python model's execute() reads them); bool, int, float or str values.
+    parameters: Mapping[str, bool | int | float | str] = field(default_factory=dict)
 
 
 @dataclass(slots=True, frozen=True)

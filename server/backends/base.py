@@ -16,6 +16,17 @@ import numpy as np
 from tensorgate.server.tensors import TensorSpec
 
 
+@dataclass(slots=True, frozen=True)
+class RequestInfo:
+    """One request of a batch as a backend may see it: its rows (requests are packed in this
+    order), the id its caller gave it, and the parameters its caller sent (a python model reads
+    them; engines ignore them)."""
+
+    id: str
+    rows: int
+    parameters: Mapping[str, Any]
+
+
 class BackendInstance(Protocol):
     """One loaded copy of a model that runs numpy batches (first dimension = rows)."""
 
@@ -33,8 +44,14 @@ class BackendInstance(Protocol):
         ...
 
     def execute(
-        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]
-    ) -> dict[str, np.ndarray]: ...
+        self,
+        inputs: Mapping[str, np.ndarray],
+        output_names: Sequence[str],
+        requests: Sequence[RequestInfo] = (),
+    ) -> dict[str, np.ndarray]:
+        """Runs a batch; requests: the batch's requests, in the order their rows were packed
+        (empty for a warm-up)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -99,9 +116,10 @@ class GpuBackendInstance(Protocol):
         inputs: Mapping[str, DeviceArray],
         outputs: Mapping[str, DeviceArray],
         stream: int,
+        requests: Sequence[RequestInfo] = (),
     ) -> dict[str, tuple[int, ...]]:
         """Enqueues one batch on `stream`; outputs are buffers sized by max_shape. Returns the
-        shape of every output as computed."""
+        shape of every output as computed. requests: as for BackendInstance.execute."""
         ...
 
     def close(self) -> None: ...

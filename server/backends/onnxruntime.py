@@ -8,6 +8,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
+from tensorgate.server.backends.base import RequestInfo
 from tensorgate.server.config import ConfigError
 from tensorgate.server.model_config import ModelConfig
 from tensorgate.server.tensors import TensorSpec
@@ -59,7 +60,10 @@ class OnnxRuntimeInstance:
         return None  # the batch dimension is dynamic (checked at load)
 
     def execute(
-        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]
+        self,
+        inputs: Mapping[str, np.ndarray],
+        output_names: Sequence[str],
+        requests: Sequence[RequestInfo] = (),
     ) -> dict[str, np.ndarray]:
         results = self._session.run(list(output_names), dict(inputs))
         return dict(zip(output_names, results, strict=True))

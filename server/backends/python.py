@@ -10,6 +10,13 @@ cp.asarray(x)), the raw handle of the instance's CUDA stream (run on it:
 cp.cuda.ExternalStream(stream)), and returns arrays exposing __cuda_array_interface__.
 `device = "auto"` picks the GPU when one is usable.
 
+A model that wants to see the requests of a batch takes a third argument, `requests`: the
+batch's requests in the order their rows are packed, each a RequestInfo with its `rows`, its
+`id` and the `parameters` its caller sent (tensorgate.v1 `parameters`, KServe's request
+parameters):
+
+        def execute(self, inputs: dict, stream: int | None, requests: list) -> dict: ...
+
 The I/O is declared in the config:
 
     backend = "python"
@@ -23,6 +30,7 @@ The I/O is declared in the config:
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,7 +38,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tensorgate.server.backends.base import DeviceArray
+from tensorgate.server.backends.base import DeviceArray, RequestInfo
 from tensorgate.server.config import ConfigError
 from tensorgate.server.datatypes import NUMPY_BY_DATATYPE
 from tensorgate.server.errors import Internal
@@ -55,6 +63,7 @@ class _UserModel:
         if cls is None:
             raise ConfigError(f"model '{config.name}': {module_path} defines no class {class_name}")
         self.obj = cls()
+        self._takes_requests = "requests" in inspect.signature(self.obj.execute).parameters
         self.obj.load(
             {
                 "model_name": config.name,
@@ -64,8 +73,13 @@ class _UserModel:
             }
         )
 
-    def call(self, inputs: Mapping[str, Any], stream: int | None) -> Mapping[str, Any]:
-        result = self.obj.execute(dict(inputs), stream)
+    def call(
+        self, inputs: Mapping[str, Any], stream: int | None, requests: Sequence[RequestInfo]
+    ) -> Mapping[str, Any]:
+        if self._takes_requests:
+            result = self.obj.execute(dict(inputs), stream, requests=list(requests))
+        else:
+            result = self.obj.execute(dict(inputs), stream)
         if not isinstance(result, Mapping):
             raise Internal(
                 f"model '{self.name}': execute() returned {type(result).__name__}, not a dict"
@@ -96,9 +110,12 @@ class PythonCpuInstance(_PythonInstance):
     placement: Literal["cpu"] = "cpu"
 
     def execute(
-        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]
+        self,
+        inputs: Mapping[str, np.ndarray],
+        output_names: Sequence[str],
+        requests: Sequence[RequestInfo] = (),
     ) -> dict[str, np.ndarray]:
-        result = self._model.call(inputs, None)
+        result = self._model.call(inputs, None, requests)
         outputs = {}
         for spec in self._model.outputs:
             if spec.name not in output_names:
@@ -145,10 +162,11 @@ class PythonGpuInstance(_PythonInstance):
         inputs: Mapping[str, DeviceArray],
         outputs: Mapping[str, DeviceArray],
         stream: int,
+        requests: Sequence[RequestInfo] = (),
     ) -> dict[str, tuple[int, ...]]:
         from tensorgate.server.backends import cuda
 
-        result = self._model.call(inputs, stream)
+        result = self._model.call(inputs, stream, requests)
         self._last = result
         wrapped = cuda.Stream.wrap(stream)
         shapes = {}

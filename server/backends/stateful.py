@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from tensorgate.server.backends.base import BackendInstance
+from tensorgate.server.backends.base import BackendInstance, RequestInfo
 from tensorgate.server.config import ConfigError
 from tensorgate.server.datatypes import NUMPY_BY_DATATYPE
 from tensorgate.server.model_config import ModelConfig, StateSpec
@@ -76,14 +76,17 @@ class StatefulBackend:
         return self._inner.max_batch_size
 
     def execute(
-        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]
+        self,
+        inputs: Mapping[str, np.ndarray],
+        output_names: Sequence[str],
+        requests: Sequence[RequestInfo] = (),
     ) -> dict[str, np.ndarray]:
         feed = dict(inputs)
         for state in self._sequence.state:
             if state.batch_axis and state.input in feed:
                 feed[state.input] = np.moveaxis(feed[state.input], 0, state.batch_axis)
         feed.update(self._constants)
-        outputs = self._inner.execute(feed, output_names)
+        outputs = self._inner.execute(feed, output_names, requests)
         for state in self._sequence.state:
             if state.batch_axis and state.output in outputs:
                 outputs[state.output] = np.moveaxis(outputs[state.output], state.batch_axis, 0)

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
-from tensorgate.server.backends.base import DeviceArray
+from tensorgate.server.backends.base import DeviceArray, RequestInfo
 from tensorgate.server.config import ConfigError
 from tensorgate.server.errors import Internal, InvalidArgument
 from tensorgate.server.model_config import ModelConfig
@@ -183,6 +183,7 @@ class TensorRTInstance:
         inputs: Mapping[str, DeviceArray],
         outputs: Mapping[str, DeviceArray],
         stream: int,
+        requests: Sequence[RequestInfo] = (),
     ) -> dict[str, tuple[int, ...]]:
         context = self._context
         for name, array in inputs.items():

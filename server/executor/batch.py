@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from tensorgate.server.backends.base import RequestInfo
 from tensorgate.server.errors import Internal
 from tensorgate.server.tensors import Outputs
 
@@ -24,6 +25,8 @@ class BatchPart(Protocol):
     inputs: Mapping[str, np.ndarray]
     rows: int
     output_names: tuple[str, ...]
+    id: str
+    parameters: Mapping[str, Any]
 
 
 P = TypeVar("P", bound=BatchPart)
@@ -36,6 +39,10 @@ class Batch(Generic[P]):
     rows: int
     # Union of what the requests asked for, in the model's output order.
     output_names: tuple[str, ...]
+
+    def infos(self) -> list[RequestInfo]:
+        """The requests as the backend sees them, in packing order."""
+        return [RequestInfo(r.id, r.rows, r.parameters) for r in self.requests]
 
     def pack(self) -> dict[str, np.ndarray]:
         first = self.requests[0].inputs

@@ -23,7 +23,7 @@ class CpuInstance(Instance):
 
     def run_batch(self, batch: Batch[BatchPart]) -> BatchResult:
         started = time.perf_counter()
-        outputs = self.backend.execute(batch.pack(), batch.output_names)
+        outputs = self.backend.execute(batch.pack(), batch.output_names, batch.infos())
         compute_s = time.perf_counter() - started
         return BatchResult(batch.split(outputs), {"compute": compute_s})
 

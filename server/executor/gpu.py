@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from tensorgate.server.backends import cuda
-from tensorgate.server.backends.base import DeviceArray, GpuBackendInstance
+from tensorgate.server.backends.base import DeviceArray, GpuBackendInstance, RequestInfo
 from tensorgate.server.datatypes import NUMPY_BY_DATATYPE
 from tensorgate.server.executor.batch import Batch, BatchPart
 from tensorgate.server.executor.instance import BatchResult, Instance
@@ -96,7 +96,7 @@ class GpuInstance(Instance):
 
     def run_batch(self, batch: Batch[BatchPart]) -> BatchResult:
         parts = [request.inputs for request in batch.requests]
-        outputs, stage_s = self._run(batch.rows, parts, batch.output_names)
+        outputs, stage_s = self._run(batch.rows, parts, batch.output_names, batch.infos())
         return BatchResult(batch.split(outputs), stage_s)
 
     def _run(
@@ -104,6 +104,7 @@ class GpuInstance(Instance):
         rows: int,
         parts: Sequence[Mapping[str, np.ndarray]],
         output_names: Sequence[str],
+        requests: Sequence[RequestInfo] = (),
     ) -> tuple[Outputs, dict[str, float]]:
         padded = self.padded_rows(rows)
         stream = self.stream
@@ -129,7 +130,7 @@ class GpuInstance(Instance):
             name: DeviceArray(staging.device.ptr, (padded, *staging.row_shape), staging.dtype)
             for name, staging in self._outputs.items()
         }
-        shapes = self.backend.enqueue(device_inputs, device_outputs, stream.handle)
+        shapes = self.backend.enqueue(device_inputs, device_outputs, stream.handle, requests)
         computed.record(stream)
         for name in output_names:
             staging = self._outputs[name]

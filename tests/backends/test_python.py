@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tensorgate.client import TensorgateClient
+from tensorgate.client import AsyncTensorgateClient, TensorgateClient
 from tensorgate.server.backends import cuda
 from tests.harness import MlpReference, ServerThread, write_config
 
@@ -130,3 +131,57 @@ def test_bad_python_config_fails_the_model_with_the_reason(
     (folder / "model.py").write_text(ECHO_MODEL)
     running = start_server(model_repository=python_repository, models=("broken", "echo"))
     assert message in running.server.models["broken"].failure
+
+
+_SCALING_MODEL = """
+class Model:
+    def load(self, config):
+        self.seen = []
+
+    def execute(self, inputs, stream, requests):
+        x = inputs["x"].copy()
+        start = 0
+        for request in requests:  # each request's rows, in packing order
+            x[start : start + request.rows] *= request.parameters.get("scale", 1)
+            start += request.rows
+        self.seen.append([r.id for r in requests])
+        return {"y": x}
+"""
+
+
+def test_a_python_model_reads_each_requests_parameters_in_a_shared_batch(
+    tmp_path: Path, start_server: Callable[..., ServerThread]
+) -> None:
+    """Request parameters reach the backend: a batch of three callers, each with its own
+    `scale`, and every caller gets its own rows scaled by its own value."""
+    write_config(
+        tmp_path / "scaling",
+        backend="python",
+        max_batch_size=16,
+        max_queue_delay_ms=300.0,
+        batching="static",
+        instance_count=1,
+        python={
+            "device": "cpu",
+            "inputs": '[{ name = "x", datatype = "FP32", shape = [-1, 4] }]',
+            "outputs": '[{ name = "y", datatype = "FP32", shape = [-1, 4] }]',
+        },
+    )
+    (tmp_path / "scaling" / "model.py").write_text(_SCALING_MODEL)
+    running = start_server(model_repository=tmp_path, models=("scaling",))
+
+    async def three() -> list[dict[str, np.ndarray]]:
+        async with AsyncTensorgateClient(running.target, timeout_s=10) as c:
+            return await asyncio.gather(
+                c.predict("scaling", {"x": np.ones((1, 4), np.float32)}, request_id="a",
+                          parameters={"scale": 2}),
+                c.predict("scaling", {"x": np.ones((2, 4), np.float32)}, request_id="b",
+                          parameters={"scale": 3.5}),
+                c.predict("scaling", {"x": np.ones((1, 4), np.float32)}, request_id="c"),
+            )  # fmt: skip
+
+    a, b, c = asyncio.run(three())
+    np.testing.assert_array_equal(a["y"], np.full((1, 4), 2.0, np.float32))
+    np.testing.assert_array_equal(b["y"], np.full((2, 4), 3.5, np.float32))
+    np.testing.assert_array_equal(c["y"], np.ones((1, 4), np.float32))
+    assert running.stats("scaling").batch_sizes[4] == 1  # all three shared one batch
