@@ -23,8 +23,10 @@ class ServeProcess:
         root: Path = ROOT,
     ) -> None:
         """root: the source tree to run (another checkout, to compare revisions)."""
+        # A checkout from before the package was named tensorgate runs its tensorgate_cli.
+        command = "tensorgate_cli" if (root / "tensorgate_cli").is_dir() else "tensorgate"
         args = [
-            sys.executable, "-m", "tensorgate", "serve", "--host", "127.0.0.1", "--port", "0",
+            sys.executable, "-m", command, "serve", "--host", "127.0.0.1", "--port", "0",
             "--metrics-port", "-1", "--model-repository", str(repository), *extra_args,
         ]  # fmt: skip
         if models:
