@@ -61,25 +61,34 @@ def test_the_installed_wheel_imports_from_itself(installed: Path, tmp_path: Path
     assert str(ROOT) not in found and str(installed.parent) in found, found
 
 
-def test_the_installed_wheel_serves_a_model(
-    installed: Path, repository: Path, tmp_path: Path
-) -> None:
+def _serve(installed: Path, cwd: Path, *flags: str) -> tuple[subprocess.Popen[str], int, str]:
+    """`tensorgate serve` of the installed wheel on a free port; (process, port, the line that
+    said it serves) once it serves."""
     server = subprocess.Popen(
         [str(installed / "tensorgate"), "serve", "--host", "127.0.0.1", "--port", "0",
-         "--metrics-port", "-1", "--drain-delay-s", "0", "--models", "mlp",
-         "--model-repository", str(repository)],
-        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+         "--metrics-port", "-1", "--drain-delay-s", "0", *flags],
+        cwd=cwd, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert server.stderr is not None
     port, log = 0, []
+    for line in server.stderr:
+        log.append(line)
+        if "listening on 127.0.0.1:" in line:
+            port = int(line.rsplit(":", 1)[1].split(";")[0])
+        if "server.app: serving" in line:
+            assert port, "".join(log)
+            return server, port, line
+    server.kill()
+    raise AssertionError("the server did not start:\n" + "".join(log))
+
+
+def test_the_installed_wheel_serves_a_model(
+    installed: Path, repository: Path, tmp_path: Path
+) -> None:
+    server, port, _ = _serve(
+        installed, tmp_path, "--models", "mlp", "--model-repository", str(repository)
+    )
     try:
-        for line in server.stderr:
-            log.append(line)
-            if "listening on 127.0.0.1:" in line:
-                port = int(line.rsplit(":", 1)[1].split(";")[0])
-            if "server.app: serving" in line:
-                break
-        assert port, "".join(log)
         with TensorgateClient(f"127.0.0.1:{port}", timeout_s=10) as client:
             out = client.predict("mlp", {"input": np.zeros((2, 256), np.float32)})
             assert out["logits"].shape == (2, 16)
@@ -114,22 +123,9 @@ def test_a_wheel_only_user_builds_the_bundled_models_and_serves_them(
     for name in ("mlp", "mlp_python", "silero_vad"):
         assert (tmp_path / "engines" / name / "config.toml").exists(), built.stdout
     assert (tmp_path / "engines" / "mlp_python" / "model.py").exists()
-    server = subprocess.Popen(
-        [str(installed / "tensorgate"), "serve", "--host", "127.0.0.1", "--port", "0",
-         "--metrics-port", "-1", "--drain-delay-s", "0"],
-        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert server.stderr is not None
-    port, log = 0, []
+    server, port, serving = _serve(installed, tmp_path)
     try:
-        for line in server.stderr:
-            log.append(line)
-            if "listening on 127.0.0.1:" in line:
-                port = int(line.rsplit(":", 1)[1].split(";")[0])
-            if "server.app: serving" in line:
-                assert "mlp, mlp_python, silero_vad" in line, line
-                break
-        assert port, "".join(log)
+        assert "serving mlp, mlp_python, silero_vad" in serving, serving
         with TensorgateClient(f"127.0.0.1:{port}", timeout_s=10) as client:
             x = np.ones((2, 256), np.float32)
             by_onnx = client.predict("mlp", {"input": x})
