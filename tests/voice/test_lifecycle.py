@@ -214,12 +214,14 @@ def test_shutdown_answers_every_accepted_chunk(voice_repository: Path, chunks: n
             async with AsyncTensorgateClient(running.target, timeout_s=30) as client:
                 stream = client.sequences("silero_vad")
                 await stream.__aenter__()
+                # 8 sequences of 30 chunks: a backlog of well over 60 waiting chunks forms
+                # however fast this machine runs them.
                 sent = [
                     [stream.submit(f"stop-{s}", {"audio": chunks[t]}, start=t == 0)
-                     for s in range(4)]
+                     for s in range(8)]
                     for t in range(30)
                 ]  # fmt: skip
-                futures = [[sent[t][s] for t in range(30)] for s in range(4)]
+                futures = [[sent[t][s] for t in range(30)] for s in range(8)]
                 # Stop once the server holds many chunks waiting behind their sequence's
                 # running one.
                 while (held := running.queued("silero_vad")) < 60 and not sent[-1][-1].done():
