@@ -11,10 +11,11 @@ A job is admitted where it is submitted. The process that runs it later, perhaps
 rebuilds its request from what the store holds without checking it again (`admit_stored`): the
 store is ours.
 
-Room left here for what comes next: versions of a model and the route between them (the lookup
-takes a version), a response cache in front of the schedulers (submit is its one door), pipelines
-whose steps submit to other models through this set, and models that answer one request with
-many responses (a request's result becomes a stream instead of one future).
+Room left here for what comes next: versions of a model and the route between them (the lookup,
+get(), is where a version is chosen), a response cache in front of the schedulers (enqueue() is
+the one way in: an identical request in flight can share its future there), pipelines whose
+steps admit and enqueue to other models through this set, and models that answer one request
+with many responses (a request's result becomes a stream instead of one future).
 """
 
 from __future__ import annotations
@@ -126,12 +127,6 @@ class ModelSet:
         """Queues an admitted request on its model; RESOURCE_EXHAUSTED when the queue is full,
         UNAVAILABLE when the model cannot take work."""
         self._taking(model).scheduler.put(request)
-
-    def submit(self, request: Request, kind: RequestKind) -> InferenceRequest:
-        """admit() and enqueue() in one: the request's future settles with its outputs."""
-        queued = self.admit(request, kind)
-        self.enqueue(queued, request.model)
-        return queued
 
     def end_sequences(self, owner: str) -> None:
         """A stream ended: frees the sequences it was driving, on every stateful model."""

@@ -13,16 +13,20 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import grpc
+from opentelemetry.trace import Span
 
 from tensorgate.server.api.auth import Authenticator
 from tensorgate.server.api.status import abort, as_domain_error
 from tensorgate.server.dataplane import DataPlane
 from tensorgate.server.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unauthenticated
 from tensorgate.server.limits import TenantRates
+from tensorgate.server.telemetry import Tracing
+
+Resp = TypeVar("Resp")
 
 # The tenant of the call being handled (set by Frontend.admitted, read by the handlers and, in a
 # stream, by the reader task it starts).
@@ -37,6 +41,16 @@ def gone(deadline: float | None) -> Cancelled | DeadlineExceeded:
     if deadline is not None and time.monotonic() >= deadline:
         return DeadlineExceeded("the call's deadline passed before it was answered")
     return Cancelled("the caller cancelled the call")
+
+
+def encoded(tracing: Tracing, span: Span | None, build: Callable[[], Resp]) -> Resp:
+    """Builds a response, timed as the request's `encode` stage when traced."""
+    if span is None:
+        return build()
+    started_ns = time.time_ns()
+    response = build()
+    tracing.stage(span, "encode", started_ns, time.time_ns())
+    return response
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:

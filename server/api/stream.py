@@ -18,28 +18,17 @@ from typing import TypeVar
 import grpc
 from opentelemetry.trace import Span
 
-from tensorgate.server.api.frontend import Frontend, deadline_of, gone
+from tensorgate.server.api.frontend import Frontend, deadline_of, encoded, gone
 from tensorgate.server.api.messages import Malformed, resolve
 from tensorgate.server.errors import Cancelled
 from tensorgate.server.logs import REQUEST_ID
 from tensorgate.server.records import Request, RequestKind
-from tensorgate.server.telemetry import Tracing
 from tensorgate.server.tensors import Outputs
 
 log = logging.getLogger(__name__)
 
 Msg = TypeVar("Msg")
 Resp = TypeVar("Resp")
-
-
-def _encoded(tracing: Tracing, span: Span | None, build: Callable[[], Resp]) -> Resp:
-    """Builds a response, timed as the request's `encode` stage when traced."""
-    if span is None:
-        return build()
-    started_ns = time.time_ns()
-    response = build()
-    tracing.stage(span, "encode", started_ns, time.time_ns())
-    return response
 
 
 async def pump(
@@ -83,7 +72,7 @@ async def pump(
             error: BaseException | None,
         ) -> None:
             if error is None and outputs is not None:
-                outbox.put_nowait(_encoded(tracing, span, lambda: answer(message, outputs)))
+                outbox.put_nowait(encoded(tracing, span, lambda: answer(message, outputs)))
             else:
                 outbox.put_nowait(fail(message, error or Cancelled("cancelled")))
             tracing.end(span, error)

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 from opentelemetry.trace import Span
 
-from tensorgate.server.api.frontend import Frontend, deadline_of, gone
+from tensorgate.server.api.frontend import Frontend, deadline_of, encoded, gone
 from tensorgate.server.api.messages import Malformed, resolve
 from tensorgate.server.api.status import abort, as_domain_error, status_of
 from tensorgate.server.errors import TensorgateError
@@ -48,12 +48,7 @@ class Call:
 
     def encode(self, build: Callable[[], Resp]) -> Resp:
         """Builds the response, timed as the request's `encode` stage when traced."""
-        if self.span is None:
-            return build()
-        started_ns = time.time_ns()
-        response = build()
-        self.tracing.stage(self.span, "encode", started_ns, time.time_ns())
-        return response
+        return encoded(self.tracing, self.span, build)
 
 
 Handler = Callable[[Any, Req, Call], Awaitable[Resp]]
