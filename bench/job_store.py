@@ -5,18 +5,23 @@
 For each store, one `tensorgate serve` on the bundled mlp: Submit→result (Submit, then long-poll
 GetResult) and Submit alone (accept rate), closed loop at 1 and 64 in flight; then, through Redis,
 a burst of 10,000 jobs from 64 senders: the accept rate, and every accepted job's final status
-(none may be lost). Writes docs/job_store.json, the "Job stores" section of docs/benchmarks.md
-and docs/bench_job_store.png.
+(none may be lost); and, through Redis with MONITOR on (a separate short run: MONITOR costs
+throughput), the Redis commands the server sends per finished job, end to end (Submit, run,
+finish, one long-poll waiter), by command, apart from the commands its scripts run inside Redis.
+Writes docs/job_store.json, the "Job stores" section of docs/benchmarks.md and
+docs/bench_job_store.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import platform
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,7 @@ def main() -> int:
         redis = RedisProcess(Path(tmp) / "redis").start()
         try:
             rows, burst = _measure(args, repository, redis)
+            commands = _commands_per_job(args, repository, redis)
         finally:
             redis.stop()
     report = {
@@ -54,6 +60,7 @@ def main() -> int:
         "seconds": args.seconds,
         "rows": rows,
         "burst": burst,
+        "commands": commands,
     }
     (DOCS / "job_store.json").write_text(json.dumps(report, indent=2) + "\n")
     replace_section(DOCS / "benchmarks.md", SECTION, _markdown(report))
@@ -97,6 +104,81 @@ def _measure(
         finally:
             server.stop()
     return rows, burst
+
+
+def _commands_per_job(
+    args: argparse.Namespace, repository: Path, redis: RedisProcess
+) -> list[dict[str, Any]]:
+    """Submit→result through Redis at 1 and 64 in flight with MONITOR on: the commands the
+    server sent per finished job (a pipeline's commands count one each; a script call counts
+    once, and the commands it runs inside Redis are counted apart)."""
+    flags = ["--job-store", redis.url, "--drain-delay-s", "0"]
+    server = ServeProcess(repository, models=["mlp"], extra_args=flags)
+    found: list[dict[str, Any]] = []
+    try:
+        for concurrency in (1, 64):
+            print(f"redis: commands per job at {concurrency} in flight (MONITOR)", flush=True)
+            monitor = _Monitor(redis)
+            with redis.client() as admin:
+                before = int(admin.hget("tg:count", "SUCCEEDED") or 0)
+            monitor.start()
+            run(LoadSpec(target=server.target, model="mlp", mode="job", concurrency=concurrency,
+                         seconds=min(args.seconds, 3.0), processes=1))  # fmt: skip
+            _wait_idle(server)
+            with redis.client() as admin:
+                jobs = int(admin.hget("tg:count", "SUCCEEDED") or 0) - before
+            sent, scripted = monitor.stop()
+            sent.pop("monitor", None)
+            sent.subtract({"hget": 1, "ping": 1})  # the bench's own read and wake-up
+            sent = +sent  # drop what is left at zero
+            found.append({
+                "concurrency": concurrency,
+                "jobs": jobs,
+                "sent_per_job": sum(sent.values()) / max(jobs, 1),
+                "sent_by_command": {k: v / max(jobs, 1) for k, v in sent.most_common()},
+                "in_scripts_per_job": sum(scripted.values()) / max(jobs, 1),
+            })  # fmt: skip
+            print(f"  {jobs} jobs: {found[-1]['sent_per_job']:.2f} commands sent per job "
+                  f"({found[-1]['in_scripts_per_job']:.1f} more run inside scripts)", flush=True)  # fmt: skip
+    finally:
+        server.stop()
+    return found
+
+
+class _Monitor:
+    """Redis MONITOR on a thread: counts the commands clients send, and apart from them the
+    commands scripts run inside Redis."""
+
+    def __init__(self, redis: RedisProcess) -> None:
+        self._redis = redis
+        self.sent: collections.Counter[str] = collections.Counter()
+        self.scripted: collections.Counter[str] = collections.Counter()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(10)
+
+    def stop(self) -> tuple[collections.Counter[str], collections.Counter[str]]:
+        self._stop.set()
+        with self._redis.client() as admin:
+            admin.ping()  # one more line, so the watcher sees the stop
+        self._thread.join(10)
+        return self.sent, self.scripted
+
+    def _watch(self) -> None:
+        with self._redis.client() as client, client.monitor() as monitor:
+            self._ready.set()
+            for line in monitor.listen():
+                if self._stop.is_set():
+                    return
+                name = str(line.get("command", "")).split(" ", 1)[0].lower()
+                if line.get("client_type") == "lua":
+                    self.scripted[name] += 1
+                else:
+                    self.sent[name] += 1
 
 
 def _wait_idle(server: ServeProcess) -> None:
@@ -177,6 +259,22 @@ def _markdown(report: dict[str, Any]) -> str:
             f"finished {b['all_finished_s']:.1f} s after the first Submit; final statuses "
             f"{b['statuses']}; **lost: {b['lost']}**.",
         ]
+    if report.get("commands"):
+        lines += [
+            "",
+            "Redis commands the server sends per finished job, Submit→result with one long-poll "
+            "waiter (MONITOR on, a separate short run; a script call counts once, a pipeline's "
+            "commands one each):",
+            "",
+            "| in flight | jobs | commands sent per job | by command | run inside scripts per job |",
+            "|---|---|---|---|---|",
+        ]
+        for c in report["commands"]:
+            top = ", ".join(f"{k} {v:.2f}" for k, v in list(c["sent_by_command"].items())[:6])
+            lines.append(
+                f"| {c['concurrency']} | {c['jobs']} | {c['sent_per_job']:.2f} | {top} | "
+                f"{c['in_scripts_per_job']:.1f} |"
+            )
     lines += ["", "![job stores](bench_job_store.png)", ""]
     return "\n".join(lines)
 
