@@ -1,7 +1,8 @@
-"""A server whose handlers do nothing (tensorgate.v1 Predict and KServe ModelInfer answer an
-empty response at once): what the load generator itself can drive, reported beside every result.
+"""A server whose handlers do nothing (tensorgate.v1 Predict, Submit, GetResult, StreamPredict and
+KServe ModelInfer answer an empty response at once): what the load generator itself can drive,
+and what the transport alone costs, reported beside every result.
 
-    python -m bench.echo_server PORT
+    python -m bench.echo_server PORT [--uvloop]   # --uvloop: the loop tensorgate serve runs on
 """
 
 from __future__ import annotations
@@ -25,6 +26,20 @@ class Echo(pb_grpc.InferenceServicer):
     async def Predict(self, request, context):  # type: ignore[no-untyped-def]
         return pb.PredictResponse(model=request.model, id=request.id)
 
+    async def Submit(self, request, context):  # type: ignore[no-untyped-def]
+        return pb.SubmitResponse(job_id="0" * 32, status=pb.PENDING)
+
+    async def GetResult(self, request, context):  # type: ignore[no-untyped-def]
+        return pb.GetResultResponse(
+            job_id=request.job_id, status=pb.SUCCEEDED, result=pb.PredictResponse()
+        )
+
+    async def StreamPredict(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        async for request in request_iterator:
+            yield pb.StreamPredictResponse(
+                id=request.id, response=pb.PredictResponse(model=request.model, id=request.id)
+            )
+
 
 class KEcho(kpb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):  # type: ignore[no-untyped-def]
@@ -42,4 +57,9 @@ async def main(port: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1])))
+    if "--uvloop" in sys.argv[2:]:
+        import uvloop
+
+        uvloop.run(main(int(sys.argv[1])))
+    else:
+        asyncio.run(main(int(sys.argv[1])))

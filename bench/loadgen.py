@@ -70,8 +70,10 @@ def run(spec: LoadSpec) -> LoadResult:
         errors.update(part_errors)
     measured = spec.seconds
     ok = latencies.size
+    # The measured window on the wall clock, for readings taken beside the load (server CPU).
+    window = {"window": (start_at + spec.warmup_s, start_at + spec.warmup_s + spec.seconds)}
     if ok == 0:
-        return LoadResult(0, dict(errors), measured, 0.0, *(float("nan"),) * 5)
+        return LoadResult(0, dict(errors), measured, 0.0, *(float("nan"),) * 5, extra=window)
     ms = np.sort(latencies) * 1000.0
     return LoadResult(
         requests=ok,
@@ -83,6 +85,7 @@ def run(spec: LoadSpec) -> LoadResult:
         p99_ms=float(np.percentile(ms, 99)),
         max_ms=float(ms[-1]),
         mean_ms=float(ms.mean()),
+        extra=window,
     )
 
 
