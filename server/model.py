@@ -77,7 +77,7 @@ class ServedModel:
         self._telemetry = Telemetry.quiet()
         self._on_ready: Callable[[bool], None] = lambda ready: None
         self._reported_ready = False
-        # The loop start() ran on: new_request makes its futures there without asking asyncio
+        # The loop start() ran on: admit() makes its futures there without asking asyncio
         # for the running loop (a getpid() system call each time on Python 3.11).
         self._loop: asyncio.AbstractEventLoop | None = None
 

@@ -32,7 +32,7 @@ class Job:
     finished_at: float | None = None
     expires_at: float | None = None  # set when the job finishes
     # Engine runs started so far (deliveries, for a shared store); a retryable failure runs the
-    # job again (see JobRunner) up to job_max_attempts.
+    # job again (see jobs/lanes.py) up to job_max_attempts.
     attempts: int = 0
     # What the caller sent (a store that keeps jobs elsewhere serializes it); dropped once the job
     # runs in this process.

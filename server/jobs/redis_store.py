@@ -226,7 +226,7 @@ class RedisJobStore:
         self._listener = asyncio.create_task(self._listen(), name="redis-job-listener")
 
     async def _listen(self) -> None:
-        """Wakes the long-polls of a job when any replica finishes it; tells the runner of
+        """Wakes the long-polls of a job when any replica finishes it; tells the job lanes of
         cancellations (a job it holds stops here)."""
         while True:
             _keep_cancellation()
@@ -265,7 +265,7 @@ class RedisJobStore:
         (on Python 3.11 asyncio.wait_for, which redis-py writes commands through, returns
         normally when a cancellation meets the write's completion), so a stopping loop stops.
         cancellable=False (take): the call's result is returned all the same; its jobs are
-        already claimed, and the runner hands them back."""
+        already claimed, and the job lanes hand them back."""
         try:
             yield
         except _LOST as exc:

@@ -2,8 +2,8 @@
 
 The store owns a job's life outside the engine: it accepts it (idempotency, the pending bound),
 queues it until a process takes it to run, records attempts and the final state, wakes whoever
-waits for it, and forgets it when its result expires. The runner (runner.py) takes jobs from the
-store and feeds them to the model schedulers.
+waits for it, and forgets it when its result expires. The job service's lanes (lanes.py) take
+jobs from the store and queue them through the model set.
 
 Two stores implement it: MemoryJobStore (this process only) and RedisJobStore (redis_store.py:
 shared by replicas, outlives a process).
@@ -140,7 +140,7 @@ class MemoryJobStore:
         on_available: Callable[[bool], None],
         on_cancelled: Callable[[str], None],
     ) -> None:
-        on_available(True)  # held jobs are cancelled by the runner itself
+        on_available(True)  # held jobs are cancelled by the job lanes themselves
 
     async def close(self) -> None:
         pass
