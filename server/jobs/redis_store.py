@@ -40,6 +40,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 
 from tensorgate.server.config import ConfigError
 from tensorgate.server.errors import ResourceExhausted, Unavailable
@@ -425,25 +426,19 @@ class RedisJobStore:
             if not entries:
                 return []
             now_ms = _now_ms()
-            async with self._client.pipeline(transaction=False) as pipe:
-                for entry_id, fields in entries:
-                    job_id = fields[b"id"].decode()
-                    await self._claim(
-                        keys=[_job(job_id), stream],
-                        args=[
-                            PREFIX,
-                            entry_id,
-                            GROUP,
-                            self.consumer,
-                            self._max_attempts,
-                            now_ms,
-                            self._ttl_ms,
-                            self._max_finished,
-                            job_id,
+            claims = await self._pipelined(
+                self._claim,
+                [
+                    (
+                        [_job(fields[b"id"].decode()), stream],
+                        [
+                            PREFIX, entry_id, GROUP, self.consumer, self._max_attempts, now_ms,
+                            self._ttl_ms, self._max_finished, fields[b"id"].decode(),
                         ],
-                        client=pipe,
                     )
-                claims = await pipe.execute()
+                    for entry_id, fields in entries
+                ],
+            )  # fmt: skip
         jobs = []
         for (entry_id, fields), claim in zip(entries, claims, strict=True):
             if not claim:
@@ -526,22 +521,38 @@ class RedisJobStore:
 
     async def release(self, jobs: list[Job], started: bool) -> None:
         with self._reachable():
-            async with self._client.pipeline(transaction=False) as pipe:
-                for job in jobs:
-                    await self._release(
-                        keys=[_job(job.id), _stream(job.model)],
-                        args=[
-                            PREFIX,
-                            job.receipt,
-                            GROUP,
-                            self.consumer,
-                            "1" if started else "0",
-                            job.id,
-                        ],
-                        client=pipe,
+            await self._pipelined(
+                self._release,
+                [
+                    (
+                        [_job(job.id), _stream(job.model)],
+                        [PREFIX, job.receipt, GROUP, self.consumer, "1" if started else "0",
+                         job.id],
                     )
-                await pipe.execute()
+                    for job in jobs
+                ],
+            )  # fmt: skip
         log.info("handed %d job(s) back to Redis for other replicas", len(jobs))
+
+    async def _pipelined(
+        self, script: AsyncScript, calls: list[tuple[list[Any], list[Any]]]
+    ) -> list[Any]:
+        """One script for many calls in one round trip, each an EVALSHA. (redis-py's own
+        pipelined scripts first ask SCRIPT EXISTS, a round trip of its own every time.) A Redis
+        that lost its scripts (restarted) gets this one loaded again and the calls repeated: a
+        script missing fails every call of the pipeline alike, so none ran."""
+        for attempt in (1, 2):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                try:
+                    results: list[Any] = await pipe.execute()
+                    return results
+                except redis.exceptions.NoScriptError:
+                    if attempt == 2:
+                        raise
+                    script.sha = await self._client.script_load(script.script)
+        raise AssertionError("unreachable")
 
     async def abandon(self, reason: str) -> list[Job]:
         return []  # queued jobs stay in Redis for the other replicas

@@ -143,6 +143,25 @@ async def test_handed_back_jobs_are_taken_at_once_without_counting_an_attempt(
     assert again.id == job.id and again.attempts == 1
 
 
+async def test_claims_and_hand_backs_survive_a_redis_that_lost_its_scripts(
+    replicas: Callable[..., Any], redis_process: Any
+) -> None:
+    """Claims and hand-backs go as plain EVALSHAs in one pipeline (no SCRIPT EXISTS round trip
+    each time); a Redis whose script cache was emptied (a restart) gets the script again."""
+    a = await replicas()
+    b = await replicas()
+    first, _, _ = await a.add(_job())
+    with redis_process.client() as admin:
+        admin.script_flush()
+    [held] = await a.take("m", 10, 0.1)
+    assert held.id == first.id and held.attempts == 1
+    with redis_process.client() as admin:
+        admin.script_flush()
+    await a.release([held], started=False)
+    [again] = await b.take("m", 10, 0.1)
+    assert again.id == first.id and again.attempts == 1
+
+
 async def test_the_pending_bound_holds_over_replicas(replicas: Callable[..., Any]) -> None:
     from tensorgate.server.errors import ResourceExhausted
 
