@@ -134,3 +134,20 @@ def test_a_wheel_only_user_builds_the_bundled_models_and_serves_them(
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(30) == 0
+
+
+def test_every_package_folder_is_in_the_wheels_package_list() -> None:
+    """server/, client/ and command/ ship as tensorgate.server, tensorgate.client and
+    tensorgate.command (package-dir in pyproject.toml): every folder with an __init__.py under
+    them is listed under its tensorgate.* name, so none is left out of the wheel."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    folders = {"server": "tensorgate.server", "client": "tensorgate.client",
+               "command": "tensorgate.command"}  # fmt: skip
+    for folder, name in folders.items():
+        assert config["package-dir"][name] == folder
+        for init in sorted((ROOT / folder).rglob("__init__.py")):
+            package = ".".join([name, *init.parent.relative_to(ROOT / folder).parts])
+            assert package in listed, f"{package} ({init.parent}) is not in pyproject's packages"
