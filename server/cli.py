@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tensorgate.server import logs
 from tensorgate.server.config import ConfigError, ServerConfig
-from tensorgate.server.logs import FORMATS, LEVELS
 
 log = logging.getLogger("tensorgate")
 
@@ -123,10 +123,10 @@ def _flags() -> list[_Flag]:
             "serving processes sharing the port: a number, or auto (one per usable core); "
             "more than 1 needs --job-store redis://",
         ),
-        _Flag("log_level", _choice(LEVELS, upper=True), "INFO", ", ".join(LEVELS)),
+        _Flag("log_level", _choice(logs.LEVELS, upper=True), "INFO", ", ".join(logs.LEVELS)),
         _Flag(
             "log_format",
-            _choice(FORMATS),
+            _choice(logs.FORMATS),
             "text",
             "text, or json: one JSON object a line (time, level, logger, message, request_id)",
         ),
@@ -212,8 +212,6 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tensorgate.server import logs
-
     try:
         resolve(args)
     except ConfigError as exc:

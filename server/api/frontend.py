@@ -11,7 +11,6 @@ service, which is not wrapped, keeps answering probes however busy the server is
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -27,10 +26,6 @@ from tensorgate.server.limits import TenantRates
 from tensorgate.server.telemetry import Tracing
 
 Resp = TypeVar("Resp")
-
-# The tenant of the call being handled (set by Frontend.admitted, read by the handlers and, in a
-# stream, by the reader task it starts).
-_TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="")
 
 # A deadline further away than this is treated as none (gRPC reports "infinite" as a huge number).
 _NO_DEADLINE_S = 10**8
@@ -92,10 +87,6 @@ class Frontend:
         # (method, code) -> the calls counter's child (a fixed set of methods and codes).
         self._calls_children: dict[tuple[str, str], Any] = {}
 
-    def tenant(self) -> str:
-        """The tenant of the call being handled ("" with auth off)."""
-        return _TENANT.get()
-
     def stream_owner(self) -> str:
         """A name for a new stream: the owner of the sequences it starts or drives."""
         self._streams += 1
@@ -106,9 +97,10 @@ class Frontend:
         """Names the caller's tenant (yielded), and counts a unary call or an open stream for as
         long as it runs; beyond max_concurrent_rpcs the call ends at once with
         RESOURCE_EXHAUSTED and retry-after-ms."""
+        tenant = ""  # anonymous while auth is off
         if self.auth is not None:
             try:
-                _TENANT.set(self.auth.tenant(context.invocation_metadata(), context.auth_context()))
+                tenant = self.auth.tenant(context.invocation_metadata(), context.auth_context())
             except Unauthenticated as exc:
                 await abort(context, exc)
         limit = self.max_concurrent_rpcs
@@ -123,7 +115,7 @@ class Frontend:
             )
         self.calls += 1
         try:
-            yield _TENANT.get()
+            yield tenant
         finally:
             self.calls -= 1
 

@@ -321,7 +321,7 @@ class JobLanes:
         await asyncio.gather(*self._feeders, return_exceptions=True)
         await self.hand_back(started=False)
 
-    async def fail_unfinished(self, reason: str) -> list[Job]:
+    def fail_unfinished(self, reason: str) -> list[Job]:
         """Fails every held job not finished yet with UNAVAILABLE (a private store at the end of
         the grace period); returns them."""
         self.retrying = False

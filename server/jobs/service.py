@@ -173,7 +173,7 @@ class JobService:
         final status. Returns the jobs affected."""
         if self.store.shared:
             return await self._lanes.finish_or_hand_back(finish_s)
-        return await self._lanes.fail_unfinished(reason) + await self.store.abandon(reason)
+        return self._lanes.fail_unfinished(reason) + await self.store.abandon(reason)
 
     async def recorded(self, timeout_s: float) -> bool:
         """Waits (up to timeout_s) until the outcome of every job this process held is in the
