@@ -11,6 +11,8 @@ calls the server refuses again, honouring its retry-after hint.
 from tensorgate.client.aio import AsyncTensorgateClient
 from tensorgate.client.errors import Retry, TensorgateError
 from tensorgate.client.results import (
+    Delivery,
+    JobEvent,
     JobResult,
     JobSummary,
     ModelMetadata,
@@ -26,6 +28,8 @@ from tensorgate.client.sync import TensorgateClient
 
 __all__ = [
     "AsyncTensorgateClient",
+    "Delivery",
+    "JobEvent",
     "JobResult",
     "JobSummary",
     "ModelMetadata",

@@ -22,6 +22,7 @@ from tensorgate.client import codec
 from tensorgate.client.connection import DEFAULT_MAX_MESSAGE_BYTES, aio_connection
 from tensorgate.client.errors import Retry, TensorgateError, acall
 from tensorgate.client.results import (
+    JobEvent,
     JobResult,
     JobSummary,
     ModelMetadata,
@@ -91,12 +92,18 @@ class AsyncTensorgateClient:
         request_id: str = "",
         priority: int = 0,
         parameters: Mapping[str, bool | int | float | str] | None = None,
+        callback_url: str = "",
+        include_result: bool = False,
     ) -> Submitted:
-        """A job: its id at once (get_result() for the outcome). Retried after UNAVAILABLE
-        only with an idempotency_key, which makes a second try name the same job."""
+        """A job: its id at once (get_result() or watch() for the outcome). Retried after
+        UNAVAILABLE only with an idempotency_key, which makes a second try name the same job.
+        callback_url: the server POSTs the final state there (a signed webhook; the URL must
+        match the server's --webhook-allow); include_result puts the outputs in it when they
+        fit."""
         request = codec.submit_request(
             model, inputs, outputs, request_id, idempotency_key=idempotency_key,
-            priority=priority, parameters=parameters,
+            priority=priority, parameters=parameters, callback_url=callback_url,
+            include_result=include_result,
         )  # fmt: skip
         response = await self._call(self._stub.Submit, request, may_be_accepted=not idempotency_key)
         return codec.submitted(response)
@@ -106,6 +113,22 @@ class AsyncTensorgateClient:
         request = pb.GetResultRequest(job_id=job_id, wait_timeout_seconds=wait_timeout_s)
         timeout = None if self._timeout_s is None else self._timeout_s + wait_timeout_s
         return codec.job_result(await self._call(self._stub.GetResult, request, timeout))
+
+    async def watch(self, job_id: str) -> AsyncIterator[JobEvent]:
+        """The job's state now, then each change as it happens; ends after the final event
+        (SUCCEEDED with its outputs, FAILED or CANCELLED with the error)."""
+        stream = self._stub.WatchJob(
+            pb.WatchJobRequest(job_id=job_id),
+            timeout=self._timeout_s,
+            metadata=self._connection.metadata(),
+        )
+        try:
+            async for event in stream:
+                yield codec.job_event(event)
+        except grpc.RpcError as exc:
+            raise TensorgateError.of(exc) from None
+        finally:
+            stream.cancel()
 
     async def cancel(self, job_id: str) -> str:
         """Cancels a job; returns its status afterwards."""

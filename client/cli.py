@@ -19,7 +19,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tensorgate.client import codec
-from tensorgate.client.results import JobResult, StreamItem, TensorMetadata
+from tensorgate.client.results import Delivery, JobResult, StreamItem, TensorMetadata
 from tensorgate.client.security import Security
 from tensorgate.client.sequences import SequenceError
 from tensorgate.client.sync import TensorgateClient
@@ -62,7 +62,20 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: 
 
     submit = commands.add_parser("submit", parents=[target, request], help="submit a job")
     submit.add_argument("--idempotency-key", default="")
+    submit.add_argument(
+        "--callback-url", default="", help="POST the final state there (a signed webhook)"
+    )
+    submit.add_argument(
+        "--include-result", action="store_true", help="put the outputs in the webhook's body"
+    )
     submit.set_defaults(func=_submit)
+
+    watch = commands.add_parser(
+        "watch", parents=[target], help="follow a job: one line per state change, to the end"
+    )
+    watch.add_argument("job_id")
+    # A watch lasts as long as the job: no deadline unless --timeout-s is given.
+    watch.set_defaults(func=_watch, timeout_s=None)
 
     result = commands.add_parser("result", parents=[target], help="a job's status and result")
     result.add_argument("job_id")
@@ -228,6 +241,8 @@ def _submit(args: argparse.Namespace) -> int:
             _inputs(client, args),
             outputs=_outputs_arg(args),
             idempotency_key=args.idempotency_key,
+            callback_url=args.callback_url,
+            include_result=args.include_result,
         )
         print(json.dumps({
             "job_id": job.job_id,
@@ -247,6 +262,8 @@ def _job_json(result: JobResult) -> dict[str, Any]:
         shown["error"] = {"code": result.error_code.name, "message": result.error_message}
     if result.finished:
         shown["expires_in_s"] = round(result.expires_in_s, 1)
+    if result.delivery is not None:
+        shown["delivery"] = _delivery_json(result.delivery)
     return shown
 
 
@@ -255,6 +272,35 @@ def _result(args: argparse.Namespace) -> int:
         print(json.dumps(_job_json(client.get_result(args.job_id, args.wait_s))))
 
     return _call(args, action)
+
+
+def _watch(args: argparse.Namespace) -> int:
+    def action(client: TensorgateClient) -> None:
+        for event in client.watch(args.job_id):
+            shown: dict[str, Any] = {
+                "job_id": event.job_id,
+                "status": event.status,
+                "attempt": event.attempt,
+                "time": round(event.time, 3),
+            }
+            if event.retry:
+                shown["retry"] = True
+            if event.error_code is not None:
+                shown["error"] = {"code": event.error_code.name, "message": event.error_message}
+            if event.outputs is not None:
+                shown["outputs"] = _show(event.outputs)
+            if event.delivery is not None:
+                shown["delivery"] = _delivery_json(event.delivery)
+            print(json.dumps(shown), flush=True)
+
+    return _call(args, action)
+
+
+def _delivery_json(delivery: Delivery) -> dict[str, Any]:
+    shown: dict[str, Any] = {"state": delivery.state, "attempts": delivery.attempts}
+    if delivery.last_error:
+        shown["last_error"] = delivery.last_error
+    return shown
 
 
 def _jobs(args: argparse.Namespace) -> int:
@@ -269,6 +315,8 @@ def _jobs(args: argparse.Namespace) -> int:
             }
             if job.error_code is not None:
                 shown["error"] = {"code": job.error_code.name, "message": job.error_message}
+            if job.delivery is not None:
+                shown["delivery"] = _delivery_json(job.delivery)
             print(json.dumps(shown))
 
     return _call(args, action)

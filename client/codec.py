@@ -9,6 +9,8 @@ import grpc
 import numpy as np
 
 from tensorgate.client.results import (
+    Delivery,
+    JobEvent,
     JobResult,
     JobSummary,
     ModelMetadata,
@@ -108,12 +110,19 @@ def submit_request(
     idempotency_key: str = "",
     priority: int = 0,
     parameters: Mapping[str, bool | int | float | str] | None = None,
+    callback_url: str = "",
+    include_result: bool = False,
 ) -> pb.SubmitRequest:
+    if include_result and not callback_url:
+        raise ValueError("include_result puts the result in the webhook: give callback_url too")
     return pb.SubmitRequest(
         request=predict_request(
             model, inputs, outputs, request_id, priority=priority, parameters=parameters
         ),
         idempotency_key=idempotency_key,
+        callback=(
+            pb.Callback(url=callback_url, include_result=include_result) if callback_url else None
+        ),
     )
 
 
@@ -135,6 +144,8 @@ def job_result(response: pb.GetResultResponse) -> JobResult:
         error_code=_status_code(response.error.code) if has_error else None,
         error_message=response.error.message,
         expires_in_s=response.expires_in_seconds,
+        attempts=response.attempts,
+        delivery=_delivery(response),
     )
 
 
@@ -149,6 +160,33 @@ def job_summary(job: pb.JobSummary) -> JobSummary:
         request_id=job.request_id,
         error_code=_status_code(job.error.code) if has_error else None,
         error_message=job.error.message,
+        delivery=_delivery(job),
+    )
+
+
+def job_event(event: pb.JobEvent) -> JobEvent:
+    has_error = event.HasField("error")
+    return JobEvent(
+        job_id=event.job_id,
+        model=event.model,
+        status=pb.JobStatus.Name(event.status),
+        attempt=event.attempt,
+        time=event.time.ToNanoseconds() / 1e9,
+        retry=event.retry,
+        outputs=decode_all(event.result.outputs) if event.HasField("result") else None,
+        error_code=_status_code(event.error.code) if has_error else None,
+        error_message=event.error.message,
+        delivery=_delivery(event),
+    )
+
+
+def _delivery(message: pb.GetResultResponse | pb.JobSummary | pb.JobEvent) -> Delivery | None:
+    if not message.HasField("delivery"):
+        return None
+    return Delivery(
+        state=pb.DeliveryState.Name(message.delivery.state),
+        attempts=message.delivery.attempts,
+        last_error=message.delivery.last_error,
     )
 
 

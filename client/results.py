@@ -19,6 +19,16 @@ class Submitted:
 
 
 @dataclass(slots=True, frozen=True)
+class Delivery:
+    """A job's webhook delivery: state DELIVERY_PENDING, DELIVERY_DELIVERED or DELIVERY_FAILED
+    (dead-lettered), the attempts made and why the last one failed."""
+
+    state: str
+    attempts: int = 0
+    last_error: str = ""
+
+
+@dataclass(slots=True, frozen=True)
 class JobResult:
     job_id: str
     status: str  # PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED
@@ -26,6 +36,9 @@ class JobResult:
     error_code: grpc.StatusCode | None = None
     error_message: str = ""
     expires_in_s: float = 0.0
+    attempts: int = 0
+    # Set when the job was submitted with a callback.
+    delivery: Delivery | None = None
 
     @property
     def finished(self) -> bool:
@@ -42,6 +55,31 @@ class JobSummary:
     request_id: str = ""
     error_code: grpc.StatusCode | None = None
     error_message: str = ""
+    delivery: Delivery | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class JobEvent:
+    """One state of a watched job (watch()): the first is its state when the watch began, then
+    one per change; the last is final (SUCCEEDED with outputs, FAILED or CANCELLED)."""
+
+    job_id: str
+    model: str
+    status: str
+    # The run it belongs to (0 before the first).
+    attempt: int
+    # When the change happened (seconds since the epoch).
+    time: float
+    # The job runs again after attempt - 1 failed with this error.
+    retry: bool = False
+    outputs: dict[str, np.ndarray] | None = None
+    error_code: grpc.StatusCode | None = None
+    error_message: str = ""
+    delivery: Delivery | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status in ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
 @dataclass(slots=True, frozen=True)

@@ -14,6 +14,7 @@ from tensorgate.client import codec
 from tensorgate.client.connection import DEFAULT_MAX_MESSAGE_BYTES, sync_connection
 from tensorgate.client.errors import Retry, TensorgateError, call
 from tensorgate.client.results import (
+    JobEvent,
     JobResult,
     JobSummary,
     ModelMetadata,
@@ -82,12 +83,18 @@ class TensorgateClient:
         request_id: str = "",
         priority: int = 0,
         parameters: Mapping[str, bool | int | float | str] | None = None,
+        callback_url: str = "",
+        include_result: bool = False,
     ) -> Submitted:
-        """A job: its id at once (get_result() for the outcome). Retried after UNAVAILABLE
-        only with an idempotency_key, which makes a second try name the same job."""
+        """A job: its id at once (get_result() or watch() for the outcome). Retried after
+        UNAVAILABLE only with an idempotency_key, which makes a second try name the same job.
+        callback_url: the server POSTs the final state there (a signed webhook; the URL must
+        match the server's --webhook-allow); include_result puts the outputs in it when they
+        fit."""
         request = codec.submit_request(
             model, inputs, outputs, request_id, idempotency_key=idempotency_key,
-            priority=priority, parameters=parameters,
+            priority=priority, parameters=parameters, callback_url=callback_url,
+            include_result=include_result,
         )  # fmt: skip
         response = self._call(self._stub.Submit, request, may_be_accepted=not idempotency_key)
         return codec.submitted(response)
@@ -97,6 +104,18 @@ class TensorgateClient:
         request = pb.GetResultRequest(job_id=job_id, wait_timeout_seconds=wait_timeout_s)
         timeout = None if self._timeout_s is None else self._timeout_s + wait_timeout_s
         return codec.job_result(self._call(self._stub.GetResult, request, timeout))
+
+    def watch(self, job_id: str) -> Iterator[JobEvent]:
+        """The job's state now, then each change as it happens; ends after the final event
+        (SUCCEEDED with its outputs, FAILED or CANCELLED with the error)."""
+        request = pb.WatchJobRequest(job_id=job_id)
+        try:
+            for event in self._stub.WatchJob(
+                request, timeout=self._timeout_s, metadata=self._connection.metadata()
+            ):
+                yield codec.job_event(event)
+        except grpc.RpcError as exc:
+            raise TensorgateError.of(exc) from None
 
     def cancel(self, job_id: str) -> str:
         """Cancels a job; returns its status afterwards."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.longrunning import operations_proto_pb2
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -30,6 +31,7 @@ from tensorgate.server.api.frontend import Frontend
 from tensorgate.server.api.health import HealthReporter
 from tensorgate.server.api.kserve import KServeServicer
 from tensorgate.server.api.messages import add_service
+from tensorgate.server.api.operations import OperationsServicer
 from tensorgate.server.api.servicer import InferenceServicer
 from tensorgate.server.config import ConfigError, ServerConfig
 from tensorgate.server.dataplane import DataPlane
@@ -114,11 +116,18 @@ class TensorgateServer:
         )
         add_service(server, InferenceServicer(frontend), inference_pb2, "Inference")
         add_service(server, KServeServicer(frontend), grpc_service_pb2, "GRPCInferenceService")
+        add_service(
+            server,
+            OperationsServicer(frontend, config.max_result_wait_s),
+            operations_proto_pb2,
+            "Operations",
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(
             (
                 inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
                 grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                OperationsServicer.SERVICE,
                 "grpc.health.v1.Health",
                 reflection.SERVICE_NAME,
             ),
@@ -249,6 +258,7 @@ class TensorgateServer:
             # Every accepted job now has its final status: long-polls and watchers see it
             # before the transport goes.
             await self._jobs.recorded(max(deadline - time.monotonic(), _RECORD_WAIT_S))
+            self._jobs.close_watches()
             if not drained:
                 log.warning(
                     "grace period over: %d request(s) still in flight, %d job(s) %s%s",

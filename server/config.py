@@ -102,6 +102,30 @@ class ServerConfig:
     # Per tenant: inference requests a second (0 = no limit) and unfinished jobs (0 = no limit).
     tenant_rate: float = flag(0.0, "inference requests per second per tenant (0 = no limit)")
     max_pending_jobs_per_tenant: int = flag(0, "unfinished jobs per tenant (0 = no limit)")
+    # Webhooks (SubmitRequest.callback): where the server may POST (none by default: it makes
+    # requests on a caller's behalf), how they are signed, how hard it tries.
+    webhook_allow: tuple[str, ...] = flag(
+        (),
+        "callback URLs allowed: comma-separated hosts, host:port, *.domain, IPs or CIDRs (none "
+        "by default; private, loopback and link-local addresses only when named)",
+    )
+    webhook_secrets: str = flag(
+        "", "file of 'TENANT whsec_...' lines signing webhooks (* for the rest); re-read on change"
+    )
+    webhook_max_attempts: int = flag(8, "webhook delivery attempts before it is dead-lettered")
+    webhook_window_s: float = flag(
+        3600.0, "time after the job finishes within which its webhook is retried"
+    )
+    webhook_max_body_bytes: int = flag(
+        1 << 20, "largest webhook body; bigger results are left to GetResult"
+    )
+    webhook_timeout_s: float = flag(10.0, "time a webhook receiver has to answer one attempt")
+    webhook_retry_base_s: float = flag(
+        1.0, "first webhook retry delay; doubles, with jitter (Retry-After is honoured)"
+    )
+    webhook_max_connections: int = flag(
+        64, "webhook requests in flight at most (a quarter of them to any one receiver)"
+    )
     # Label request metrics with the tenant (a series per tenant: for a few tenants only).
     metrics_tenant_label: bool = flag(
         False, "label request metrics with the tenant (for a few tenants only)"

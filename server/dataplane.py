@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import AsyncIterator
 
 from opentelemetry.trace import Span
 
@@ -20,6 +21,9 @@ from tensorgate.server.jobs.service import JobService
 from tensorgate.server.limits import check_idempotency_key
 from tensorgate.server.models import ModelSet, stateful_job_error
 from tensorgate.server.records import (
+    Callback,
+    Cursor,
+    JobEvent,
     JobStatus,
     JobView,
     ModelInfo,
@@ -86,10 +90,14 @@ class DataPlane:
     # --- jobs --------------------------------------------------------------------------------
 
     async def submit(
-        self, request: Request, idempotency_key: str = "", span: Span | None = None
+        self,
+        request: Request,
+        idempotency_key: str = "",
+        span: Span | None = None,
+        callback: Callback | None = None,
     ) -> Submitted:
         """Admits and accepts a job. With the Submit call's span, the job's run is traced as a
-        `job` span under it."""
+        `job` span under it. callback: a webhook for its final state."""
         check_idempotency_key(idempotency_key)
         if self.draining and not self._jobs.store.shared:
             # A job is a promise that outlives the call; this process's memory does not outlive
@@ -103,7 +111,7 @@ class DataPlane:
             raise stateful_job_error(request.model)
         admitted = self._models.admit(request, RequestKind.JOB)
         job, deduplicated, estimate_s = await self._jobs.submit(
-            request, admitted, idempotency_key, span
+            request, admitted, idempotency_key, span, callback
         )
         return Submitted(self._jobs.view(job), deduplicated, estimate_s)
 
@@ -116,13 +124,27 @@ class DataPlane:
         self.tracing.link_to(span, job.span)
         return self._jobs.view(job)
 
+    def watch_job(self, job_id: str, tenant: str = "") -> AsyncIterator[JobEvent]:
+        """The job's state now, then each change until the final one (NOT_FOUND when unknown)."""
+        return self._jobs.watch(job_id, tenant)
+
     async def cancel_job(self, job_id: str, tenant: str = "") -> JobView:
         return self._jobs.view(await self._jobs.cancel(job_id, tenant))
 
+    async def delete_job(self, job_id: str, tenant: str = "") -> JobView:
+        """Forgets a finished job now (FAILED_PRECONDITION while it is unfinished)."""
+        return self._jobs.view(await self._jobs.delete(job_id, tenant))
+
     async def list_jobs(
-        self, status: JobStatus | None, limit: int, tenant: str = ""
+        self,
+        status: JobStatus | None,
+        limit: int,
+        tenant: str = "",
+        after: Cursor | None = None,
     ) -> list[JobView]:
-        return [self._jobs.view(job) for job in await self._jobs.find(status, limit, tenant)]
+        """Newest first; after: (created_at, id) of the previous page's last job."""
+        found = await self._jobs.find(status, limit, tenant, after)
+        return [self._jobs.view(job) for job in found]
 
     # --- models ------------------------------------------------------------------------------
 

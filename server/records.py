@@ -67,6 +67,61 @@ class JobStatus(enum.Enum):
 _FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 
+class DeliveryState(enum.Enum):
+    """Where a job's webhook delivery stands."""
+
+    PENDING = "DELIVERY_PENDING"  # the job is unfinished, or an attempt is due
+    DELIVERED = "DELIVERY_DELIVERED"  # the receiver answered 2xx
+    FAILED = "DELIVERY_FAILED"  # attempts or time ran out: dead-lettered
+
+
+@dataclass(slots=True, frozen=True)
+class Callback:
+    """Where a job's final state is POSTed (a signed webhook)."""
+
+    url: str
+    # Put the outputs in the body when they fit (else the body refers to GetResult).
+    include_result: bool = False
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A job's webhook delivery as it stands."""
+
+    state: DeliveryState = DeliveryState.PENDING
+    attempts: int = 0
+    last_error: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class JobEvent:
+    """One state of a job, as a watcher sees it: the first is the state when it began watching,
+    then one per change."""
+
+    job_id: str
+    model: str
+    status: JobStatus
+    # The run it belongs to (0 before the first).
+    attempt: int
+    # Wall-clock time of the change.
+    at: float
+    # The job's error when it failed or was cancelled; on a retry, the error that caused it.
+    error: TensorgateError | None = None
+    # The job runs again after attempt - 1 failed.
+    retry: bool = False
+    # Filled in on the final event: the result, and the webhook delivery's state.
+    outputs: Outputs | None = None
+    delivery: Delivery | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status.finished
+
+
+# Where a page of listed jobs ends: (created_at, id) of its last job; the next page starts after.
+Cursor = tuple[float, str]
+
+
 @dataclass(slots=True, frozen=True)
 class JobView:
     """A job as a caller sees it at one moment."""
@@ -81,6 +136,12 @@ class JobView:
     error: TensorgateError | None = None
     # Seconds until a finished job's result is forgotten; None while unfinished.
     expires_in_s: float | None = None
+    # Set when the job has a callback.
+    delivery: Delivery | None = None
+    # Wall-clock times: accepted, first run started, final status reached.
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
 
 
 @dataclass(slots=True, frozen=True)

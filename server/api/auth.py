@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import threading
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +22,13 @@ import grpc
 
 from tensorgate.server.config import ConfigError
 from tensorgate.server.errors import Unauthenticated
+from tensorgate.server.watched import WatchedFile
 
 log = logging.getLogger(__name__)
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 _OPEN_SERVICES = ("/grpc.health.v1.Health/",)
-# Files are looked at no more often than this (a stat per call would be wasted work).
-_RECHECK_S = 1.0
 
 
 def read_tokens(path: Path) -> dict[str, str]:
@@ -68,48 +65,6 @@ def read_tokens(path: Path) -> dict[str, str]:
     return by_hash
 
 
-class _Watched:
-    """A file read again when its modification time or size changes (checked at most once a
-    second); a broken new version is logged and the last good one kept."""
-
-    def __init__(self, paths: Sequence[Path], load: Callable[[], Any]) -> None:
-        self._paths = list(paths)
-        self._load = load
-        self._lock = threading.Lock()
-        self._stamp = self._stamps()
-        self.value = load()
-        self._checked = time.monotonic()
-
-    def _stamps(self) -> tuple[tuple[int, int], ...]:
-        stamps = []
-        for path in self._paths:
-            try:
-                stat = path.stat()
-                stamps.append((stat.st_mtime_ns, stat.st_size))
-            except OSError:
-                stamps.append((0, 0))
-        return tuple(stamps)
-
-    def current(self) -> tuple[Any, bool]:
-        """(the value, whether it changed since the last call)."""
-        now = time.monotonic()
-        if now - self._checked < _RECHECK_S:
-            return self.value, False
-        with self._lock:
-            self._checked = now
-            stamp = self._stamps()
-            if stamp == self._stamp:
-                return self.value, False
-            self._stamp = stamp
-            try:
-                self.value = self._load()
-            except (ConfigError, OSError, ValueError) as exc:
-                log.error("keeping the previous version: %s", exc)
-                return self.value, False
-            log.info("re-read %s", ", ".join(str(p) for p in self._paths))
-            return self.value, True
-
-
 @dataclass(slots=True)
 class TlsFiles:
     cert: Path
@@ -130,7 +85,7 @@ def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=roots)
 
     paths = [files.cert, files.key, *([files.client_ca] if files.client_ca else [])]
-    watched = _Watched(paths, load)
+    watched = WatchedFile(paths, load)
 
     def fetch() -> Any:
         value, changed = watched.current()
@@ -147,7 +102,7 @@ class Authenticator:
     def __init__(self, tokens_file: Path | None, mutual_tls: bool) -> None:
         self.mutual_tls = mutual_tls
         self._tokens = (
-            _Watched([tokens_file], lambda: read_tokens(tokens_file)) if tokens_file else None
+            WatchedFile([tokens_file], lambda: read_tokens(tokens_file)) if tokens_file else None
         )
 
     @property

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any
 
 import grpc
+from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 
 from tensorgate.server.errors import InvalidArgument
@@ -75,12 +76,13 @@ def _tolerant(message_class: Any) -> Callable[[bytes], Any]:
 
 def add_service(server: grpc.aio.Server, servicer: Any, pb2: ModuleType, service: str) -> None:
     """Adds `servicer` for the service named `service` in the generated module pb2; each method
-    is bound by name, unary-unary or stream-stream as the .proto declares."""
+    is bound by name, unary-unary, unary-stream or stream-stream as the .proto declares."""
     descriptor = pb2.DESCRIPTOR.services_by_name[service]
     handlers = {}
     for method in descriptor.methods:
-        request_class = getattr(pb2, method.input_type.name)
-        response_class = getattr(pb2, method.output_type.name)
+        # The message classes wherever they are declared (google.longrunning's Empty, ...).
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
         behaviour = getattr(servicer, method.name)
         kwargs = dict(
             request_deserializer=_tolerant(request_class),
@@ -90,6 +92,8 @@ def add_service(server: grpc.aio.Server, servicer: Any, pb2: ModuleType, service
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(behaviour, **kwargs)
         elif not method.client_streaming and not method.server_streaming:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(behaviour, **kwargs)
+        elif method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(behaviour, **kwargs)
         else:  # pragma: no cover - the contract has no such methods
             raise TypeError(f"{descriptor.full_name}/{method.name}: unsupported streaming kind")
     server.add_generic_rpc_handlers(

@@ -10,9 +10,17 @@ from tensorgate.server.api import codec
 from tensorgate.server.api.frontend import Frontend
 from tensorgate.server.api.status import error_message
 from tensorgate.server.api.stream import pump
-from tensorgate.server.api.unary import Call, rpc
+from tensorgate.server.api.unary import Call, rpc, rpc_stream
 from tensorgate.server.errors import InvalidArgument
-from tensorgate.server.records import JobStatus, JobView, Request, SequenceControl
+from tensorgate.server.records import (
+    Callback,
+    Delivery,
+    JobEvent,
+    JobStatus,
+    JobView,
+    Request,
+    SequenceControl,
+)
 from tensorgate.server.tensors import Outputs, TensorSpec
 from tensorgate.v1 import inference_pb2 as pb
 from tensorgate.v1 import inference_pb2_grpc as pb_grpc
@@ -30,7 +38,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     @rpc("unary")
     async def Predict(self, request: pb.PredictRequest, call: Call) -> pb.PredictResponse:
         outputs = await self._plane.infer(call.bind(_request(request)), call.span)
-        return call.encode(lambda: _response(request.model, request.id, outputs))
+        return call.encode(lambda: predict_response(request.model, request.id, outputs))
 
     async def StreamPredict(
         self,
@@ -45,7 +53,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             context,
             _request,
             lambda message, outputs: pb.StreamPredictResponse(
-                id=message.id, response=_response(message.model, message.id, outputs)
+                id=message.id, response=predict_response(message.model, message.id, outputs)
             ),
             lambda message, error: _stream_error(message, error),
         ):
@@ -53,8 +61,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @rpc("job")
     async def Submit(self, request: pb.SubmitRequest, call: Call) -> pb.SubmitResponse:
+        callback = None
+        if request.HasField("callback"):
+            if not request.callback.url:
+                raise InvalidArgument("callback.url is empty: give the URL to POST the result to")
+            callback = Callback(request.callback.url, request.callback.include_result)
         submitted = await self._plane.submit(
-            call.bind(_request(request.request)), request.idempotency_key, call.span
+            call.bind(_request(request.request)), request.idempotency_key, call.span, callback
         )
         return pb.SubmitResponse(
             job_id=submitted.job.id,
@@ -72,6 +85,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             span=call.span,
         )
         return _job_result(job)
+
+    @rpc_stream()
+    async def WatchJob(self, request: pb.WatchJobRequest, call: Call) -> AsyncIterator[pb.JobEvent]:
+        async for event in self._plane.watch_job(request.job_id, call.tenant):
+            yield job_event(event)
 
     @rpc()
     async def CancelJob(self, request: pb.CancelJobRequest, call: Call) -> pb.CancelJobResponse:
@@ -95,6 +113,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     error=error_message(job.error) if job.error is not None else None,
                     age_seconds=job.age_s,
                     request_id=job.request_id,
+                    delivery=webhook_delivery(job.delivery),
                 )
                 for job in jobs
             ]
@@ -150,7 +169,7 @@ def _tensor_metadata(spec: TensorSpec) -> pb.TensorMetadata:
     return pb.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=spec.shape)
 
 
-def _response(model: str, request_id: str, outputs: Outputs) -> pb.PredictResponse:
+def predict_response(model: str, request_id: str, outputs: Outputs) -> pb.PredictResponse:
     return pb.PredictResponse(model=model, id=request_id, outputs=codec.encode_tensors(outputs))
 
 
@@ -170,10 +189,40 @@ def _job_status(value: int) -> JobStatus | None:
         raise InvalidArgument(f"status {value} is not a job status; use one of {known}") from None
 
 
+def webhook_delivery(delivery: Delivery | None) -> pb.WebhookDelivery | None:
+    if delivery is None:
+        return None
+    return pb.WebhookDelivery(
+        state=delivery.state.value, attempts=delivery.attempts, last_error=delivery.last_error
+    )
+
+
+def job_event(event: JobEvent) -> pb.JobEvent:
+    message = pb.JobEvent(
+        job_id=event.job_id,
+        model=event.model,
+        status=event.status.value,
+        attempt=event.attempt,
+        retry=event.retry,
+        delivery=webhook_delivery(event.delivery),
+    )
+    message.time.FromNanoseconds(int(event.at * 1e9))
+    if event.error is not None:
+        message.error.CopyFrom(error_message(event.error))
+    if event.outputs is not None:
+        message.result.CopyFrom(predict_response(event.model, "", event.outputs))
+    return message
+
+
 def _job_result(job: JobView) -> pb.GetResultResponse:
-    response = pb.GetResultResponse(job_id=job.id, status=job.status.value)
+    response = pb.GetResultResponse(
+        job_id=job.id,
+        status=job.status.value,
+        attempts=job.attempts,
+        delivery=webhook_delivery(job.delivery),
+    )
     if job.outputs is not None:
-        response.result.CopyFrom(_response(job.model, job.request_id, job.outputs))
+        response.result.CopyFrom(predict_response(job.model, job.request_id, job.outputs))
     if job.error is not None:
         response.error.CopyFrom(error_message(job.error))
     if job.expires_in_s is not None:

@@ -1,4 +1,5 @@
-"""The one door of every unary call, on both front ends: the `rpc` decorator.
+"""The one door of every call with one request, on both front ends: the `rpc` decorator (unary
+calls) and `rpc_stream` (one request, a stream of answers: WatchJob).
 
 Each call is admitted (tenant, concurrency limit), charged to its tenant's rate, given its span
 when tracing, counted (tensorgate_calls_total; inference calls also in tensorgate_requests_total)
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -104,6 +105,49 @@ def rpc(kind: str | None = None) -> Callable[[Handler[Req, Resp]], GrpcHandler[R
                     if span is not None:
                         code = 0 if error is None else status_of(error).value[0]
                         tracing.end_rpc(span, code, "" if error is None else str(error))
+
+        return handler
+
+    return decorate
+
+
+StreamHandler = Callable[[Any, Req, Call], AsyncIterator[Resp]]
+GrpcStreamHandler = Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]
+
+
+def rpc_stream() -> Callable[[StreamHandler[Req, Resp]], GrpcStreamHandler[Req, Resp]]:
+    """Wraps a server-streaming handler (an async generator) of a servicer: admitted and counted
+    as an open stream for as long as it runs, charged once to its tenant's rate, its failure
+    mapped to a status code (which ends the stream), counted in tensorgate_calls_total."""
+
+    def decorate(method: StreamHandler[Req, Resp]) -> GrpcStreamHandler[Req, Resp]:
+        name = method.__name__
+
+        @functools.wraps(method)
+        async def handler(
+            self: Any, message: Req, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Resp]:
+            frontend: Frontend = self.frontend
+            frontend.plane.note_call()
+            async with frontend.admitted(context) as tenant:
+                message = await resolve(message)
+                if isinstance(message, Malformed):
+                    await abort(context, message.error())
+                deadline = deadline_of(context)
+                error: TensorgateError | None = None
+                try:
+                    frontend.rates.charge(tenant)
+                    call = Call(tenant, deadline, None, frontend.tracing)
+                    async for item in method(self, message, call):
+                        yield item
+                except asyncio.CancelledError:
+                    error = gone(deadline)
+                    raise
+                except Exception as exc:
+                    error = as_domain_error(exc)
+                    await abort(context, error)
+                finally:
+                    frontend.count_call(name, error)
 
         return handler
 

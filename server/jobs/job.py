@@ -9,7 +9,7 @@ from opentelemetry.trace import Span
 
 from tensorgate.server.errors import TensorgateError
 from tensorgate.server.inference import InferenceRequest
-from tensorgate.server.records import JobStatus, Request
+from tensorgate.server.records import Callback, Delivery, JobStatus, Request
 from tensorgate.server.tensors import Outputs
 
 __all__ = ["Job", "JobStatus"]
@@ -29,6 +29,7 @@ class Job:
     outputs: Outputs | None = None
     error: TensorgateError | None = None
     created_at: float = 0.0
+    started_at: float | None = None  # when the first run was taken
     finished_at: float | None = None
     expires_at: float | None = None  # set when the job finishes
     # Engine runs started so far (deliveries, for a shared store); a retryable failure runs the
@@ -48,3 +49,6 @@ class Job:
     span: Span | None = None
     traceparent: str = ""
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+    # Where to POST the final state, and how that delivery stands (webhooks).
+    callback: Callback | None = None
+    delivery: Delivery | None = None

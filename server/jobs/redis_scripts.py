@@ -26,11 +26,21 @@ local function remove(id)
   redis.call('DEL', job)
   redis.call('ZREM', P .. 'jobs', id)
   redis.call('ZREM', P .. 'done', id)
+  redis.call('ZREM', P .. 'hooks', id)
+end
+
+-- A change of the job's state, told to its watchers (whichever replica they are on): the job's
+-- event number, then the event, on the channel ev:<id> (nobody listening costs Redis nothing).
+local function event(id, status, attempt, retry, now_ms, code, message)
+  local seq = redis.call('HINCRBY', P .. 'job:' .. id, 'ev', 1)
+  redis.call('PUBLISH', P .. 'ev:' .. id, seq .. '|' .. status .. '|' .. attempt .. '|' ..
+             retry .. '|' .. now_ms .. '|' .. code .. '|' .. message)
 end
 
 local function settle(id, status, now_ms, ttl_ms, max_finished, code, message, outputs)
   local job = P .. 'job:' .. id
-  redis.call('HINCRBY', P .. 'pending', redis.call('HGET', job, 'tenant') or '', -1)
+  local held = redis.call('HMGET', job, 'tenant', 'attempts', 'cb')
+  redis.call('HINCRBY', P .. 'pending', held[1] or '', -1)
   redis.call('HSET', job, 'status', status, 'finished', now_ms, 'code', code,
              'message', message, 'owner', '')
   if outputs ~= '' then
@@ -41,6 +51,11 @@ local function settle(id, status, now_ms, ttl_ms, max_finished, code, message, o
   redis.call('PEXPIRE', job, ttl_ms + 3600000)
   redis.call('ZADD', P .. 'done', now_ms, id)
   redis.call('HINCRBY', P .. 'count', status, 1)
+  event(id, status, held[2] or '0', '0', now_ms, code, message)
+  if held[3] and held[3] ~= '' then
+    -- Its webhook is due now; the deliverers of every replica poll this set.
+    redis.call('ZADD', P .. 'hooks', now_ms, id)
+  end
   local over = redis.call('ZCARD', P .. 'done') - max_finished
   if over > 0 then
     for _, old in ipairs(redis.call('ZRANGE', P .. 'done', 0, over - 1)) do
@@ -134,6 +149,10 @@ if attempts >= max_attempts then
   return false
 end
 redis.call('HSET', KEYS[1], 'status', 'RUNNING', 'owner', consumer, 'attempts', attempts + 1)
+if redis.call('HGET', KEYS[1], 'started') == '' then
+  redis.call('HSET', KEYS[1], 'started', now_ms)
+end
+event(ARGV[9], 'RUNNING', attempts + 1, '0', now_ms, '', '')
 return redis.call('HMGET', KEYS[1], 'model', 'tenant', 'rid', 'attempts', 'created',
                   'request', 'tp', 'idem')
 """
@@ -199,7 +218,7 @@ return 1
 )
 
 # Hand a held job back to its stream (shutdown). KEYS: the job, its stream. ARGV: prefix, entry,
-# group, consumer, started ('1': its attempt stays counted), id.
+# group, consumer, started ('1': its attempt stays counted), id, now_ms.
 RELEASE = (
     _COMMON
     + """
@@ -211,12 +230,77 @@ if fields[1] ~= 'RUNNING' or fields[2] ~= ARGV[2] or fields[3] ~= ARGV[4] then
 end
 local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[6])
 redis.call('HSET', KEYS[1], 'status', 'PENDING', 'entry', entry, 'owner', '')
+local attempts = redis.call('HGET', KEYS[1], 'attempts')
 if ARGV[5] ~= '1' then
-  redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+  attempts = redis.call('HINCRBY', KEYS[1], 'attempts', -1)
 end
+event(ARGV[6], 'PENDING', attempts, '0', ARGV[7], '', '')
 return 1
 """
 )
+
+# A held job failed and runs again. KEYS: the job. ARGV: prefix, id, attempts, code, message,
+# now_ms.
+RETRY = (
+    _COMMON
+    + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'RUNNING' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'attempts', ARGV[3], 'code', ARGV[4], 'message', ARGV[5])
+event(ARGV[2], 'RUNNING', ARGV[3], '1', ARGV[6], ARGV[4], ARGV[5])
+return 1
+"""
+)
+
+# Forget a finished job now (DeleteOperation). KEYS: the job. ARGV: prefix, tenant, id. Returns
+# 1 (forgotten), 2 (unfinished: kept) or 0 (unknown, or another tenant's).
+DELETE = (
+    _COMMON
+    + """
+local fields = redis.call('HMGET', KEYS[1], 'status', 'tenant')
+if not fields[1] or fields[2] ~= ARGV[2] then
+  return 0
+end
+if fields[1] == 'PENDING' or fields[1] == 'RUNNING' then
+  return 2
+end
+remove(ARGV[3])
+return 1
+"""
+)
+
+# Webhooks due now, leased to this replica for lease_ms (past it, any replica takes them again).
+# ARGV: prefix, now_ms, lease_ms, limit. Returns their job ids.
+HOOKS_DUE = """
+local P = ARGV[1]
+local due = redis.call('ZRANGEBYSCORE', P .. 'hooks', '-inf', ARGV[2], 'LIMIT', 0, ARGV[4])
+for _, id in ipairs(due) do
+  redis.call('ZADD', P .. 'hooks', tonumber(ARGV[2]) + tonumber(ARGV[3]), id)
+end
+return due
+"""
+
+# The outcome of a webhook attempt. KEYS: the job. ARGV: prefix, id, state, attempts, last error,
+# next_ms (when to try again; '' when settled), model.
+HOOK_DONE = """
+local P = ARGV[1]
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('ZREM', P .. 'hooks', ARGV[2])
+  return 0
+end
+redis.call('HSET', KEYS[1], 'hs', ARGV[3], 'hn', ARGV[4], 'he', ARGV[5])
+if ARGV[6] ~= '' then
+  redis.call('ZADD', P .. 'hooks', ARGV[6], ARGV[2])
+else
+  redis.call('ZREM', P .. 'hooks', ARGV[2])
+end
+if ARGV[3] == 'DELIVERY_FAILED' then
+  redis.call('XADD', P .. 'hooks:dead', 'MAXLEN', '~', '100000', '*', 'id', ARGV[2],
+             'model', ARGV[7], 'attempts', ARGV[4], 'error', ARGV[5])
+end
+return 1
+"""
 
 # Remove results older than the TTL. ARGV: prefix, cutoff_ms, limit. Returns how many.
 SWEEP = (

@@ -14,6 +14,12 @@ Layout (every key starts with tg:, so one Redis database can be inspected at a g
     tg:count           hash: finished jobs kept, by status (the metrics)
     tg:pending         hash: unfinished jobs by tenant (--max-pending-jobs-per-tenant)
     tg:finished        pub/sub channel: "<id> <STATUS>" whenever a job finishes
+    tg:ev:<id>         pub/sub channel: each change of the job's state, "seq|status|attempt|retry|
+                       ms|code|message" (seq: the hash's `ev` counter); subscribed only by
+                       replicas that have a watcher of the job
+    tg:hooks           sorted set: job id by the time its webhook is due; a replica attempting
+                       one moves it a lease ahead, so a replica that dies leaves it to the others
+    tg:hooks:dead      stream: webhooks whose attempts or time ran out
 
 Every change of state is one Lua script (redis_scripts.py), so racing replicas agree. A job is
 acknowledged (XACK) only once its outcome is stored. A replica that dies leaves its jobs in the
@@ -32,7 +38,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -49,12 +55,17 @@ from tensorgate.server.jobs.job import Job, JobStatus
 from tensorgate.server.jobs.redis_scripts import (
     CANCEL,
     CLAIM,
+    DELETE,
     FINISH,
+    HOOK_DONE,
+    HOOKS_DUE,
     PREFIX,
     RELEASE,
+    RETRY,
     SUBMIT,
     SWEEP,
 )
+from tensorgate.server.records import Callback, Cursor, Delivery, DeliveryState, JobEvent
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +81,13 @@ _FIELDS = (
     "code",
     "message",
     "outputs",
+    "started",
+    "cb",
+    "cbr",
+    "hs",
+    "hn",
+    "he",
+    "ev",
 )
 # How often availability is checked; a failed check turns the jobs health name NOT_SERVING.
 _PING_EVERY_S = 1.0
@@ -78,6 +96,8 @@ _WAIT_SLICE_S = 5.0
 # ListJobs reads at most this many recent jobs looking for matches.
 _FIND_SCAN = 5000
 _SWEEP_BATCH = 1000
+# Connections to Redis at most (besides the one subscription); more calls at once wait their turn.
+_MAX_CONNECTIONS = 64
 # The longest close() waits for the store's own tasks to end.
 _CLOSE_S = 2.0
 # What a lost or refused connection raises.
@@ -108,8 +128,12 @@ class RedisJobStore:
         password = None if parts.password else os.environ.get("REDIS_PASSWORD")
         try:
             # Any: redis-py types each reply as a union of every protocol's shapes.
-            self._client: Any = aioredis.from_url(
+            # A bounded pool: a burst of calls (thousands of watchers opening at once) waits for
+            # a connection instead of opening one each.
+            pool = aioredis.BlockingConnectionPool.from_url(
                 url,
+                max_connections=_MAX_CONNECTIONS,
+                timeout=5.0,
                 password=password,
                 socket_timeout=5.0,
                 socket_connect_timeout=2.0,
@@ -117,6 +141,7 @@ class RedisJobStore:
                 # Submit for seconds while Redis is down.
                 retry=Retry(NoBackoff(), 1),
             )
+            self._client: Any = aioredis.Redis(connection_pool=pool)
         except ValueError as exc:
             raise ConfigError(f"--job-store {url!r}: {exc}") from None
         self._pubsub_client: Any = aioredis.from_url(
@@ -135,6 +160,12 @@ class RedisJobStore:
         self._models: list[str] = []
         self._next_reclaim: dict[str, float] = {}
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        # Watchers by job id (each a queue of raw events; None: read the job again), and the
+        # subscriptions being confirmed.
+        self._watchers: dict[str, list[asyncio.Queue[bytes | None]]] = {}
+        self._confirming: dict[str, asyncio.Event] = {}
+        self._pubsub: Any = None
+        self.deliveries_due = asyncio.Event()
         self._counts: dict[str, int] = dict.fromkeys((s.value for s in JobStatus), 0)
         self._on_available: Callable[[bool], None] = lambda _: None
         self._on_cancelled: Callable[[str], None] = lambda _: None
@@ -148,6 +179,10 @@ class RedisJobStore:
         self._cancel = client.register_script(CANCEL)
         self._release = client.register_script(RELEASE)
         self._sweep = client.register_script(SWEEP)
+        self._retry = client.register_script(RETRY)
+        self._delete = client.register_script(DELETE)
+        self._hooks_due = client.register_script(HOOKS_DUE)
+        self._hook_done = client.register_script(HOOK_DONE)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -176,6 +211,7 @@ class RedisJobStore:
             await asyncio.wait(tasks, timeout=_CLOSE_S)
         with contextlib.suppress(Exception):
             await self._client.aclose()
+            await self._client.connection_pool.disconnect()  # a pool of our own: closed here
         with contextlib.suppress(Exception):
             await self._pubsub_client.aclose()
 
@@ -233,11 +269,24 @@ class RedisJobStore:
             _keep_cancellation()
             pubsub = self._pubsub_client.pubsub()
             try:
-                await pubsub.subscribe(PREFIX + "finished")
+                followed = [_events(job_id) for job_id in self._watchers]
+                await pubsub.subscribe(PREFIX + "finished", *followed)
+                self._pubsub = pubsub
                 self._listening.set()
                 self._wake_all()  # anything finished while not listening is seen now
                 async for message in pubsub.listen():
-                    if message.get("type") != "message":
+                    kind = message.get("type")
+                    if kind == "subscribe":
+                        confirmed = self._confirming.pop(message["channel"].decode(), None)
+                        if confirmed is not None:
+                            confirmed.set()
+                        continue
+                    if kind != "message":
+                        continue
+                    channel = message["channel"]
+                    if channel.startswith(_EVENTS):
+                        for queue in self._watchers.get(channel[len(_EVENTS) :].decode(), ()):
+                            queue.put_nowait(message["data"])
                         continue
                     job_id, _, status = message["data"].decode().partition(" ")
                     for event in self._waiters.get(job_id, ()):
@@ -248,6 +297,7 @@ class RedisJobStore:
                 _keep_cancellation()
                 log.debug("job listener: %s", exc)
             finally:
+                self._pubsub = None
                 self._listening.clear()
                 self._wake_all()
                 with contextlib.suppress(Exception):
@@ -258,6 +308,9 @@ class RedisJobStore:
         for events in self._waiters.values():
             for event in events:
                 event.set()
+        for queues in self._watchers.values():
+            for queue in queues:
+                queue.put_nowait(None)  # events may have been missed: read the job again
 
     @contextlib.contextmanager
     def _reachable(self, cancellable: bool = True) -> Iterator[None]:
@@ -288,7 +341,10 @@ class RedisJobStore:
             "model", job.model, "tenant", job.tenant, "rid", job.request_id,
             "status", JobStatus.PENDING.value, "attempts", 0, "created", now_ms,
             "finished", "", "code", "", "message", "", "owner", "", "tp", job.traceparent,
-            "idem", "", "request", codec.encode_request(job.payload),
+            "idem", "", "request", codec.encode_request(job.payload), "ev", 1, "started", "",
+            "cb", job.callback.url if job.callback else "",
+            "cbr", "1" if job.callback and job.callback.include_result else "",
+            "hs", DeliveryState.PENDING.value if job.callback else "", "hn", 0, "he", "",
         ]  # fmt: skip
         with self._reachable():
             outcome, value = await self._submit(
@@ -322,6 +378,8 @@ class RedisJobStore:
                 retry_after_s=1.0,
             )
         job.payload = None  # stored; whoever takes the job reads it back
+        if job.callback is not None:
+            job.delivery = Delivery()
         return job, False, int(value)
 
     async def get(self, job_id: str, tenant: str = "") -> Job | None:
@@ -357,15 +415,28 @@ class RedisJobStore:
             if not waiters:
                 self._waiters.pop(job_id, None)
 
-    async def find(self, status: JobStatus | None, limit: int, tenant: str = "") -> list[Job]:
+    async def find(
+        self, status: JobStatus | None, limit: int, tenant: str = "", after: Cursor | None = None
+    ) -> list[Job]:
         found: list[Job] = []
         now = time.time()
         page = max(limit * 2, 100)
+        # Newest first: by creation time, then id, both descending (ZREVRANGEBYSCORE's order).
+        top: Any = "+inf" if after is None else round(after[0] * 1000)
         with self._reachable():
             for start in range(0, _FIND_SCAN, page):
-                ids = await self._client.zrevrange(PREFIX + "jobs", start, start + page - 1)
-                if not ids:
+                scored = await self._client.zrevrangebyscore(
+                    PREFIX + "jobs", top, "-inf", start=start, num=page, withscores=True
+                )
+                if not scored:
                     break
+                ids = [
+                    job_id
+                    for job_id, score in scored
+                    if after is None or score < top or job_id.decode() < after[1]
+                ]
+                if not ids:
+                    continue
                 async with self._client.pipeline(transaction=False) as pipe:
                     for job_id in ids:
                         pipe.hmget(_job(job_id.decode()), _FIELDS)
@@ -383,6 +454,89 @@ class RedisJobStore:
                     if len(found) >= limit:
                         return found
         return found
+
+    async def events(self, job_id: str, tenant: str) -> AsyncIterator[JobEvent]:
+        """Subscribes to the job's channel (confirmed) before reading it, so no change falls
+        between the read and the first message; the event number drops what the read already
+        showed. A lost subscription (or a quiet while) reads the job again."""
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        await self._follow(job_id, queue)
+        try:
+            job, seq = await self._read(job_id, tenant)
+            if job is None:
+                return
+            yield _snapshot(job)
+            while not job.status.finished:
+                try:
+                    async with asyncio.timeout(_WAIT_SLICE_S):
+                        raw = await queue.get()
+                except TimeoutError:
+                    raw = None
+                if raw is None:
+                    current, now_seq = await self._read(job_id, tenant)
+                    if current is None:
+                        return
+                    if now_seq > seq:
+                        job, seq = current, now_seq
+                        yield _snapshot(job)
+                    continue
+                number, event = _parse_event(job, raw)
+                if number <= seq:
+                    continue
+                seq = number
+                job.status = event.status
+                yield event
+        finally:
+            await self._unfollow(job_id, queue)
+
+    async def _read(self, job_id: str, tenant: str) -> tuple[Job | None, int]:
+        with self._reachable():
+            values = await self._client.hmget(_job(job_id), _FIELDS)
+        fields = dict(zip(_FIELDS, values, strict=True))
+        if fields["status"] is None or fields["tenant"].decode() != tenant:
+            return None, 0
+        return _job_from(job_id, fields, self._ttl_ms), int(fields["ev"] or 0)
+
+    async def _follow(self, job_id: str, queue: asyncio.Queue[bytes | None]) -> None:
+        queues = self._watchers.setdefault(job_id, [])
+        queues.append(queue)
+        if len(queues) > 1:
+            return
+        channel = _events(job_id)
+        confirmed = self._confirming[channel] = asyncio.Event()
+        try:
+            if self._pubsub is None:
+                raise Unavailable(
+                    f"the job store (Redis at {self.where}) is unreachable; watch again later"
+                )
+            with self._reachable():
+                await self._pubsub.subscribe(channel)
+                async with asyncio.timeout(_PING_EVERY_S * 5):
+                    await confirmed.wait()
+        except BaseException:
+            await self._unfollow(job_id, queue)
+            raise
+        finally:
+            self._confirming.pop(channel, None)
+
+    async def _unfollow(self, job_id: str, queue: asyncio.Queue[bytes | None]) -> None:
+        queues = self._watchers.get(job_id, [])
+        if queue in queues:
+            queues.remove(queue)
+        if queues:
+            return
+        self._watchers.pop(job_id, None)
+        if self._pubsub is not None:
+            with contextlib.suppress(*_LOST, redis.exceptions.RedisError):
+                await self._pubsub.unsubscribe(_events(job_id))
+
+    async def delete(self, job_id: str, tenant: str = "") -> Job | None:
+        job = await self.get(job_id, tenant)
+        if job is None or not job.status.finished:
+            return job
+        with self._reachable():
+            await self._delete(keys=[_job(job_id)], args=[PREFIX, tenant, job_id])
+        return job
 
     async def cancel(self, job_id: str, tenant: str = "") -> Job | None:
         with self._reachable():
@@ -475,13 +629,16 @@ class RedisJobStore:
     async def retrying(self, job: Job) -> None:
         error = job.error
         with self._reachable():
-            await self._client.hset(
-                _job(job.id),
-                mapping={
-                    "attempts": job.attempts,
-                    "code": error.code if error is not None else "",
-                    "message": str(error) if error is not None else "",
-                },
+            await self._retry(
+                keys=[_job(job.id)],
+                args=[
+                    PREFIX,
+                    job.id,
+                    job.attempts,
+                    error.code if error is not None else "",
+                    str(error) if error is not None else "",
+                    _now_ms(),
+                ],
             )
 
     async def finish(self, job: Job) -> Job:
@@ -517,6 +674,8 @@ class RedisJobStore:
             if stored is not None:
                 return stored
         job.expires_at = finished_ms / 1000 + self._ttl_ms / 1000
+        if job.callback is not None:
+            self.deliveries_due.set()
         return job
 
     async def release(self, jobs: list[Job], started: bool) -> None:
@@ -527,7 +686,7 @@ class RedisJobStore:
                     (
                         [_job(job.id), _stream(job.model)],
                         [PREFIX, job.receipt, GROUP, self.consumer, "1" if started else "0",
-                         job.id],
+                         job.id, _now_ms()],
                     )
                     for job in jobs
                 ],
@@ -556,6 +715,44 @@ class RedisJobStore:
 
     async def abandon(self, reason: str) -> list[Job]:
         return []  # queued jobs stay in Redis for the other replicas
+
+    # --- webhooks -------------------------------------------------------------------------------
+
+    async def due_deliveries(self, limit: int, lease_s: float) -> list[Job]:
+        with self._reachable():
+            ids = await self._hooks_due(args=[PREFIX, _now_ms(), int(lease_s * 1000), limit])
+            if not ids:
+                return []
+            async with self._client.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hmget(_job(job_id.decode()), _FIELDS)
+                rows = await pipe.execute()
+        due = []
+        for job_id, values in zip(ids, rows, strict=True):
+            fields = dict(zip(_FIELDS, values, strict=True))
+            if fields["status"] is None:
+                continue  # expired meanwhile: HOOK_DONE is not needed, remove() unlisted it
+            job = _job_from(job_id.decode(), fields, self._ttl_ms)
+            if job.delivery is not None and job.delivery.state is DeliveryState.PENDING:
+                due.append(job)
+        return due
+
+    async def record_delivery(self, job: Job, next_at: float | None) -> None:
+        delivery = job.delivery
+        assert delivery is not None
+        with self._reachable():
+            await self._hook_done(
+                keys=[_job(job.id)],
+                args=[
+                    PREFIX,
+                    job.id,
+                    delivery.state.value,
+                    delivery.attempts,
+                    delivery.last_error,
+                    "" if next_at is None else int(next_at * 1000),
+                    job.model,
+                ],
+            )
 
     def queued_here(self) -> int:
         return 0
@@ -602,6 +799,38 @@ def _job(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}"
 
 
+_EVENTS = f"{PREFIX}ev:".encode()
+
+
+def _events(job_id: str) -> str:
+    return f"{PREFIX}ev:{job_id}"
+
+
+def _snapshot(job: Job) -> JobEvent:
+    return JobEvent(
+        job_id=job.id,
+        model=job.model,
+        status=job.status,
+        attempt=job.attempts,
+        at=job.finished_at or job.started_at or job.created_at,
+        error=job.error,
+    )
+
+
+def _parse_event(job: Job, raw: bytes) -> tuple[int, JobEvent]:
+    """A message of the job's channel: (its event number, the event)."""
+    seq, status, attempt, retry, at_ms, code, message = raw.decode().split("|", 6)
+    return int(seq), JobEvent(
+        job_id=job.id,
+        model=job.model,
+        status=JobStatus(status),
+        attempt=int(attempt),
+        at=int(at_ms) / 1000,
+        error=codec.error_from(code, message) if code else None,
+        retry=retry == "1",
+    )
+
+
 def _stream(model: str) -> str:
     return f"{PREFIX}q:{model}"
 
@@ -621,6 +850,16 @@ def _job_from(job_id: str, fields: dict[str, Any], ttl_ms: int) -> Job:
     error = codec.error_from(code, fields["message"].decode()) if code else None
     outputs = codec.decode_outputs(fields["outputs"]) if fields["outputs"] else None
     finished_at = int(finished) / 1000 if finished else None
+    started = fields["started"].decode() if fields["started"] else ""
+    url = fields["cb"].decode() if fields["cb"] else ""
+    callback = Callback(url, fields["cbr"] == b"1") if url else None
+    delivery = None
+    if callback is not None:
+        delivery = Delivery(
+            DeliveryState(fields["hs"].decode()),
+            int(fields["hn"] or 0),
+            fields["he"].decode() if fields["he"] else "",
+        )
     return Job(
         id=job_id,
         model=fields["model"].decode(),
@@ -629,7 +868,10 @@ def _job_from(job_id: str, fields: dict[str, Any], ttl_ms: int) -> Job:
         status=status,
         attempts=int(fields["attempts"]),
         created_at=int(fields["created"]) / 1000,
+        started_at=int(started) / 1000 if started else None,
         finished_at=finished_at,
+        callback=callback,
+        delivery=delivery,
         expires_at=None if finished_at is None else finished_at + ttl_ms / 1000,
         # A retried job keeps its last error while it runs again; only a finished one shows it.
         error=error if status.finished else None,

@@ -10,22 +10,24 @@ process takes the job rebuilds it without checking it again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from opentelemetry.trace import Span
 
 from tensorgate.server.config import ServerConfig
-from tensorgate.server.errors import InvalidArgument, NotFound, Unavailable
+from tensorgate.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from tensorgate.server.inference import InferenceRequest
 from tensorgate.server.jobs.job import Job, JobStatus
 from tensorgate.server.jobs.lanes import JobLanes, RetryPolicy
 from tensorgate.server.jobs.store import JobStore
+from tensorgate.server.jobs.webhooks import Webhooks
 from tensorgate.server.models import ModelSet
-from tensorgate.server.records import JobView, Request
+from tensorgate.server.records import Callback, Cursor, Delivery, JobEvent, JobView, Request
 from tensorgate.server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,9 @@ class JobService:
         config: ServerConfig,
         telemetry: Telemetry | None = None,
         on_available: Callable[[bool], None] | None = None,
+        webhooks: Webhooks | None = None,
     ) -> None:
+        """webhooks: checks and delivers callbacks (made from config when not given)."""
         self._models = models
         self.store = store
         self._ttl_s = config.job_ttl_s
@@ -53,8 +57,11 @@ class JobService:
         self._on_available = on_available or (lambda _: None)
         telemetry = telemetry or Telemetry.quiet()
         self._tracing = telemetry.tracing
+        self.webhooks = webhooks or Webhooks(config, telemetry.metrics)
         self._tasks: list[asyncio.Task[None]] = []
         self._short: set[asyncio.Task[None]] = set()
+        # Set when the server stops: open watches end.
+        self._closing = asyncio.Event()
         self._lanes = JobLanes(
             models,
             store,
@@ -69,6 +76,7 @@ class JobService:
         names = [name for name in models if self._models.takes_jobs(name)]
         await self.store.open(names, self._on_available, self._lanes.cancelled)
         self._lanes.start(names)
+        await self.webhooks.start(self.store)
         self._spawn(self._sweep(), "job-sweeper")
         if self.store.shared:
             self._spawn(self._renew(), "job-lease-renewal")
@@ -87,11 +95,15 @@ class JobService:
         admitted: InferenceRequest,
         idempotency_key: str = "",
         span: Span | None = None,
+        callback: Callback | None = None,
     ) -> tuple[Job, bool, float]:
         """Accepts an admitted request as a job; returns (job, deduplicated, estimated wait s).
-        admitted: payload as the model set admitted it (the run itself, with a private store)."""
+        admitted: payload as the model set admitted it (the run itself, with a private store).
+        callback: where to POST its final state."""
         if not self._lanes.serves(payload.model):
             raise Unavailable(f"model '{payload.model}' does not take jobs now")
+        if callback is not None:
+            self.webhooks.check(callback, payload.tenant)
         shared = self.store.shared
         job = Job(
             id=secrets.token_hex(16),
@@ -102,6 +114,7 @@ class JobService:
             created_at=time.time(),
             payload=payload,
             run=None if shared else admitted,
+            callback=callback,
         )
         if shared:
             job.traceparent = self._tracing.traceparent(span)
@@ -137,11 +150,70 @@ class JobService:
             return held if job.status is JobStatus.RUNNING else job
         return job
 
+    async def watch(self, job_id: str, tenant: str = "") -> AsyncIterator[JobEvent]:
+        """The job's state now, then each change, ending after the final one (which carries the
+        result and the webhook's state). NOT_FOUND for an unknown job, or another tenant's; a
+        watch open when the server stops ends with UNAVAILABLE (watch again elsewhere)."""
+        _check_id(job_id)
+        known = False
+        events = aiter(self.store.events(job_id, tenant))
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            while True:
+                following = asyncio.ensure_future(anext(events))
+                await asyncio.wait((following, closing), return_when=asyncio.FIRST_COMPLETED)
+                if not following.done():
+                    following.cancel()
+                    raise Unavailable(
+                        f"the server is shutting down; watch job '{job_id}' again on another "
+                        "replica (or GetResult it)"
+                    )
+                try:
+                    event = following.result()
+                except StopAsyncIteration:
+                    break
+                if not known or event.final:
+                    # The first and the last event carry what only the record holds: the result
+                    # and the webhook's state (which change messages do not repeat).
+                    event = await self._completed(event, tenant)
+                known = True
+                yield event
+        finally:
+            closing.cancel()
+            await events.aclose()  # type: ignore[attr-defined]  # an async generator
+        if not known:
+            _known(job_id, None)
+
+    async def _completed(self, event: JobEvent, tenant: str) -> JobEvent:
+        job = await self.store.get(event.job_id, tenant)
+        if job is None or (event.final and not job.status.finished):
+            return event
+        return dataclasses.replace(
+            event, outputs=job.outputs if event.final else None, delivery=_copy(job.delivery)
+        )
+
     async def find(
-        self, status: JobStatus | None = None, limit: int = 100, tenant: str = ""
+        self,
+        status: JobStatus | None = None,
+        limit: int = 100,
+        tenant: str = "",
+        after: Cursor | None = None,
     ) -> list[Job]:
-        """Jobs for operators: status FAILED lists the dead letters (retries exhausted)."""
-        return await self.store.find(status, limit, tenant)
+        """Jobs for operators, newest first: status FAILED lists the dead letters (retries
+        exhausted); after: the last job of the previous page."""
+        return await self.store.find(status, limit, tenant, after)
+
+    async def delete(self, job_id: str, tenant: str = "") -> Job:
+        """Forgets a finished job (its result and record) now; FAILED_PRECONDITION for one that
+        has not finished (cancel it first)."""
+        _check_id(job_id)
+        job = _known(job_id, await self.store.delete(job_id, tenant))
+        if not job.status.finished:
+            raise FailedPrecondition(
+                f"job '{job_id}' is {job.status.value}: only a finished job can be deleted "
+                "(cancel it first)"
+            )
+        return job
 
     def view(self, job: Job) -> JobView:
         now = time.time()
@@ -155,6 +227,10 @@ class JobService:
             outputs=job.outputs,
             error=job.error,
             expires_in_s=None if job.expires_at is None else max(job.expires_at - now, 0.0),
+            delivery=_copy(job.delivery),
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
         )
 
     # --- shutdown -------------------------------------------------------------------------------
@@ -189,9 +265,15 @@ class JobService:
                 await asyncio.sleep(0.005)  # a settled run's outcome is being recorded
         return True
 
+    def close_watches(self) -> None:
+        """Ends every open WatchJob with UNAVAILABLE (at shutdown, once final states are
+        recorded, so a watcher of a finished job saw its end)."""
+        self._closing.set()
+
     async def stop(self) -> None:
         """Stops the feeders and sweeper, waits briefly for results being stored, closes the
         store."""
+        self._closing.set()
         self._lanes.stop()
         for task in self._tasks:
             task.cancel()
@@ -203,6 +285,7 @@ class JobService:
                 log.warning("job tasks still running at shutdown: %s", names)
         if self._short:
             await asyncio.wait(list(self._short), timeout=_STOP_S)
+        await self.webhooks.stop()
         await self.store.close()
 
     # --- housekeeping -------------------------------------------------------------------------
@@ -241,6 +324,11 @@ class JobService:
             self._short.add(task)
             task.add_done_callback(self._short.discard)
         return task
+
+
+def _copy(delivery: Delivery | None) -> Delivery | None:
+    """A snapshot of a delivery's state (the sender changes the job's own as it goes)."""
+    return None if delivery is None else dataclasses.replace(delivery)
 
 
 def _check_id(job_id: str) -> None:

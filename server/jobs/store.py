@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from tensorgate.server.errors import Cancelled, ResourceExhausted, Unavailable
 from tensorgate.server.jobs.job import Job, JobStatus
+from tensorgate.server.records import Cursor, Delivery, DeliveryState, JobEvent
 
 
 class JobStore(Protocol):
@@ -30,6 +33,9 @@ class JobStore(Protocol):
     shared: bool
     # False while the store cannot be reached (a health service name reports it).
     available: bool
+    # Set when this process recorded a final state that has a webhook to deliver (the deliverer
+    # also polls, for deliveries due elsewhere or later).
+    deliveries_due: asyncio.Event
 
     async def open(
         self,
@@ -93,8 +99,32 @@ class JobStore(Protocol):
         has passed; None when unknown (as get())."""
         ...
 
-    async def find(self, status: JobStatus | None, limit: int, tenant: str = "") -> list[Job]:
-        """Up to `limit` live jobs with that status (any for None), newest first."""
+    def events(self, job_id: str, tenant: str) -> AsyncIterator[JobEvent]:
+        """The live job's state now, then each change as it happens (from any process), ending
+        after the final one; nothing when the job is unknown (as get())."""
+        ...
+
+    async def find(
+        self, status: JobStatus | None, limit: int, tenant: str = "", after: Cursor | None = None
+    ) -> list[Job]:
+        """Up to `limit` live jobs with that status (any for None), newest first (by creation
+        time, then id); with `after`, those that come after it in that order (the next page)."""
+        ...
+
+    async def delete(self, job_id: str, tenant: str = "") -> Job | None:
+        """Forgets a finished job at once (its result, its record); returns it as it was. An
+        unfinished job is returned unchanged, not forgotten. None when unknown."""
+        ...
+
+    async def due_deliveries(self, limit: int, lease_s: float) -> list[Job]:
+        """Up to `limit` finished jobs whose webhook is due now, each with its callback, delivery
+        state and (when the callback asks for it) outputs. They are this process's to attempt for
+        lease_s; past it, any process may take them again (at least once)."""
+        ...
+
+    async def record_delivery(self, job: Job, next_at: float | None) -> None:
+        """The outcome of an attempt (job.delivery as it now stands): next_at, when to try again
+        (wall clock); None when it is settled (delivered, or dead-lettered)."""
         ...
 
     def queued_here(self) -> int:
@@ -133,6 +163,12 @@ class MemoryJobStore:
         self._unfinished_by_tenant: collections.Counter[str] = collections.Counter()
         self._max_per_tenant = max_per_tenant
         self._queued = 0
+        # Watchers by job id: each a queue of the job's events.
+        self._watchers: dict[str, list[asyncio.Queue[JobEvent]]] = {}
+        # Webhooks to attempt: (due at, tie-breaker, job id).
+        self._due: list[tuple[float, int, str]] = []
+        self._due_order = itertools.count()
+        self.deliveries_due = asyncio.Event()
 
     async def open(
         self,
@@ -170,6 +206,8 @@ class MemoryJobStore:
         self._queues[job.model].append(job)
         self._queued += 1
         self._arrived[job.model].set()
+        if job.callback is not None:
+            job.delivery = Delivery()
         return job, False, ahead
 
     async def take(self, model: str, limit: int, wait_s: float) -> list[Job]:
@@ -189,14 +227,17 @@ class MemoryJobStore:
             if job.status is JobStatus.PENDING:  # a cancelled one is skipped
                 job.status = JobStatus.RUNNING
                 job.attempts += 1
+                if job.started_at is None:
+                    job.started_at = time.time()
                 taken.append(job)
+                self._changed(job)
         return taken
 
     async def renew(self, jobs: list[Job]) -> None:
         pass
 
     async def retrying(self, job: Job) -> None:
-        pass
+        self._changed(job, retry=True)
 
     async def finish(self, job: Job) -> Job:
         if job.status.finished and job.finished.is_set():
@@ -233,6 +274,10 @@ class MemoryJobStore:
         return job
 
     def _settle(self, job: Job) -> None:
+        if job.delivery is not None:
+            self._schedule(job.id, time.time())
+            self.deliveries_due.set()
+        self._changed(job)
         job.expires_at = (job.finished_at or time.time()) + self._ttl_s
         job.payload = None
         job.run = None
@@ -261,21 +306,80 @@ class MemoryJobStore:
                 pass
         return job
 
-    async def find(self, status: JobStatus | None, limit: int, tenant: str = "") -> list[Job]:
+    def _changed(self, job: Job, retry: bool = False) -> None:
+        """Tells the job's watchers (if any) of its state now."""
+        queues = self._watchers.get(job.id)
+        if queues:
+            event = _event(job, retry)
+            for queue in queues:
+                queue.put_nowait(event)
+
+    async def events(self, job_id: str, tenant: str) -> AsyncIterator[JobEvent]:
+        job = await self.get(job_id, tenant)
+        if job is None:
+            return
+        queue: asyncio.Queue[JobEvent] = asyncio.Queue()
+        queues = self._watchers.setdefault(job_id, [])
+        queues.append(queue)
+        try:
+            event = _event(job, retry=False, snapshot=True)
+            while True:
+                yield event
+                if event.final:
+                    return
+                event = await queue.get()
+        finally:
+            queues.remove(queue)
+            if not queues:
+                del self._watchers[job_id]
+
+    async def find(
+        self, status: JobStatus | None, limit: int, tenant: str = "", after: Cursor | None = None
+    ) -> list[Job]:
         # Jobs are kept in the order they were added, so walking backwards is newest first and
-        # stops after `limit` matches: no sort of the whole store on the event loop.
+        # stops once `limit` matches are found and older jobs cannot sort before them: no sort of
+        # the whole store on the event loop.
         now = time.time()
         found: list[Job] = []
         for job in reversed(self._jobs.values()):
-            if len(found) >= limit:
+            if len(found) >= limit and job.created_at < found[-1].created_at:
                 break
             if (
                 (status is None or job.status is status)
                 and job.tenant == tenant
+                and (after is None or (job.created_at, job.id) < after)
                 and not _expired(job, now)
             ):
                 found.append(job)
-        return found
+        found.sort(key=lambda job: (job.created_at, job.id), reverse=True)
+        return found[:limit]
+
+    async def delete(self, job_id: str, tenant: str = "") -> Job | None:
+        job = await self.get(job_id, tenant)
+        if job is not None and job.status.finished:
+            self._finished.pop(job_id, None)
+            self._remove(job)
+        return job
+
+    # --- webhooks ---------------------------------------------------------------------------
+
+    def _schedule(self, job_id: str, at: float) -> None:
+        heapq.heappush(self._due, (at, next(self._due_order), job_id))
+
+    async def due_deliveries(self, limit: int, lease_s: float) -> list[Job]:
+        now = time.time()
+        due: list[Job] = []
+        while self._due and self._due[0][0] <= now and len(due) < limit:
+            _, _, job_id = heapq.heappop(self._due)
+            job = self._jobs.get(job_id)
+            delivery = job.delivery if job is not None else None
+            if delivery is not None and delivery.state is DeliveryState.PENDING:
+                due.append(job)  # type: ignore[arg-type]  # job is not None with a delivery
+        return due
+
+    async def record_delivery(self, job: Job, next_at: float | None) -> None:
+        if next_at is not None and job.id in self._jobs:
+            self._schedule(job.id, next_at)
 
     def queued_here(self) -> int:
         return self._queued
@@ -303,6 +407,23 @@ class MemoryJobStore:
         key = (job.tenant, job.idempotency_key)
         if job.idempotency_key and self._by_key.get(key) is job:
             del self._by_key[key]
+
+
+def _event(job: Job, retry: bool, snapshot: bool = False) -> JobEvent:
+    """The job's state as an event: a change happening now, or (snapshot) the state it is in,
+    timed when it began."""
+    at = time.time()
+    if snapshot:
+        at = job.finished_at or job.started_at or job.created_at
+    return JobEvent(
+        job_id=job.id,
+        model=job.model,
+        status=job.status,
+        attempt=job.attempts,
+        at=at,
+        error=job.error if job.status.finished or retry else None,
+        retry=retry,
+    )
 
 
 def _over_tenant_limit(tenant: str, held: int) -> str:

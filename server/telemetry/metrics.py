@@ -87,6 +87,13 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.webhook_attempts = Counter(
+            "tensorgate_webhook_attempts",
+            "Webhook delivery attempts, by outcome: delivered, retry (due again) or failed "
+            "(dead-lettered)",
+            ["outcome"],
+            registry=r,
+        )
         self.open_streams = Gauge(
             "tensorgate_open_streams", "StreamPredict calls open now", registry=r
         )

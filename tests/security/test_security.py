@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from google.longrunning import operations_proto_pb2
 from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -124,25 +125,38 @@ def test_certificates_are_re_read_when_their_files_change(
 # --- tokens -----------------------------------------------------------------------------------
 
 
-def _methods() -> list[tuple[str, Any, bool]]:
-    """(path, request class, streaming) of every RPC of both front ends."""
+def _methods() -> list[tuple[str, Any, str]]:
+    """(path, request class, streaming kind) of every RPC of both front ends and of
+    google.longrunning.Operations."""
     found = []
-    for module, name in ((inference_pb2, "Inference"), (grpc_service_pb2, "GRPCInferenceService")):
+    services = (
+        (inference_pb2, "Inference"),
+        (grpc_service_pb2, "GRPCInferenceService"),
+        (operations_proto_pb2, "Operations"),
+    )
+    for module, name in services:
         service = module.DESCRIPTOR.services_by_name[name]
         for method in service.methods:
             request = message_factory.GetMessageClass(method.input_type)
             path = f"/{service.full_name}/{method.name}"
-            found.append((path, request, method.client_streaming))
+            kind = "both" if method.client_streaming else ""
+            kind = kind or ("server" if method.server_streaming else "")
+            found.append((path, request, kind))
     return found
 
 
-def _code(channel: grpc.Channel, path: str, request: Any, streaming: bool, token: str) -> Any:
+def _code(channel: grpc.Channel, path: str, request: Any, streaming: str, token: str) -> Any:
     metadata = (("authorization", f"Bearer {token}"),) if token else None
     serialize, keep = request.SerializeToString, (lambda raw: raw)
     try:
-        if streaming:
+        if streaming == "both":
             call = channel.stream_stream(path, serialize, keep)
             for _ in call(iter([request()]), timeout=10, metadata=metadata):
+                pass
+        elif streaming == "server":
+            for _ in channel.unary_stream(path, serialize, keep)(
+                request(), timeout=10, metadata=metadata
+            ):
                 pass
         else:
             channel.unary_unary(path, serialize, keep)(request(), timeout=10, metadata=metadata)
@@ -153,7 +167,7 @@ def _code(channel: grpc.Channel, path: str, request: Any, streaming: bool, token
 
 def test_every_rpc_of_both_front_ends_needs_a_valid_token(tokens_server: ServerThread) -> None:
     methods = _methods()
-    assert len(methods) >= 15  # every method of both services
+    assert len(methods) >= 21  # every method of the three services
     with grpc.insecure_channel(tokens_server.target) as channel:
         for path, request, streaming in methods:
             assert _code(channel, path, request, streaming, "") == grpc.StatusCode.UNAUTHENTICATED
@@ -370,3 +384,41 @@ def test_every_call_passes_the_one_door_job_reads_are_charged_and_counted(
         lambda: sum(counted(m, "RESOURCE_EXHAUSTED") for m in ("GetResult", "ListJobs")) == 1,
         what="the refusal counted",
     )
+
+
+def test_watches_and_operations_are_scoped_by_tenant(tokens_server: ServerThread) -> None:
+    """Another tenant's job is NOT_FOUND to WatchJob and to every Operations call, and is not
+    listed; its own tenant sees it."""
+    from google.longrunning import operations_pb2_grpc as lro_grpc
+
+    with _client(tokens_server, token=TOKENS["team-a"]) as a:
+        job = a.submit("mlp", {"input": X})
+        events = list(a.watch(job.job_id))
+        assert events[-1].status == "SUCCEEDED"
+    name = f"jobs/{job.job_id}"
+    with grpc.insecure_channel(tokens_server.target) as channel:
+        operations = lro_grpc.OperationsStub(channel)
+        as_b = (("authorization", f"Bearer {TOKENS['team-b']}"),)
+        as_a = (("authorization", f"Bearer {TOKENS['team-a']}"),)
+        calls = (
+            (operations.GetOperation, operations_proto_pb2.GetOperationRequest(name=name)),
+            (operations.WaitOperation, operations_proto_pb2.WaitOperationRequest(name=name)),
+            (operations.CancelOperation, operations_proto_pb2.CancelOperationRequest(name=name)),
+            (operations.DeleteOperation, operations_proto_pb2.DeleteOperationRequest(name=name)),
+        )
+        for method, request in calls:
+            with pytest.raises(grpc.RpcError) as refused:
+                method(request, metadata=as_b, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND, method
+        listed = operations.ListOperations(
+            operations_proto_pb2.ListOperationsRequest(name="jobs"), metadata=as_b, timeout=10
+        )
+        assert name not in [op.name for op in listed.operations]
+        mine = operations.GetOperation(
+            operations_proto_pb2.GetOperationRequest(name=name), metadata=as_a, timeout=10
+        )
+        assert mine.done and mine.name == name
+    with _client(tokens_server, token=TOKENS["team-b"]) as b:
+        with pytest.raises(grpc.RpcError) as hidden:
+            list(b.watch(job.job_id))
+        assert hidden.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -15,12 +18,23 @@ class JobStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SUCCEEDED: _ClassVar[JobStatus]
     FAILED: _ClassVar[JobStatus]
     CANCELLED: _ClassVar[JobStatus]
+
+class DeliveryState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DELIVERY_STATE_UNSPECIFIED: _ClassVar[DeliveryState]
+    DELIVERY_PENDING: _ClassVar[DeliveryState]
+    DELIVERY_DELIVERED: _ClassVar[DeliveryState]
+    DELIVERY_FAILED: _ClassVar[DeliveryState]
 JOB_STATUS_UNSPECIFIED: JobStatus
 PENDING: JobStatus
 RUNNING: JobStatus
 SUCCEEDED: JobStatus
 FAILED: JobStatus
 CANCELLED: JobStatus
+DELIVERY_STATE_UNSPECIFIED: DeliveryState
+DELIVERY_PENDING: DeliveryState
+DELIVERY_DELIVERED: DeliveryState
+DELIVERY_FAILED: DeliveryState
 
 class Tensor(_message.Message):
     __slots__ = ("name", "datatype", "shape", "contents")
@@ -104,12 +118,32 @@ class StreamPredictResponse(_message.Message):
     def __init__(self, id: _Optional[str] = ..., response: _Optional[_Union[PredictResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("request", "idempotency_key")
+    __slots__ = ("request", "idempotency_key", "callback")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    CALLBACK_FIELD_NUMBER: _ClassVar[int]
     request: PredictRequest
     idempotency_key: str
-    def __init__(self, request: _Optional[_Union[PredictRequest, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    callback: Callback
+    def __init__(self, request: _Optional[_Union[PredictRequest, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., callback: _Optional[_Union[Callback, _Mapping]] = ...) -> None: ...
+
+class Callback(_message.Message):
+    __slots__ = ("url", "include_result")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_RESULT_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    include_result: bool
+    def __init__(self, url: _Optional[str] = ..., include_result: _Optional[bool] = ...) -> None: ...
+
+class WebhookDelivery(_message.Message):
+    __slots__ = ("state", "attempts", "last_error")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    state: DeliveryState
+    attempts: int
+    last_error: str
+    def __init__(self, state: _Optional[_Union[DeliveryState, str]] = ..., attempts: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
     __slots__ = ("job_id", "status", "estimated_wait_seconds", "deduplicated")
@@ -132,18 +166,72 @@ class GetResultRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., wait_timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class GetResultResponse(_message.Message):
-    __slots__ = ("job_id", "status", "result", "error", "expires_in_seconds")
+    __slots__ = ("job_id", "status", "result", "error", "expires_in_seconds", "attempts", "delivery")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     status: JobStatus
     result: PredictResponse
     error: Error
     expires_in_seconds: float
-    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., result: _Optional[_Union[PredictResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., expires_in_seconds: _Optional[float] = ...) -> None: ...
+    attempts: int
+    delivery: WebhookDelivery
+    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., result: _Optional[_Union[PredictResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., expires_in_seconds: _Optional[float] = ..., attempts: _Optional[int] = ..., delivery: _Optional[_Union[WebhookDelivery, _Mapping]] = ...) -> None: ...
+
+class WatchJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class JobEvent(_message.Message):
+    __slots__ = ("job_id", "status", "attempt", "retry", "error", "result", "delivery", "time", "model")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    status: JobStatus
+    attempt: int
+    retry: bool
+    error: Error
+    result: PredictResponse
+    delivery: WebhookDelivery
+    time: _timestamp_pb2.Timestamp
+    model: str
+    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., attempt: _Optional[int] = ..., retry: _Optional[bool] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., result: _Optional[_Union[PredictResponse, _Mapping]] = ..., delivery: _Optional[_Union[WebhookDelivery, _Mapping]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
+
+class JobMetadata(_message.Message):
+    __slots__ = ("job_id", "model", "status", "attempts", "create_time", "start_time", "end_time", "request_id", "delivery")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    model: str
+    status: JobStatus
+    attempts: int
+    create_time: _timestamp_pb2.Timestamp
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    request_id: str
+    delivery: WebhookDelivery
+    def __init__(self, job_id: _Optional[str] = ..., model: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., attempts: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., delivery: _Optional[_Union[WebhookDelivery, _Mapping]] = ...) -> None: ...
 
 class CancelJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -168,7 +256,7 @@ class ListJobsRequest(_message.Message):
     def __init__(self, status: _Optional[_Union[JobStatus, str]] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class JobSummary(_message.Message):
-    __slots__ = ("job_id", "model", "status", "attempts", "error", "age_seconds", "request_id")
+    __slots__ = ("job_id", "model", "status", "attempts", "error", "age_seconds", "request_id", "delivery")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +264,7 @@ class JobSummary(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model: str
     status: JobStatus
@@ -183,7 +272,8 @@ class JobSummary(_message.Message):
     error: Error
     age_seconds: float
     request_id: str
-    def __init__(self, job_id: _Optional[str] = ..., model: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., attempts: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., age_seconds: _Optional[float] = ..., request_id: _Optional[str] = ...) -> None: ...
+    delivery: WebhookDelivery
+    def __init__(self, job_id: _Optional[str] = ..., model: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., attempts: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., age_seconds: _Optional[float] = ..., request_id: _Optional[str] = ..., delivery: _Optional[_Union[WebhookDelivery, _Mapping]] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ("jobs",)

@@ -54,6 +54,11 @@ class InferenceStub:
                 request_serializer=tensorgate_dot_v1_dot_inference__pb2.GetResultRequest.SerializeToString,
                 response_deserializer=tensorgate_dot_v1_dot_inference__pb2.GetResultResponse.FromString,
                 _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/tensorgate.v1.Inference/WatchJob',
+                request_serializer=tensorgate_dot_v1_dot_inference__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_v1_dot_inference__pb2.JobEvent.FromString,
+                _registered_method=True)
         self.CancelJob = channel.unary_unary(
                 '/tensorgate.v1.Inference/CancelJob',
                 request_serializer=tensorgate_dot_v1_dot_inference__pb2.CancelJobRequest.SerializeToString,
@@ -110,6 +115,16 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchJob(self, request, context):
+        """The job's state changes as they happen: the first event is its current state, then one
+        event per change (RUNNING with each attempt, a retry with the error that caused it, the
+        final status with the result or the error); the stream ends after the final event. Works on
+        any replica for a job submitted to any other (Redis job store).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelJob(self, request, context):
         """Cancels a job that has not finished; a finished job keeps its final status.
         """
@@ -159,6 +174,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GetResult,
                     request_deserializer=tensorgate_dot_v1_dot_inference__pb2.GetResultRequest.FromString,
                     response_serializer=tensorgate_dot_v1_dot_inference__pb2.GetResultResponse.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=tensorgate_dot_v1_dot_inference__pb2.WatchJobRequest.FromString,
+                    response_serializer=tensorgate_dot_v1_dot_inference__pb2.JobEvent.SerializeToString,
             ),
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
@@ -289,6 +309,33 @@ class Inference:
             '/tensorgate.v1.Inference/GetResult',
             tensorgate_dot_v1_dot_inference__pb2.GetResultRequest.SerializeToString,
             tensorgate_dot_v1_dot_inference__pb2.GetResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tensorgate.v1.Inference/WatchJob',
+            tensorgate_dot_v1_dot_inference__pb2.WatchJobRequest.SerializeToString,
+            tensorgate_dot_v1_dot_inference__pb2.JobEvent.FromString,
             options,
             channel_credentials,
             insecure,
