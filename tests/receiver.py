@@ -11,7 +11,8 @@ import collections
 import json
 import secrets
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -21,6 +22,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     answered: int  # the status code sent back (0: held, never answered)
+    at: float = field(default_factory=time.monotonic)
 
     @property
     def json(self) -> Any:

@@ -109,6 +109,20 @@ def test_submit_then_result(serve: ServeProcess) -> None:
     assert json.loads(cancelled.stdout)["status"] == "SUCCEEDED"
 
 
+def test_watch_prints_one_line_per_event_to_the_final_one(serve: ServeProcess) -> None:
+    submitted = serve.run("submit", "--model", "mlp", "--random-rows", "1")
+    job_id = json.loads(submitted.stdout)["job_id"]
+    watched = serve.run("watch", job_id)
+    assert watched.returncode == 0, watched.stderr
+    lines = [json.loads(line) for line in watched.stdout.splitlines()]
+    assert lines[-1]["status"] == "SUCCEEDED" and lines[-1]["job_id"] == job_id
+    assert lines[-1]["outputs"]["probabilities"]["shape"] == [1, 16]
+    assert all(line["status"] in ("PENDING", "RUNNING") for line in lines[:-1])
+    unknown = serve.run("watch", "f" * 32)
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1  # one line, no traceback
+
+
 def test_stream_prints_one_answer_per_request(serve: ServeProcess) -> None:
     result = serve.run("stream", "--model", "mlp", "--random-rows", "1", "--count", "5")
     assert result.returncode == 0, result.stderr

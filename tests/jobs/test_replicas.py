@@ -308,3 +308,47 @@ def test_redis_unreachable_at_start_up_is_logged_and_predict_serves(
             assert client.predict("mlp", {"input": X})["logits"].shape == (1, 16)
     finally:
         assert replica.stop() == 0
+
+
+def test_webhooks_due_on_a_replica_killed_mid_delivery_are_delivered_by_another(
+    replicas: Replicas, tmp_path: Path
+) -> None:
+    """A delivers webhooks to a receiver that holds every request; A is killed with SIGKILL with
+    deliveries in flight and due; B, started after, delivers every one (at least once: the
+    deliveries belong to Redis, not to A)."""
+    from tests.receiver import Receiver, new_secret
+
+    secrets_file = tmp_path / "webhook-secrets"
+    secrets_file.write_text(f"* {new_secret()}\n")
+    flags = (
+        "--job-lease-s", "2", "--webhook-allow", "127.0.0.1", "--webhook-secrets",
+        str(secrets_file), "--webhook-timeout-s", "1", "--webhook-retry-base-s", "0.1",
+    )  # fmt: skip
+    with Receiver() as receiver:
+        receiver.hold.set()
+        a = replicas.start(*flags)
+        with TensorgateClient(a.target, timeout_s=10) as on_a:
+            ids = [
+                on_a.submit("mlp", {"input": X}, callback_url=receiver.url).job_id
+                for _ in range(100)
+            ]
+        wait_until(lambda: len(receiver.received) >= 5, what="A delivering (held)")
+        a.kill()
+        receiver.release()
+        b = replicas.start(*flags)
+        wanted = {f"msg_{job_id}" for job_id in ids}
+        wait_until(
+            lambda: wanted <= {r.webhook_id for r in receiver.delivered()},
+            timeout_s=40,
+            what="every webhook delivered by B",
+        )
+        with TensorgateClient(b.target, timeout_s=10) as on_b:
+            for job_id in ids:
+                result = on_b.get_result(job_id)
+                assert result.status == "SUCCEEDED"
+                wait_until(
+                    lambda job_id=job_id: (
+                        on_b.get_result(job_id).delivery.state == "DELIVERY_DELIVERED"
+                    ),
+                    what=f"{job_id} recorded as delivered",
+                )

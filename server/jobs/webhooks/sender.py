@@ -70,7 +70,7 @@ class Webhooks:
         self._slots = max(config.webhook_max_connections, 1)
         self._metrics = metrics
         # A lease outlasting one attempt (its timeout), with room to record the outcome.
-        self._lease_s = self._timeout_s * 2 + 5.0
+        self._lease_s = self._timeout_s + 2.0
         self._store: JobStore | None = None
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
