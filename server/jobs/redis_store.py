@@ -511,8 +511,14 @@ class RedisJobStore:
                 )
             with self._reachable():
                 await self._pubsub.subscribe(channel)
-                async with asyncio.timeout(_PING_EVERY_S * 5):
-                    await confirmed.wait()
+                try:
+                    async with asyncio.timeout(_PING_EVERY_S * 5):
+                        await confirmed.wait()
+                except TimeoutError:
+                    raise Unavailable(
+                        f"the job store (Redis at {self.where}) did not confirm the watch; "
+                        "watch again"
+                    ) from None
         except BaseException:
             await self._unfollow(job_id, queue)
             raise

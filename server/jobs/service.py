@@ -285,7 +285,9 @@ class JobService:
                 log.warning("job tasks still running at shutdown: %s", names)
         if self._short:
             await asyncio.wait(list(self._short), timeout=_STOP_S)
-        await self.webhooks.stop()
+        # A private store's webhooks due now (jobs that finished as the server stopped) get a
+        # moment to go out: nobody else can send them.
+        await self.webhooks.stop(flush_s=0.0 if self.store.shared else _STOP_S)
         await self.store.close()
 
     # --- housekeeping -------------------------------------------------------------------------

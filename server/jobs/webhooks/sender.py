@@ -101,9 +101,19 @@ class Webhooks:
         )
         self._task = asyncio.create_task(self._run(), name="webhook-sender")
 
-    async def stop(self) -> None:
+    async def stop(self, flush_s: float = 0.0) -> None:
         """Stops taking deliveries; attempts in flight get a moment to end (one cut short is
-        due again after its lease, here or elsewhere)."""
+        due again after its lease, here or elsewhere). flush_s: first, up to this long for what
+        is due now to be attempted (a private store's deliveries die with the process)."""
+        store = self._store
+        deadline = time.monotonic() + flush_s
+        while (
+            store is not None
+            and self._task is not None
+            and (self._attempts or store.deliveries_due.is_set())
+            and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait([self._task], timeout=_STOP_S)
