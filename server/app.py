@@ -34,6 +34,8 @@ from tensorgate.server.api.messages import add_service
 from tensorgate.server.api.operations import OperationsServicer
 from tensorgate.server.api.servicer import InferenceServicer
 from tensorgate.server.config import ConfigError, ServerConfig
+from tensorgate.server.control import MODES as CONTROL_MODES
+from tensorgate.server.control import ModelControl
 from tensorgate.server.dataplane import DataPlane
 from tensorgate.server.jobs.service import JobService
 from tensorgate.server.jobs.store import JobStore, MemoryJobStore
@@ -74,6 +76,7 @@ class TensorgateServer:
         self._jobs: JobService | None = None
         self.plane: DataPlane | None = None
         self.frontend: Frontend | None = None
+        self.control: ModelControl | None = None
         self._stopped = asyncio.Event()
         self._started = asyncio.Event()  # start() returned, whether it served or gave up
         self._stopping = False
@@ -90,15 +93,29 @@ class TensorgateServer:
         config = self.config
         store = _job_store(config)
         auth, credentials = _security(config)
+        if config.model_control not in CONTROL_MODES:
+            raise ConfigError(
+                f"--model-control {config.model_control!r}: expected one of "
+                f"{', '.join(CONTROL_MODES)}"
+            )
         model_configs = await asyncio.to_thread(discover, config.model_repository, config.models)
         if self._stopping:
             return
-        self.models = ModelSet(model_configs)
+        self.models = ModelSet(model_configs, retire_bound_s=max(config.shutdown_grace_s, 30.0))
         tracing = self._tracing if self._tracing is not None else Tracing.from_env()
         self.telemetry = Telemetry(tracing, Metrics(config.metrics_tenant_label))
         self.telemetry.metrics.watch(self._state)
         self._jobs = JobService(self.models, store, config, self.telemetry, self._on_jobs)
-        self.plane = DataPlane(self.models, self._jobs, self.telemetry)
+        self.control = ModelControl(
+            self.models,
+            config.model_control,
+            config.model_repository,
+            config.models,
+            config.repository_poll_s,
+            on_added=self._model_added,
+            on_removed=self._model_removed,
+        )
+        self.plane = DataPlane(self.models, self._jobs, self.telemetry, self.control)
 
         # No gRPC-core limit on concurrent calls: the front ends refuse calls beyond
         # max_concurrent_rpcs themselves (RESOURCE_EXHAUSTED, retry-after-ms), which keeps the
@@ -113,6 +130,7 @@ class TensorgateServer:
             config.max_concurrent_rpcs,
             auth=auth,
             tenant_rate=config.tenant_rate,
+            admin_tenants=config.admin_tenants,
         )
         add_service(server, InferenceServicer(frontend), inference_pb2, "Inference")
         add_service(server, KServeServicer(frontend), grpc_service_pb2, "GRPCInferenceService")
@@ -175,6 +193,7 @@ class TensorgateServer:
             await self.stop()
             raise ConfigError(f"no model could be loaded: {self.models.failures()}")
         await self._jobs.start(ready)
+        await self.control.start()
         await self.health.set_server(True)
         if config.worker_index >= 0:
             await self.health.set_worker(config.worker_index)
@@ -207,6 +226,16 @@ class TensorgateServer:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _model_added(self, name: str) -> None:
+        """A model came to be served while running (model control): its jobs are taken."""
+        if self._jobs is not None and not self._stopping:
+            self._background(self._jobs.add_model(name))
+
+    def _model_removed(self, name: str) -> None:
+        """A model was unloaded: its jobs are no longer taken here (queued ones wait)."""
+        if self._jobs is not None:
+            self._jobs.remove_model(name)
 
     def _on_ready(self, model: str, ready: bool) -> None:
         """A model's readiness changed: told to grpc.health.v1 (KServe asks the model set)."""
@@ -267,6 +296,8 @@ class TensorgateServer:
                     "handed back" if self._jobs.store.shared else "failed unfinished",
                     ": " + ", ".join(job.id for job in left[:20]) if left else "",
                 )
+        if self.control is not None:
+            await self.control.stop()
         if self._grpc is not None:
             # Long-polls see the final statuses set above before the transport goes.
             await self._grpc.stop(max(deadline - time.monotonic(), 0.5))

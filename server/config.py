@@ -102,6 +102,17 @@ class ServerConfig:
     # Per tenant: inference requests a second (0 = no limit) and unfinished jobs (0 = no limit).
     tenant_rate: float = flag(0.0, "inference requests per second per tenant (0 = no limit)")
     max_pending_jobs_per_tenant: int = flag(0, "unfinished jobs per tenant (0 = no limit)")
+    # How the served models follow the repository while the server runs (server/control.py).
+    model_control: str = flag(
+        "none",
+        "none: models fixed at start; poll: apply repository changes every "
+        "--repository-poll-s; explicit: only the repository API loads and unloads",
+    )
+    repository_poll_s: float = flag(5.0, "poll mode: read the repository this often")
+    # With auth on, the tenants that may use the repository API (load, unload, index).
+    admin_tenants: tuple[str, ...] = flag(
+        (), "tenants allowed the model repository API when auth is on (comma-separated)"
+    )
     # Webhooks (SubmitRequest.callback): where the server may POST (none by default: it makes
     # requests on a caller's behalf), how they are signed, how hard it tries.
     webhook_allow: tuple[str, ...] = flag(

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 from opentelemetry.trace import Span
 
+from tensorgate.server.control import ModelControl
 from tensorgate.server.errors import Unavailable
 from tensorgate.server.jobs.service import JobService
 from tensorgate.server.limits import check_idempotency_key
@@ -28,6 +29,7 @@ from tensorgate.server.records import (
     JobView,
     ModelInfo,
     ModelStatistics,
+    RepositoryEntry,
     Request,
     RequestKind,
     Submitted,
@@ -38,10 +40,16 @@ from tensorgate.server.tensors import Outputs
 
 class DataPlane:
     def __init__(
-        self, models: ModelSet, jobs: JobService, telemetry: Telemetry | None = None
+        self,
+        models: ModelSet,
+        jobs: JobService,
+        telemetry: Telemetry | None = None,
+        control: ModelControl | None = None,
     ) -> None:
         self._models = models
         self._jobs = jobs
+        # How models change while serving (--model-control); fixed when not given.
+        self.control = control or ModelControl.fixed(models)
         self.telemetry = telemetry or Telemetry.quiet()
         self.tracing = self.telemetry.tracing
         self.accepting = True
@@ -65,6 +73,7 @@ class DataPlane:
         started_ns = time.time_ns() if span is not None else 0
         queued = self._models.admit(request, kind)
         if span is not None:
+            span.set_attribute("tensorgate.model_version", request.model_version)
             queued.trace = self.tracing.request_trace(span, 0, time.time_ns() - started_ns)
         self._models.enqueue(queued, request.model)
         self.inflight += 1
@@ -156,8 +165,8 @@ class DataPlane:
     def models(self) -> list[ModelInfo]:
         return [self._served(info) for info in self._models.infos()]
 
-    def model_info(self, name: str) -> ModelInfo:
-        return self._served(self._models.info(name))
+    def model_info(self, name: str, version: str = "") -> ModelInfo:
+        return self._served(self._models.info(name, version))
 
     def _served(self, info: ModelInfo) -> ModelInfo:
         """A model as callers see it: not ready while the server shuts down."""
@@ -165,16 +174,36 @@ class DataPlane:
             return dataclasses.replace(info, ready=False, reason="the server is shutting down")
         return info
 
-    def model_ready(self, name: str) -> bool:
-        """The same answer grpc.health.v1 gives for the model's name."""
-        return self.serving and self._models.ready(name)
+    def model_ready(self, name: str, version: str = "") -> bool:
+        """The same answer grpc.health.v1 gives for the model's name (or for one version)."""
+        return self.serving and self._models.ready(name, version)
 
     def server_ready(self) -> bool:
         return self.serving and self._models.all_ready()
 
-    def statistics(self, name: str = "") -> list[ModelStatistics]:
-        """Counters of one model, or of every model that has served."""
-        return self._models.statistics(name)
+    def statistics(self, name: str = "", version: str = "") -> list[ModelStatistics]:
+        """Counters of one version, of one model's versions, or of every model that has
+        served."""
+        return self._models.statistics(name, version)
+
+    # --- the model repository (model control) ---------------------------------------------------
+
+    def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
+        """Every model of the repository: each version loaded (READY, UNAVAILABLE, UNLOADING)
+        and each model not loaded (UNAVAILABLE with the reason)."""
+        entries = self.control.index()
+        return [e for e in entries if e.state == "READY"] if ready_only else entries
+
+    async def load_model(self, name: str) -> list[str]:
+        """Loads a model, or reloads it from the repository as it now is, with no downtime;
+        returns the versions loaded."""
+        self._check_accepting()
+        return await self.control.load(name)
+
+    async def unload_model(self, name: str) -> None:
+        """Unloads a model: its versions finish what they were given; new calls are NOT_FOUND."""
+        self._check_accepting()
+        await self.control.unload(name)
 
     def metric_model(self, name: str) -> str:
         """The model label for metrics: unknown names collapse into one, so callers cannot grow

@@ -39,6 +39,12 @@ class ResourceExhausted(TensorgateError):
         self.retry_after_s = retry_after_s
 
 
+class PermissionDenied(TensorgateError):
+    """The caller is known but may not do this (the model repository API without admin)."""
+
+    code = "PERMISSION_DENIED"
+
+
 class FailedPrecondition(TensorgateError):
     """The request does not fit the state it refers to (a chunk for a sequence that is not
     live)."""

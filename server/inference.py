@@ -44,6 +44,9 @@ class InferenceRequest:
     trace: RequestTrace | None = None
     # A chunk of a sequence, for a stateful model (batching/sequences.py).
     sequence: SequenceControl | None = None
+    # The model version that admitted it, whose scheduler it is queued on (models.py); the
+    # request keeps it across a rollout.
+    target: Any = None
 
     def again(self, trace: RequestTrace | None = None) -> InferenceRequest:
         """The same request with a fresh future, for another attempt (a retried job)."""

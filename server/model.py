@@ -58,7 +58,11 @@ class ServedModel:
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
         self.name = config.name
+        self.version = config.version
         self.state = ModelState.LOADING
+        # Requests admitted to this version whose result is not settled yet: a version being
+        # retired is released only once none is left (and no sequence lives on it).
+        self.admitted = 0
         self.failure = ""
         # What callers send and get back. A stateful model's engine also takes and returns its
         # state (the server's business, not the caller's): engine_inputs / engine_outputs.
@@ -283,7 +287,7 @@ class ServedModel:
         if deadline is None and not job and self.config.default_timeout_s > 0:
             deadline = time.monotonic() + self.config.default_timeout_s
         names = request.requested_outputs
-        return InferenceRequest(
+        admitted = InferenceRequest(
             inputs=arrays,
             rows=rows,
             output_names=tuple(dict.fromkeys(names)) if names else self._output_names,
@@ -295,13 +299,33 @@ class ServedModel:
             or (self.config.job_priority if job else self.config.default_priority),
             tenant=request.tenant,
             sequence=request.sequence if self.config.sequence else None,
+            target=self,
         )
+        self.admitted += 1
+        admitted.future.add_done_callback(self._settled)
+        return admitted
+
+    def _settled(self, _: object) -> None:
+        self.admitted -= 1
+
+    @property
+    def idle(self) -> bool:
+        """Nothing admitted to it is unsettled and no sequence lives on it: a retiring version
+        may be released."""
+        return self.admitted <= 0 and self.live_sequences == 0
+
+    def holds_sequence(self, tenant: str, sequence_id: str) -> bool:
+        """Whether the sequence lives on this version (its chunks must come here)."""
+        if isinstance(self._scheduler, SequenceScheduler):
+            return self._scheduler.holds((tenant, sequence_id))
+        return False
 
     def statistics(self) -> ModelStatistics:
         """Cumulative counters (KServe ModelStatistics)."""
         stats = self.scheduler.stats
         return ModelStatistics(
             name=self.name,
+            version=self.version,
             last_inference_ms=stats.last_inference_ms,
             rows=stats.rows,
             batches=stats.batches,

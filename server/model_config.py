@@ -53,13 +53,42 @@ class SequenceConfig:
     idle_timeout_s: float = 60.0
 
 
+@dataclass(slots=True, frozen=True)
+class VersionPolicy:
+    """Which of a model's version folders are served (Triton's version_policy): the `latest` N
+    (by number), `all` of them, or the `specific` ones named."""
+
+    kind: str = "latest"  # latest | all | specific
+    latest: int = 1
+    specific: tuple[str, ...] = ()
+
+    def select(self, versions: list[str]) -> list[str]:
+        """The versions served, of those present (numbers as strings), in ascending order."""
+        ordered = sorted(versions, key=int)
+        if self.kind == "all":
+            return ordered
+        if self.kind == "specific":
+            return [v for v in ordered if v in self.specific]
+        return ordered[-self.latest :]
+
+
 @dataclass(slots=True)
 class ModelConfig:
-    """engines/<model>/config.toml: how one model is run and batched."""
+    """engines/<model>/config.toml: how one model is run and batched. One ModelConfig is one
+    version: path is the folder its artifact is in (engines/<model>/<version>, or the model's
+    folder itself for a flat layout, which is version 1)."""
 
     name: str
     path: Path
     backend: str
+    version: str = "1"
+    # Model-wide: which versions are served, and how the default route splits between them
+    # ({version: weight}; empty: the highest version takes it all).
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    traffic: dict[str, int] = field(default_factory=dict)
+    # Changes whenever the version's files or the model's config.toml change (repository.py):
+    # a reload replaces the versions whose stamp changed.
+    stamp: tuple[tuple[str, int, int], ...] = ()
     max_batch_size: int = 32
     max_queue_delay_s: float = 0.002
     # A batch that reaches one of these sizes goes out without waiting for max_queue_delay_s.
@@ -94,8 +123,11 @@ class ModelConfig:
     sequence: SequenceConfig | None = None
 
     @classmethod
-    def load(cls, model_dir: Path) -> ModelConfig:
-        """Reads and checks model_dir/config.toml."""
+    def load(
+        cls, model_dir: Path, version: str = "1", version_dir: Path | None = None
+    ) -> ModelConfig:
+        """Reads and checks model_dir/config.toml, for the version whose artifact is in
+        version_dir (the model's folder itself when None)."""
         path = model_dir / MODEL_CONFIG_FILE
         try:
             raw = tomllib.loads(path.read_text())
@@ -111,8 +143,11 @@ class ModelConfig:
         delay_ms = raw.pop("max_queue_delay_ms", 2.0)
         config = cls(
             name=model_dir.name,
-            path=model_dir,
+            path=version_dir or model_dir,
             backend=backend,
+            version=version,
+            version_policy=_version_policy(raw.pop("version_policy", None), path),
+            traffic=_traffic(raw.pop("traffic", None), path),
             max_batch_size=_int(raw.pop("max_batch_size", 32), "max_batch_size", path, low=1),
             max_queue_delay_s=_number(delay_ms, "max_queue_delay_ms", path) / 1000.0,
             preferred_batch_sizes=tuple(
@@ -152,14 +187,51 @@ class ModelConfig:
 
 
 _MODEL_KEYS = (
-    "backend", "max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes",
-    "pad_to_preferred", "eager_dispatch", "batching", "latency_budget_ms", "default_priority",
-    "job_priority", "priority_aging_ms", "queue_capacity", "instance_count",
-    "execution_timeout_ms", "default_timeout_ms", "sequence",
+    "backend", "version_policy", "traffic", "max_batch_size", "max_queue_delay_ms",
+    "preferred_batch_sizes", "pad_to_preferred", "eager_dispatch", "batching",
+    "latency_budget_ms", "default_priority", "job_priority", "priority_aging_ms",
+    "queue_capacity", "instance_count", "execution_timeout_ms", "default_timeout_ms", "sequence",
 )  # fmt: skip
 
 
 _DATATYPES = ("FP32", "FP16", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "BOOL")
+
+
+def _version_policy(raw: Any, path: Path) -> VersionPolicy:
+    """version_policy = { latest = N } (default N = 1), "all", or { specific = [1, 3] }."""
+    where = f"{path}: version_policy"
+    if raw is None:
+        return VersionPolicy()
+    if raw == "all":
+        return VersionPolicy("all")
+    if isinstance(raw, dict) and set(raw) == {"latest"}:
+        return VersionPolicy(
+            "latest", latest=_int(raw["latest"], "version_policy.latest", path, low=1)
+        )
+    if isinstance(raw, dict) and set(raw) == {"specific"} and isinstance(raw["specific"], list):
+        versions = raw["specific"]
+        if not versions or not all(isinstance(v, int) and v >= 1 for v in versions):
+            raise ConfigError(f"{where}: specific must list version numbers (1 and up)")
+        return VersionPolicy("specific", specific=tuple(str(v) for v in versions))
+    raise ConfigError(
+        f'{where} must be {{ latest = N }}, "all" or {{ specific = [1, 3] }}; got {raw!r}'
+    )
+
+
+def _traffic(raw: Any, path: Path) -> dict[str, int]:
+    """[traffic] weights = { "1" = 90, "2" = 10 }: how the default route splits by version."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or set(raw) != {"weights"} or not isinstance(raw["weights"], dict):
+        raise ConfigError(f'{path}: [traffic] takes one key, weights = {{ "1" = 90, "2" = 10 }}')
+    weights: dict[str, int] = {}
+    for version, weight in raw["weights"].items():
+        if not str(version).isdigit() or int(version) < 1:
+            raise ConfigError(f"{path}: traffic.weights: {version!r} is not a version number")
+        weights[str(int(version))] = _int(weight, f"traffic.weights.{version}", path, low=0)
+    if not any(weights.values()):
+        raise ConfigError(f"{path}: traffic.weights must give some version a weight above 0")
+    return weights
 
 
 def _sequence(raw: Any, path: Path) -> SequenceConfig:

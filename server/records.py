@@ -50,6 +50,8 @@ class Request:
     sequence: SequenceControl | None = None
     # Who asks: scopes jobs and limits once callers authenticate; "" = anonymous.
     tenant: str = ""
+    # The version asked for; "" = the model's default route.
+    model_version: str = ""
 
 
 class JobStatus(enum.Enum):
@@ -167,6 +169,20 @@ class ModelInfo:
     preferred_batch_sizes: tuple[int, ...]
     # Why it is not serving, when it is not.
     reason: str = ""
+    # The version described, the versions served, and the default route's split by version.
+    version: str = "1"
+    versions: tuple[str, ...] = ("1",)
+    traffic: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True, frozen=True)
+class RepositoryEntry:
+    """One model version of the repository as the server has it (RepositoryIndex)."""
+
+    name: str
+    version: str  # "" for a model not loaded
+    state: str  # READY, UNAVAILABLE, UNLOADING
+    reason: str = ""
 
 
 @dataclass(slots=True, frozen=True)
@@ -185,3 +201,4 @@ class ModelStatistics:
     compute_s_total: float
     # rows -> (batches of that size, their compute seconds)
     by_batch_size: Mapping[int, tuple[int, float]]
+    version: str = "1"

@@ -21,7 +21,13 @@ from opentelemetry.trace import Span
 from tensorgate.server.api.auth import Authenticator
 from tensorgate.server.api.status import abort, as_domain_error
 from tensorgate.server.dataplane import DataPlane
-from tensorgate.server.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unauthenticated
+from tensorgate.server.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from tensorgate.server.limits import TenantRates
 from tensorgate.server.telemetry import Tracing
 
@@ -67,8 +73,10 @@ class Frontend:
         max_concurrent_rpcs: int = 0,
         auth: Authenticator | None = None,
         tenant_rate: float = 0.0,
+        admin_tenants: tuple[str, ...] = (),
     ) -> None:
         self.plane = plane
+        self.admin_tenants = frozenset(admin_tenants)
         self.auth = auth if auth is not None and auth.enabled else None
         self.rates = TenantRates(tenant_rate)
         self.tracing = plane.tracing
@@ -83,9 +91,18 @@ class Frontend:
         # lock and validates on every call, which the request path need not pay. Bounded: model
         # names collapse to the served ones, kinds and codes are fixed sets, tenants are ""
         # unless --metrics-tenant-label.
-        self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, str, str, str, str], tuple[Any, Any]] = {}
         # (method, code) -> the calls counter's child (a fixed set of methods and codes).
         self._calls_children: dict[tuple[str, str], Any] = {}
+
+    def check_admin(self, tenant: str) -> None:
+        """PERMISSION_DENIED unless the tenant may change the served models (with auth on, the
+        tenants --admin-tenants names; with auth off, anyone who reaches the port)."""
+        if self.auth is not None and tenant not in self.admin_tenants:
+            raise PermissionDenied(
+                f"tenant '{tenant}' may not use the model repository API; "
+                "the server's --admin-tenants names who may"
+            )
 
     def stream_owner(self) -> str:
         """A name for a new stream: the owner of the sequences it starts or drives."""
@@ -120,19 +137,27 @@ class Frontend:
             self.calls -= 1
 
     def count(
-        self, model: str, kind: str, error: BaseException | None, started: float, tenant: str = ""
+        self,
+        model: str,
+        kind: str,
+        error: BaseException | None,
+        started: float,
+        tenant: str = "",
+        version: str = "",
     ) -> None:
-        """One inference request answered (tensorgate_requests_total and its latency)."""
+        """One inference request answered (tensorgate_requests_total and its latency), labelled
+        with the model version that ran it ("" when it was refused before one was chosen)."""
         code = "OK" if error is None else as_domain_error(error).code
         if not self.metrics.tenant_label:
             tenant = ""
-        key = (model, kind, code, tenant)
+        key = (model, version, kind, code, tenant)
         children = self._children.get(key)
         if children is None:
             label = self.plane.metric_model(model)
+            version = version if label == model else ""
             children = (
-                self.metrics.request_counter(label, kind, code, tenant),
-                self.metrics.request_seconds.labels(label, kind),
+                self.metrics.request_counter(label, kind, code, tenant, version),
+                self.metrics.request_seconds.labels(label, version, kind),
             )
             if label == model:  # unknown names are not remembered, so the dict stays bounded
                 self._children[key] = children

@@ -21,7 +21,7 @@ from tensorgate.server.records import ModelInfo, ModelStatistics, Request, Seque
 
 SERVER_NAME = "tensorgate"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ("model_configuration", "statistics")
+EXTENSIONS = ("model_configuration", "statistics", "model_repository")
 
 # backend -> the platform name Triton reports for the same kind of model
 _PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "python": "python"}
@@ -50,7 +50,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: kpb.ModelReadyRequest, call: Call
     ) -> kpb.ModelReadyResponse:
-        return kpb.ModelReadyResponse(ready=self._plane.model_ready(request.name))
+        return kpb.ModelReadyResponse(ready=self._plane.model_ready(request.name, request.version))
 
     @rpc()
     async def ServerMetadata(
@@ -68,11 +68,11 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         request: kpb.ModelMetadataRequest,
         call: Call,
     ) -> kpb.ModelMetadataResponse:
-        model = self._loaded_model(request.name)
+        model = self._loaded_model(request.name, request.version)
         meta = kpb.ModelMetadataResponse.TensorMetadata
         return kpb.ModelMetadataResponse(
             name=model.name,
-            versions=["1"],
+            versions=[model.version] if request.version else model.versions,
             platform=_PLATFORMS.get(model.backend, model.backend),
             inputs=[meta(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.inputs],
             outputs=[meta(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.outputs],
@@ -82,8 +82,13 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: kpb.ModelInferRequest, call: Call
     ) -> kpb.ModelInferResponse:
-        outputs = await self._plane.infer(call.bind(_request(request)), call.span)
-        return call.encode(lambda: codec.infer_response(request.model_name, request.id, outputs))
+        bound = call.bind(_request(request))
+        outputs = await self._plane.infer(bound, call.span)
+        return call.encode(
+            lambda: codec.infer_response(
+                request.model_name, request.id, outputs, bound.model_version
+            )
+        )
 
     async def ModelStreamInfer(
         self,
@@ -108,7 +113,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(
         self, request: kpb.ModelConfigRequest, call: Call
     ) -> kpb.ModelConfigResponse:
-        model = self._loaded_model(request.name)
+        model = self._loaded_model(request.name, request.version)
         kind = (
             kpb.ModelInstanceGroup.KIND_GPU
             if model.backend == "tensorrt"
@@ -150,11 +155,44 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         request: kpb.ModelStatisticsRequest,
         call: Call,
     ) -> kpb.ModelStatisticsResponse:
-        stats = self._plane.statistics(request.name)
+        stats = self._plane.statistics(request.name, request.version)
         return kpb.ModelStatisticsResponse(model_stats=[_statistics(m) for m in stats])
 
-    def _loaded_model(self, name: str) -> ModelInfo:
-        model = self._plane.model_info(name)
+    # --- the model repository extension ---------------------------------------------------------
+
+    @rpc()
+    async def RepositoryIndex(
+        self, request: kpb.RepositoryIndexRequest, call: Call
+    ) -> kpb.RepositoryIndexResponse:
+        self.frontend.check_admin(call.tenant)
+        index = kpb.RepositoryIndexResponse.ModelIndex
+        return kpb.RepositoryIndexResponse(
+            models=[
+                index(name=e.name, version=e.version, state=e.state, reason=e.reason)
+                for e in self._plane.repository_index(request.ready)
+            ]
+        )
+
+    @rpc()
+    async def RepositoryModelLoad(
+        self, request: kpb.RepositoryModelLoadRequest, call: Call
+    ) -> kpb.RepositoryModelLoadResponse:
+        self.frontend.check_admin(call.tenant)
+        _no_parameters(request.parameters)
+        await self._plane.load_model(_model_name(request.model_name))
+        return kpb.RepositoryModelLoadResponse()
+
+    @rpc()
+    async def RepositoryModelUnload(
+        self, request: kpb.RepositoryModelUnloadRequest, call: Call
+    ) -> kpb.RepositoryModelUnloadResponse:
+        self.frontend.check_admin(call.tenant)
+        _no_parameters(request.parameters, allowed=("unload_dependents",))
+        await self._plane.unload_model(_model_name(request.model_name))
+        return kpb.RepositoryModelUnloadResponse()
+
+    def _loaded_model(self, name: str, version: str = "") -> ModelInfo:
+        model = self._plane.model_info(name, version)
         if not model.inputs:  # never loaded
             raise Unavailable(model.reason)
         return model
@@ -170,7 +208,25 @@ def _request(message: kpb.ModelInferRequest) -> Request:
         parameters=parameters,
         priority=_priority(parameters.get("priority", 0)),
         sequence=_sequence(parameters),
+        model_version=message.model_version,
     )
+
+
+def _model_name(name: str) -> str:
+    if not name:
+        raise InvalidArgument("model_name is empty: name the model to load or unload")
+    return name
+
+
+def _no_parameters(parameters: object, allowed: tuple[str, ...] = ()) -> None:
+    """Triton's load parameters (a config or files sent with the call) are not supported: the
+    model is loaded from the repository as it is on disk."""
+    unknown = sorted(set(parameters) - set(allowed))  # type: ignore[call-overload]
+    if unknown:
+        raise InvalidArgument(
+            f"parameters {', '.join(unknown)} are not supported: the model is loaded from the "
+            "repository as it is on disk"
+        )
 
 
 def _sequence(parameters: dict[str, object]) -> SequenceControl | None:
@@ -222,7 +278,7 @@ def _duration(count: int, seconds: float) -> kpb.StatisticDuration:
 def _statistics(stats: ModelStatistics) -> kpb.ModelStatistics:
     return kpb.ModelStatistics(
         name=stats.name,
-        version="1",
+        version=stats.version,
         last_inference=stats.last_inference_ms,
         inference_count=stats.rows,
         execution_count=stats.batches,

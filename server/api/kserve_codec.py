@@ -101,9 +101,9 @@ def parameters(params: Mapping[str, kpb.InferParameter]) -> dict[str, Any]:
 
 
 def infer_response(
-    model: str, request_id: str, outputs: Mapping[str, np.ndarray]
+    model: str, request_id: str, outputs: Mapping[str, np.ndarray], version: str = "1"
 ) -> kpb.ModelInferResponse:
-    response = kpb.ModelInferResponse(model_name=model, model_version="1", id=request_id)
+    response = kpb.ModelInferResponse(model_name=model, model_version=version, id=request_id)
     for name, array in outputs.items():
         datatype, contents = to_wire(array)
         response.outputs.add(name=name, datatype=datatype, shape=array.shape)

@@ -123,7 +123,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def ListModels(self, request: pb.ListModelsRequest, call: Call) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
             models=[
-                pb.ModelSummary(name=m.name, backend=m.backend, ready=m.ready)
+                pb.ModelSummary(
+                    name=m.name,
+                    backend=m.backend,
+                    ready=m.ready,
+                    versions=m.versions,
+                    traffic=m.traffic,
+                )
                 for m in self._plane.models()
             ]
         )
@@ -134,8 +140,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         request: pb.GetModelMetadataRequest,
         call: Call,
     ) -> pb.GetModelMetadataResponse:
-        model = self._plane.model_info(request.model)
+        model = self._plane.model_info(request.model, request.version)
         return pb.GetModelMetadataResponse(
+            version=model.version,
+            versions=model.versions,
             name=model.name,
             backend=model.backend,
             inputs=[_tensor_metadata(s) for s in model.inputs],
@@ -154,6 +162,7 @@ def _request(message: pb.PredictRequest) -> Request:
         parameters=codec.parameters(message.parameters),
         priority=message.priority,
         sequence=_sequence(message),
+        model_version=message.model_version,
     )
 
 

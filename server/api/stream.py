@@ -65,7 +65,7 @@ async def pump(
 
         def respond(
             message: Msg,
-            model: str,
+            model: tuple[str, str],
             span: Span | None,
             started: float,
             outputs: Outputs | None,
@@ -76,11 +76,11 @@ async def pump(
             else:
                 outbox.put_nowait(fail(message, error or Cancelled("cancelled")))
             tracing.end(span, error)
-            frontend.count(model, "stream", error, started, tenant)
+            frontend.count(model[0], "stream", error, started, tenant, model[1])
 
         def answered(
             message: Msg,
-            model: str,
+            model: tuple[str, str],
             span: Span | None,
             started: float,
             future: asyncio.Future[Outputs],
@@ -101,14 +101,14 @@ async def pump(
                     await slots.acquire()
                     outstanding += 1
                     started = time.perf_counter()
-                    model = ""
+                    model = ("", "")  # (name, version) for the metrics
                     span = None
                     try:
                         message = await resolve(message)
                         if isinstance(message, Malformed):
                             raise message.error()
                         request = decode(message)
-                        model = request.model
+                        model = (request.model, "")
                         if request.id:
                             REQUEST_ID.set(request.id)  # log lines about it carry it
                         request.deadline = deadline
@@ -121,6 +121,7 @@ async def pump(
                             call_span, "request", model=request.model, request_id=request.id
                         )
                         future = frontend.plane.start(request, RequestKind.STREAM, span)
+                        model = (request.model, request.model_version)
                     except Exception as exc:
                         respond(message, model, span, started, None, exc)
                         continue

@@ -40,11 +40,15 @@ class Call:
     deadline: float | None
     span: Span | None
     tracing: Tracing
+    # The inference request the call made (bind), whose model_version, once run, names the
+    # version that ran it.
+    request: Request | None = None
 
     def bind(self, request: Request) -> Request:
         """The request, acting for this call's tenant and within its deadline."""
         request.tenant = self.tenant
         request.deadline = self.deadline
+        self.request = request
         return request
 
     def encode(self, build: Callable[[], Resp]) -> Resp:
@@ -87,9 +91,10 @@ def rpc(kind: str | None = None) -> Callable[[Handler[Req, Resp]], GrpcHandler[R
                         **_span_attributes(message, inner),
                     )  # fmt: skip
                 error: TensorgateError | None = None
+                call = Call(tenant, deadline, span, tracing)
                 try:
                     frontend.rates.charge(tenant)
-                    return await method(self, message, Call(tenant, deadline, span, tracing))
+                    return await method(self, message, call)
                 except asyncio.CancelledError:
                     error = gone(deadline)
                     raise
@@ -101,7 +106,8 @@ def rpc(kind: str | None = None) -> Callable[[Handler[Req, Resp]], GrpcHandler[R
                     frontend.count_call(name, error)
                     if kind == "unary" or (kind is not None and error is not None):
                         model = _model_of(inner)
-                        frontend.count(model, kind, error, started, tenant)
+                        version = call.request.model_version if call.request is not None else ""
+                        frontend.count(model, kind, error, started, tenant, version)
                     if span is not None:
                         code = 0 if error is None else status_of(error).value[0]
                         tracing.end_rpc(span, code, "" if error is None else str(error))

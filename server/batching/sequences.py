@@ -89,6 +89,10 @@ class SequenceScheduler:
     def live_sequences(self) -> int:
         return len(self._live)
 
+    def holds(self, key: tuple[str, str]) -> bool:
+        """Whether the sequence (tenant, id) is live here."""
+        return key in self._live
+
     def put(self, request: InferenceRequest) -> None:
         control = request.sequence
         if control is None or not control.sequence_id:

@@ -42,6 +42,7 @@ def encode_request(request: Request) -> bytes:
         "outputs": list(request.requested_outputs),
         "parameters": dict(request.parameters),
         "priority": request.priority,
+        "version": request.model_version,
         "tensors": [[t.name, t.datatype, list(t.shape), len(t.contents)] for t in request.inputs],
     }
     return _pack(header, [t.contents for t in request.inputs])
@@ -61,6 +62,7 @@ def decode_request(model: str, tenant: str, blob: bytes) -> Request:
         parameters=header["parameters"],
         priority=header["priority"],
         tenant=tenant,
+        model_version=header.get("version", ""),
     )
 
 

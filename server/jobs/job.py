@@ -23,6 +23,8 @@ class Job:
     id: str
     model: str
     tenant: str = ""
+    # The version its run was admitted to (for the metrics); "" until it runs here.
+    version: str = ""
     idempotency_key: str = ""
     request_id: str = ""
     status: JobStatus = JobStatus.PENDING

@@ -59,6 +59,9 @@ class _Lane:
     ready: collections.deque[Job] = field(default_factory=collections.deque)
     room: asyncio.Event = field(default_factory=asyncio.Event)
     pause: asyncio.TimerHandle | None = None
+    # False once the model is unloaded here: its feeder stops taking jobs.
+    feeding: bool = True
+    feeder: asyncio.Task[None] | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -97,11 +100,27 @@ class JobLanes:
     def start(self, models: list[str]) -> None:
         """A lane and its feeder for each model that takes jobs."""
         for name in models:
-            lane = self._lanes[name] = _Lane(name, self._models.job_capacity(name))
-            self._feeders.append(self._spawn(self._feed(lane), f"job-feeder-{name}", True))
+            lane = self._lanes.get(name)  # a model loaded again keeps its lane and held jobs
+            if lane is None:
+                lane = self._lanes[name] = _Lane(name, self._models.job_capacity(name))
+            lane.feeding = True
+            lane.feeder = self._spawn(self._feed(lane), f"job-feeder-{name}", True)
+            self._feeders.append(lane.feeder)
 
     def serves(self, model: str) -> bool:
-        return model in self._lanes
+        return model in self._lanes and self._lanes[model].feeding
+
+    def remove(self, model: str) -> None:
+        """Stops taking the model's jobs; the held ones finish (the lane goes once they have)."""
+        lane = self._lanes.get(model)
+        if lane is None:
+            return
+        lane.feeding = False
+        lane.room.set()
+        if lane.feeder is not None:
+            lane.feeder.cancel()
+        if not lane.held:
+            del self._lanes[model]
 
     @property
     def held_count(self) -> int:
@@ -120,7 +139,7 @@ class JobLanes:
     # --- feeding ------------------------------------------------------------------------------
 
     async def _feed(self, lane: _Lane) -> None:
-        while self._taking:  # quiesce() turns it off (a cancellation alone may be swallowed)
+        while self._taking and lane.feeding:  # quiesce() (or an unload) turns it off
             room = lane.capacity - len(lane.held)
             if room <= 0:
                 lane.room.clear()
@@ -151,6 +170,7 @@ class JobLanes:
                 self._settle(lane, job, JobStatus.FAILED, error=Internal(str(exc)))
                 return
         job.payload = None
+        job.version = job.run.target.version if job.run.target is not None else ""
         job.started = False
         if job.span is None and job.traceparent:
             job.span = self._tracing.start_remote_child(
@@ -253,8 +273,9 @@ class JobLanes:
         lane.room.set()
         if job.status.finished:  # else it was handed on: its new holder counts it
             code = job.error.code if job.error is not None else "OK"
-            self._metrics.request_counter(job.model, "job", code, job.tenant).inc()
-            self._metrics.request_seconds.labels(job.model, "job").observe(
+            version = job.version
+            self._metrics.request_counter(job.model, "job", code, job.tenant, version).inc()
+            self._metrics.request_seconds.labels(job.model, version, "job").observe(
                 max((job.finished_at or time.time()) - job.created_at, 0.0)
             )
         if job.span is not None:

@@ -215,6 +215,13 @@ class RedisJobStore:
         with contextlib.suppress(Exception):
             await self._pubsub_client.aclose()
 
+    async def add_model(self, model: str) -> None:
+        if model not in self._models:
+            self._models.append(model)
+        if self.available:
+            with self._reachable():
+                await self._prepare()
+
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(_PING_EVERY_S)

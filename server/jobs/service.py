@@ -81,6 +81,18 @@ class JobService:
         if self.store.shared:
             self._spawn(self._renew(), "job-lease-renewal")
 
+    async def add_model(self, name: str) -> None:
+        """A model came to be served while running: its jobs are taken from now on."""
+        if not self._models.takes_jobs(name) or self._lanes.serves(name):
+            return
+        await self.store.add_model(name)
+        self._lanes.start([name])
+
+    def remove_model(self, name: str) -> None:
+        """A model was unloaded: its jobs are no longer taken (those held finish on the version
+        that admitted them; queued ones wait in the store for a process that serves it)."""
+        self._lanes.remove(name)
+
     @property
     def unfinished(self) -> int:
         """Jobs this process must finish before it stops: those it holds, and those queued that

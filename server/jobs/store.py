@@ -49,6 +49,10 @@ class JobStore(Protocol):
 
     async def close(self) -> None: ...
 
+    async def add_model(self, model: str) -> None:
+        """Prepares the queue of a model that came to be served after open()."""
+        ...
+
     async def add(self, job: Job) -> tuple[Job, bool, int]:
         """Stores and queues a new job: (job, False, unfinished jobs of its model before it).
         When its idempotency key already names a live job of the same tenant, stores nothing:
@@ -179,6 +183,9 @@ class MemoryJobStore:
         on_available(True)  # held jobs are cancelled by the job lanes themselves
 
     async def close(self) -> None:
+        pass
+
+    async def add_model(self, model: str) -> None:
         pass
 
     async def add(self, job: Job) -> tuple[Job, bool, int]:

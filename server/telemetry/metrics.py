@@ -38,13 +38,13 @@ class Metrics:
             "tensorgate_requests",
             "Inference requests answered, by model, RPC kind and gRPC status code"
             + (", and tenant" if tenant_label else ""),
-            ["model", "kind", "code", *(["tenant"] if tenant_label else [])],
+            ["model", "version", "kind", "code", *(["tenant"] if tenant_label else [])],
             registry=r,
         )
         self.request_seconds = Histogram(
             "tensorgate_request_duration_seconds",
             "Time from a request's arrival to its answer",
-            ["model", "kind"],
+            ["model", "version", "kind"],
             buckets=_LATENCY_BUCKETS_S,
             registry=r,
         )
@@ -100,11 +100,13 @@ class Metrics:
         self._server: Any = None
         self._serving = False
 
-    def request_counter(self, model: str, kind: str, code: str, tenant: str = "") -> Any:
+    def request_counter(
+        self, model: str, kind: str, code: str, tenant: str = "", version: str = ""
+    ) -> Any:
         """The requests counter's child for these labels (tenant only when it is a label)."""
         if self.tenant_label:
-            return self.requests.labels(model, kind, code, tenant)
-        return self.requests.labels(model, kind, code)
+            return self.requests.labels(model, version, kind, code, tenant)
+        return self.requests.labels(model, version, kind, code)
 
     def watch(self, state: Callable[[], Mapping[str, Any]]) -> None:
         """Reads current state at scrape time: state() returns {"queue_depth": {model: n},

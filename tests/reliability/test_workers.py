@@ -104,7 +104,7 @@ def test_two_workers_answer_on_one_port_and_metrics_add_up(
             break
     assert min(served.values()) >= 3, served
     text = _metrics(server.metrics_port)
-    ok = 'tensorgate_requests_total{code="OK",kind="unary",model="mlp"}'
+    ok = 'tensorgate_requests_total{code="OK",kind="unary",model="mlp",version="1"}'
     assert _value(text, ok) == sum(served.values())
     assert _value(text, "tensorgate_workers") == 2
     assert _value(text, 'tensorgate_instances{model="mlp"}') == 4  # 2 instances each

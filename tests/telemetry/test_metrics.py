@@ -48,17 +48,22 @@ def test_scraped_counts_match_the_traffic(start_server: Callable[..., ServerThre
         assert all(r.ok for r in c.stream(items))
         after = _scrape(port)
 
-    def requests(model: str, kind: str, code: str) -> float:
-        key = (("code", code), ("kind", kind), ("model", model))
+    def requests(model: str, kind: str, code: str, version: str = "1") -> float:
+        key = (("code", code), ("kind", kind), ("model", model), ("version", version))
         return after.get(("tensorgate_requests_total", key), 0.0)
 
     assert requests("mlp", "unary", "OK") == 5
     assert requests("mlp", "unary", "INVALID_ARGUMENT") == 2
-    assert requests("_unknown", "unary", "NOT_FOUND") == 1  # unknown names do not become labels
+    assert requests("_unknown", "unary", "NOT_FOUND", version="") == 1  # unknown names do not become labels
     assert requests("mlp", "job", "OK") == 3
     assert requests("mlp", "stream", "OK") == 4
     assert (
-        after[("tensorgate_request_duration_seconds_count", (("kind", "unary"), ("model", "mlp")))]
+        after[
+            (
+                "tensorgate_request_duration_seconds_count",
+                (("kind", "unary"), ("model", "mlp"), ("version", "1")),
+            )
+        ]
         == 7
     )
     rows = after[("tensorgate_batch_size_rows_sum", (("model", "mlp"),))]
@@ -113,7 +118,7 @@ def test_a_call_whose_deadline_passes_is_counted_as_deadline_exceeded(
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
     def counted(code: str) -> float:
-        key = (("code", code), ("kind", "unary"), ("model", "mlp_wide"))
+        key = (("code", code), ("kind", "unary"), ("model", "mlp_wide"), ("version", "1"))
         return _scrape(running.server.metrics_port).get(("tensorgate_requests_total", key), 0.0)
 
     wait_until(lambda: counted("DEADLINE_EXCEEDED") == 1, what="DEADLINE_EXCEEDED counted")

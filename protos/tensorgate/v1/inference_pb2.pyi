@@ -61,7 +61,7 @@ class Parameter(_message.Message):
     def __init__(self, bool_param: _Optional[bool] = ..., int64_param: _Optional[int] = ..., string_param: _Optional[str] = ..., double_param: _Optional[float] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model", "id", "inputs", "requested_outputs", "parameters", "priority", "sequence_id", "sequence_start", "sequence_end")
+    __slots__ = ("model", "id", "inputs", "requested_outputs", "parameters", "priority", "sequence_id", "sequence_start", "sequence_end", "model_version")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class PredictRequest(_message.Message):
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_START_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_END_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     id: str
     inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
@@ -87,7 +88,8 @@ class PredictRequest(_message.Message):
     sequence_id: str
     sequence_start: bool
     sequence_end: bool
-    def __init__(self, model: _Optional[str] = ..., id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., requested_outputs: _Optional[_Iterable[str]] = ..., parameters: _Optional[_Mapping[str, Parameter]] = ..., priority: _Optional[int] = ..., sequence_id: _Optional[str] = ..., sequence_start: _Optional[bool] = ..., sequence_end: _Optional[bool] = ...) -> None: ...
+    model_version: str
+    def __init__(self, model: _Optional[str] = ..., id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., requested_outputs: _Optional[_Iterable[str]] = ..., parameters: _Optional[_Mapping[str, Parameter]] = ..., priority: _Optional[int] = ..., sequence_id: _Optional[str] = ..., sequence_start: _Optional[bool] = ..., sequence_end: _Optional[bool] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("model", "id", "outputs")
@@ -292,20 +294,33 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ...) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("name", "backend", "ready")
+    __slots__ = ("name", "backend", "ready", "versions", "traffic")
+    class TrafficEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_FIELD_NUMBER: _ClassVar[int]
     name: str
     backend: str
     ready: bool
-    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., ready: _Optional[bool] = ...) -> None: ...
+    versions: _containers.RepeatedScalarFieldContainer[str]
+    traffic: _containers.ScalarMap[str, int]
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., ready: _Optional[bool] = ..., versions: _Optional[_Iterable[str]] = ..., traffic: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class GetModelMetadataRequest(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
+    version: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class TensorMetadata(_message.Message):
     __slots__ = ("name", "datatype", "shape")
@@ -318,17 +333,21 @@ class TensorMetadata(_message.Message):
     def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetModelMetadataResponse(_message.Message):
-    __slots__ = ("name", "backend", "inputs", "outputs", "max_batch_size", "instance_count")
+    __slots__ = ("name", "backend", "inputs", "outputs", "max_batch_size", "instance_count", "version", "versions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     backend: str
     inputs: _containers.RepeatedCompositeFieldContainer[TensorMetadata]
     outputs: _containers.RepeatedCompositeFieldContainer[TensorMetadata]
     max_batch_size: int
     instance_count: int
-    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorMetadata, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorMetadata, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., instance_count: _Optional[int] = ...) -> None: ...
+    version: str
+    versions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorMetadata, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorMetadata, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., instance_count: _Optional[int] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ...) -> None: ...

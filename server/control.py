@@ -1,0 +1,183 @@
+"""Model control: how the served models follow the repository while the server runs
+(--model-control).
+
+- none (the default): the models and versions found at start serve until the server stops; the
+  repository API's load and unload answer FAILED_PRECONDITION.
+- poll: every --repository-poll-s the repository is read again; added, removed and changed
+  versions and configs are applied (a changed version is loaded beside the one serving and takes
+  over once warm), added models are loaded and removed ones unloaded.
+- explicit: only the repository API (RepositoryModelLoad / RepositoryModelUnload, `tensorgate
+  models load|unload`) changes what is served.
+
+Every change goes through the model set (ModelSet.apply / remove), which keeps what serves
+untouched when a new version fails to load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tensorgate.server.config import ConfigError
+from tensorgate.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from tensorgate.server.model_config import ModelConfig
+from tensorgate.server.models import ModelLoadError, ModelSet
+from tensorgate.server.records import RepositoryEntry
+from tensorgate.server.repository import model_folders, read_model
+
+log = logging.getLogger(__name__)
+
+MODES = ("none", "poll", "explicit")
+
+
+class ModelControl:
+    def __init__(
+        self,
+        models: ModelSet,
+        mode: str = "none",
+        repository: Path | None = None,
+        names: Sequence[str] = (),
+        poll_s: float = 5.0,
+        on_added: Callable[[str], None] | None = None,
+        on_removed: Callable[[str], None] | None = None,
+    ) -> None:
+        """names: the models to serve (--models; empty: every model of the repository).
+        on_added / on_removed: a model started or stopped being served (the job lanes follow)."""
+        self.mode = mode
+        self._models = models
+        self._repository = repository
+        self._names = tuple(names)
+        self._poll_s = poll_s
+        self._on_added = on_added or (lambda name: None)
+        self._on_removed = on_removed or (lambda name: None)
+        self._task: asyncio.Task[None] | None = None
+        # The stamps of a model's versions that last failed to load (poll does not retry them
+        # until the files change) and the error last logged for a model (logged once).
+        self._failed: dict[str, tuple[object, ...]] = {}
+        self._logged: dict[str, str] = {}
+
+    @classmethod
+    def fixed(cls, models: ModelSet) -> ModelControl:
+        return cls(models)
+
+    async def start(self) -> None:
+        if self.mode == "poll":
+            self._task = asyncio.create_task(self._poll(), name="repository-poll")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    # --- the repository API ---------------------------------------------------------------------
+
+    def index(self) -> list[RepositoryEntry]:
+        entries = self._models.states()
+        loaded = {entry.name for entry in entries}
+        try:
+            folders = model_folders(self._repository) if self._repository else {}
+        except ConfigError:
+            folders = {}
+        for name in sorted(set(folders) - loaded):
+            reason = self._models.load_failures.get(name, "not loaded")
+            entries.append(RepositoryEntry(name, "", "UNAVAILABLE", reason))
+        return sorted(entries, key=lambda e: (e.name, int(e.version or 0)))
+
+    async def load(self, name: str) -> list[str]:
+        """Loads the model, or reloads it from the repository as it now is; returns the versions
+        loaded (none when nothing changed)."""
+        self._check_controlled("load")
+        folder = await self._folder(name)
+        try:
+            configs = await asyncio.to_thread(read_model, folder)
+        except ConfigError as exc:
+            raise InvalidArgument(f"model '{name}' cannot be loaded: {exc}") from None
+        try:
+            return await self._apply(name, configs)
+        except ModelLoadError as exc:
+            raise FailedPrecondition(str(exc)) from None
+
+    async def unload(self, name: str) -> None:
+        self._check_controlled("unload")
+        if name not in self._models:
+            raise NotFound(f"model '{name}' is not loaded")
+        await self._models.remove(name)
+        self._on_removed(name)
+
+    def _check_controlled(self, what: str) -> None:
+        if self.mode == "none":
+            raise FailedPrecondition(
+                f"the server does not {what} models while it runs (--model-control none); "
+                "start it with --model-control explicit or poll"
+            )
+
+    async def _folder(self, name: str) -> Path:
+        if self._repository is None:
+            raise NotFound(f"model '{name}' is not in the model repository")
+        folders = await asyncio.to_thread(model_folders, self._repository)
+        if name not in folders:
+            raise NotFound(
+                f"model '{name}' is not in the model repository {self._repository}; "
+                f"found: {', '.join(folders) or 'none'}"
+            )
+        return folders[name]
+
+    async def _apply(self, name: str, configs: list[ModelConfig]) -> list[str]:
+        new = name not in self._models
+        loaded = await self._models.apply(name, configs)
+        if new:
+            self._on_added(name)
+        return loaded
+
+    # --- polling --------------------------------------------------------------------------------
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_s)
+            try:
+                await self.sync()
+            except Exception:
+                log.exception("repository poll failed")
+
+    async def sync(self) -> None:
+        """Applies what changed in the repository since it was last read."""
+        assert self._repository is not None
+        try:
+            folders = await asyncio.to_thread(model_folders, self._repository)
+        except ConfigError as exc:
+            self._log_once("", str(exc))
+            return
+        if self._names:
+            folders = {n: f for n, f in folders.items() if n in self._names}
+        for name in list(self._models):
+            if name not in folders:
+                log.info("model %s: gone from the repository; unloading", name)
+                await self._models.remove(name)
+                self._on_removed(name)
+        for name, folder in folders.items():
+            try:
+                configs = await asyncio.to_thread(read_model, folder)
+            except (ConfigError, OSError) as exc:
+                self._log_once(name, f"model {name}: not applied: {exc}")
+                continue
+            stamps = {c.version: c.stamp for c in configs}
+            traffic = configs[-1].traffic if configs else {}
+            if (stamps, traffic) == self._models.stamps(name):
+                continue
+            key = (tuple(sorted(stamps.items())), tuple(sorted(traffic.items())))
+            if self._failed.get(name) == key:
+                continue  # failed as it is: tried again once its files change
+            try:
+                await self._apply(name, configs)
+                self._failed.pop(name, None)
+                self._logged.pop(name, None)
+            except ModelLoadError as exc:
+                self._failed[name] = key
+                log.error("%s", exc)
+
+    def _log_once(self, name: str, message: str) -> None:
+        if self._logged.get(name) != message:
+            self._logged[name] = message
+            log.error("%s", message)
