@@ -57,6 +57,9 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     request.add_argument("--seed", type=int, default=0)
     request.add_argument("--outputs", default="", help="comma-separated output names")
 
+    request.add_argument(
+        "--model-version", default="", help="the version to run (default: the model's route)"
+    )
     predict = commands.add_parser("predict", parents=[target, request], help="one unary Predict")
     predict.set_defaults(func=_predict)
 
@@ -99,7 +102,19 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     stream.add_argument("--count", type=int, default=4, help="requests to send")
     stream.set_defaults(func=_stream)
 
-    models = commands.add_parser("models", parents=[target], help="list models and their I/O")
+    models = commands.add_parser(
+        "models",
+        parents=[target],
+        help="list models and their I/O; index, load NAME, unload NAME: the model repository",
+    )
+    models.add_argument(
+        "action",
+        nargs="?",
+        choices=("list", "index", "load", "unload"),
+        default="list",
+        help="list (default): served models; index: the repository; load/unload NAME",
+    )
+    models.add_argument("name", nargs="?", default="", help="the model to load or unload")
     models.set_defaults(func=_models)
 
     health = commands.add_parser(
@@ -228,7 +243,12 @@ def _show(outputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 def _predict(args: argparse.Namespace) -> int:
     def action(client: TensorgateClient) -> None:
-        outputs = client.predict(args.model, _inputs(client, args), outputs=_outputs_arg(args))
+        outputs = client.predict(
+            args.model,
+            _inputs(client, args),
+            outputs=_outputs_arg(args),
+            model_version=args.model_version,
+        )
         print(json.dumps(_show(outputs)))
 
     return _call(args, action)
@@ -243,6 +263,7 @@ def _submit(args: argparse.Namespace) -> int:
             idempotency_key=args.idempotency_key,
             callback_url=args.callback_url,
             include_result=args.include_result,
+            model_version=args.model_version,
         )
         print(json.dumps({
             "job_id": job.job_id,
@@ -398,13 +419,22 @@ def _vad(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
+    if args.action in ("load", "unload") and not args.name:
+        print(f"tensorgate models {args.action}: name the model", file=sys.stderr)
+        return 2
+    if args.action != "list":
+        return _call(args, lambda client: _repository(client, args.action, args.name))
+
     def action(client: TensorgateClient) -> None:
         for summary in client.list_models():
             shown: dict[str, Any] = {
                 "name": summary.name,
                 "backend": summary.backend,
                 "ready": summary.ready,
+                "versions": list(summary.versions),
             }
+            if summary.traffic:
+                shown["traffic"] = dict(summary.traffic)
             if summary.ready:
                 meta = client.model_metadata(summary.name)
                 shown["max_batch_size"] = meta.max_batch_size
@@ -413,6 +443,22 @@ def _models(args: argparse.Namespace) -> int:
             print(json.dumps(shown))
 
     return _call(args, action)
+
+
+def _repository(client: TensorgateClient, action: str, name: str) -> None:
+    if action == "index":
+        for entry in client.repository_index():
+            shown = {"name": entry.name, "version": entry.version, "state": entry.state}
+            if entry.reason:
+                shown["reason"] = entry.reason
+            print(json.dumps(shown))
+    elif action == "load":
+        client.load_model(name, timeout_s=600)
+        versions = next((m.versions for m in client.list_models() if m.name == name), ())
+        print(json.dumps({"name": name, "loaded": True, "versions": list(versions)}))
+    else:
+        client.unload_model(name)
+        print(json.dumps({"name": name, "unloaded": True}))
 
 
 def _health(args: argparse.Namespace) -> int:

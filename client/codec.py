@@ -74,9 +74,11 @@ def predict_request(
     sequence_id: str = "",
     sequence_start: bool = False,
     sequence_end: bool = False,
+    model_version: str = "",
 ) -> pb.PredictRequest:
     return pb.PredictRequest(
         model=model,
+        model_version=model_version,
         id=request_id,
         inputs=[encode(name, array) for name, array in inputs.items()],
         requested_outputs=list(outputs),
@@ -112,12 +114,19 @@ def submit_request(
     parameters: Mapping[str, bool | int | float | str] | None = None,
     callback_url: str = "",
     include_result: bool = False,
+    model_version: str = "",
 ) -> pb.SubmitRequest:
     if include_result and not callback_url:
         raise ValueError("include_result puts the result in the webhook: give callback_url too")
     return pb.SubmitRequest(
         request=predict_request(
-            model, inputs, outputs, request_id, priority=priority, parameters=parameters
+            model,
+            inputs,
+            outputs,
+            request_id,
+            priority=priority,
+            parameters=parameters,
+            model_version=model_version,
         ),
         idempotency_key=idempotency_key,
         callback=(
@@ -195,7 +204,7 @@ def stream_request(item: StreamItem) -> pb.PredictRequest:
         item.model, item.inputs, item.outputs, item.id, priority=item.priority,
         parameters=item.parameters,
         sequence_id=item.sequence_id, sequence_start=item.sequence_start,
-        sequence_end=item.sequence_end,
+        sequence_end=item.sequence_end, model_version=item.model_version,
     )  # fmt: skip
 
 
@@ -210,7 +219,10 @@ def stream_result(response: pb.StreamPredictResponse) -> StreamResult:
 
 
 def model_summaries(response: pb.ListModelsResponse) -> list[ModelSummary]:
-    return [ModelSummary(m.name, m.backend, m.ready) for m in response.models]
+    return [
+        ModelSummary(m.name, m.backend, m.ready, tuple(m.versions), dict(m.traffic))
+        for m in response.models
+    ]
 
 
 def model_metadata(response: pb.GetModelMetadataResponse) -> ModelMetadata:
@@ -221,6 +233,8 @@ def model_metadata(response: pb.GetModelMetadataResponse) -> ModelMetadata:
         outputs=tuple(_tensor_metadata(t) for t in response.outputs),
         max_batch_size=response.max_batch_size,
         instance_count=response.instance_count,
+        version=response.version,
+        versions=tuple(response.versions),
     )
 
 

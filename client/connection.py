@@ -10,6 +10,7 @@ import grpc
 
 from tensorgate.client.errors import Retry
 from tensorgate.client.security import Security, call_metadata
+from tensorgate.kserve import grpc_service_pb2_grpc as kpb_grpc
 from tensorgate.v1 import inference_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -46,6 +47,8 @@ class Connection(Generic[C]):
         else:
             self.channel = insecure(target, options=options)
         self.stub: Any = pb_grpc.InferenceStub(self.channel)
+        # The KServe service, for the model repository extension (load, unload, index).
+        self.kserve: Any = kpb_grpc.GRPCInferenceServiceStub(self.channel)
         self.timeout_s = timeout_s
         self.retry = retry
 

@@ -98,6 +98,8 @@ class StreamItem:
     priority: int = 0
     # Reach the model (a python model's execute() reads them); bool, int, float or str values.
     parameters: Mapping[str, bool | int | float | str] = field(default_factory=dict)
+    # The model version to run; "" takes the model's default route.
+    model_version: str = ""
 
 
 @dataclass(slots=True, frozen=True)
@@ -128,6 +130,9 @@ class ModelSummary:
     name: str
     backend: str
     ready: bool
+    # The versions served, and the default route's split by version (empty: the highest).
+    versions: tuple[str, ...] = ()
+    traffic: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True, frozen=True)
@@ -138,3 +143,16 @@ class ModelMetadata:
     outputs: tuple[TensorMetadata, ...]
     max_batch_size: int
     instance_count: int
+    version: str = ""
+    versions: tuple[str, ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
+class RepositoryModel:
+    """One entry of the model repository index: a version loaded (READY, UNAVAILABLE,
+    UNLOADING) or a model not loaded (version "", UNAVAILABLE with the reason)."""
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""

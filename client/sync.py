@@ -19,11 +19,13 @@ from tensorgate.client.results import (
     JobSummary,
     ModelMetadata,
     ModelSummary,
+    RepositoryModel,
     StreamItem,
     StreamResult,
     Submitted,
 )
 from tensorgate.client.security import Security
+from tensorgate.kserve import grpc_service_pb2 as kpb
 from tensorgate.v1 import inference_pb2 as pb
 
 
@@ -60,6 +62,7 @@ class TensorgateClient:
         sequence_id: str = "",
         sequence_start: bool = False,
         sequence_end: bool = False,
+        model_version: str = "",
     ) -> dict[str, np.ndarray]:
         """One inference. priority: higher is taken first in the model's queue (0: the model's
         default). parameters reach the model (a python model's execute() reads them). For a
@@ -69,6 +72,7 @@ class TensorgateClient:
         request = codec.predict_request(
             model, inputs, outputs, request_id, priority=priority, parameters=parameters,
             sequence_id=sequence_id, sequence_start=sequence_start, sequence_end=sequence_end,
+            model_version=model_version,
         )  # fmt: skip
         response = self._call(self._stub.Predict, request, timeout_s)
         return codec.decode_all(response.outputs)
@@ -85,6 +89,7 @@ class TensorgateClient:
         parameters: Mapping[str, bool | int | float | str] | None = None,
         callback_url: str = "",
         include_result: bool = False,
+        model_version: str = "",
     ) -> Submitted:
         """A job: its id at once (get_result() or watch() for the outcome). Retried after
         UNAVAILABLE only with an idempotency_key, which makes a second try name the same job.
@@ -94,7 +99,7 @@ class TensorgateClient:
         request = codec.submit_request(
             model, inputs, outputs, request_id, idempotency_key=idempotency_key,
             priority=priority, parameters=parameters, callback_url=callback_url,
-            include_result=include_result,
+            include_result=include_result, model_version=model_version,
         )  # fmt: skip
         response = self._call(self._stub.Submit, request, may_be_accepted=not idempotency_key)
         return codec.submitted(response)
@@ -142,8 +147,27 @@ class TensorgateClient:
     def list_models(self) -> list[ModelSummary]:
         return codec.model_summaries(self._call(self._stub.ListModels, pb.ListModelsRequest()))
 
-    def model_metadata(self, model: str) -> ModelMetadata:
-        request = pb.GetModelMetadataRequest(model=model)
+    def repository_index(self, ready_only: bool = False) -> list[RepositoryModel]:
+        """The model repository: every version loaded, and every model not loaded (the KServe
+        repository extension; with auth on, an --admin-tenants tenant's token)."""
+        request = kpb.RepositoryIndexRequest(ready=ready_only)
+        response = self._call(self._connection.kserve.RepositoryIndex, request)
+        return [RepositoryModel(m.name, m.version, m.state, m.reason) for m in response.models]
+
+    def load_model(self, model: str, timeout_s: float | None = None) -> None:
+        """Loads a model, or reloads it from the repository as it now is (no downtime: the new
+        versions take over once warm). The server must run with --model-control explicit or
+        poll."""
+        request = kpb.RepositoryModelLoadRequest(model_name=model)
+        self._call(self._connection.kserve.RepositoryModelLoad, request, timeout_s)
+
+    def unload_model(self, model: str) -> None:
+        """Unloads a model: what it was given finishes; new calls to it are NOT_FOUND."""
+        request = kpb.RepositoryModelUnloadRequest(model_name=model)
+        self._call(self._connection.kserve.RepositoryModelUnload, request)
+
+    def model_metadata(self, model: str, version: str = "") -> ModelMetadata:
+        request = pb.GetModelMetadataRequest(model=model, version=version)
         return codec.model_metadata(self._call(self._stub.GetModelMetadata, request))
 
     def _call(

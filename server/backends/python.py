@@ -29,6 +29,7 @@ The I/O is declared in the config:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import sys
@@ -219,14 +220,20 @@ def load(config: ModelConfig, instance_index: int) -> PythonCpuInstance | Python
 def _import(path: Path, model: str) -> Any:
     if not path.exists():
         raise ConfigError(f"model '{model}': {path} does not exist")
-    module_name = f"tensorgate_user_model_{model}"
+    # One module per file and content: instances of one version share it, and a version loaded
+    # again after its file changed (a reload) gets the new code.
+    stat = path.stat()
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    module_name = f"tensorgate_user_model_{model}_{digest}"
     module = sys.modules.get(module_name)
-    if module is not None and getattr(module, "__file__", None) == str(path):
+    if module is not None and getattr(module, "__tensorgate_stamp__", None) == stamp:
         return module
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"model '{model}': cannot import {path}")
     module = importlib.util.module_from_spec(spec)
+    module.__tensorgate_stamp__ = stamp  # type: ignore[attr-defined]
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)

@@ -54,7 +54,9 @@ def test_scraped_counts_match_the_traffic(start_server: Callable[..., ServerThre
 
     assert requests("mlp", "unary", "OK") == 5
     assert requests("mlp", "unary", "INVALID_ARGUMENT") == 2
-    assert requests("_unknown", "unary", "NOT_FOUND", version="") == 1  # unknown names do not become labels
+    assert (
+        requests("_unknown", "unary", "NOT_FOUND", version="") == 1
+    )  # unknown names do not become labels
     assert requests("mlp", "job", "OK") == 3
     assert requests("mlp", "stream", "OK") == 4
     assert (
