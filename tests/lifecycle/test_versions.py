@@ -47,7 +47,7 @@ def test_a_flat_model_is_version_1_and_bad_policies_are_refused(tmp_path: Path) 
         with pytest.raises(ConfigError, match=says):
             read_model(folder)
     folder = write_model(tmp_path / "t", versions={"1": 1.0}, traffic={"1": 50, "2": 50})
-    with pytest.raises(ConfigError, match="traffic.weights name version"):
+    with pytest.raises(ConfigError, match=r"traffic\.weights name version"):
         read_model(folder)
 
 
