@@ -114,6 +114,7 @@ class TensorgateServer:
             config.repository_poll_s,
             on_added=self._model_added,
             on_removed=self._model_removed,
+            control_log=config.control_log,
         )
         self.plane = DataPlane(self.models, self._jobs, self.telemetry, self.control)
 

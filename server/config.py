@@ -144,6 +144,9 @@ class ServerConfig:
     # This process's index among the workers (-1: the only one). A worker answers the health name
     # tensorgate.worker.<index> SERVING, which tells a client which process its connection reached.
     worker_index: int = -1
+    # Under --workers: a file every worker appends its repository API changes to and follows,
+    # so a load or unload that reaches one worker is applied by all (server/control.py).
+    control_log: str = ""
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Channel arguments for the gRPC server (message sizes, keepalive, connection age)."""

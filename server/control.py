@@ -10,13 +10,16 @@
   models load|unload`) changes what is served.
 
 Every change goes through the model set (ModelSet.apply / remove), which keeps what serves
-untouched when a new version fails to load.
+untouched when a new version fails to load. Under --workers every worker polls for itself; an
+API call reaches one worker, which appends the change to a file all workers follow
+(control_log), so every worker applies it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -42,6 +45,7 @@ class ModelControl:
         poll_s: float = 5.0,
         on_added: Callable[[str], None] | None = None,
         on_removed: Callable[[str], None] | None = None,
+        control_log: str = "",
     ) -> None:
         """names: the models to serve (--models; empty: every model of the repository).
         on_added / on_removed: a model started or stopped being served (the job lanes follow)."""
@@ -53,6 +57,8 @@ class ModelControl:
         self._on_added = on_added or (lambda name: None)
         self._on_removed = on_removed or (lambda name: None)
         self._task: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self._log = Path(control_log) if control_log else None
         # The stamps of a model's versions that last failed to load (poll does not retry them
         # until the files change) and the error last logged for a model (logged once).
         self._failed: dict[str, tuple[object, ...]] = {}
@@ -65,11 +71,14 @@ class ModelControl:
     async def start(self) -> None:
         if self.mode == "poll":
             self._task = asyncio.create_task(self._poll(), name="repository-poll")
+        if self.mode == "explicit" and self._log is not None:
+            self._follower = asyncio.create_task(self._follow(), name="control-log")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._task, self._follower) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- the repository API ---------------------------------------------------------------------
 
@@ -95,9 +104,11 @@ class ModelControl:
         except ConfigError as exc:
             raise InvalidArgument(f"model '{name}' cannot be loaded: {exc}") from None
         try:
-            return await self._apply(name, configs)
+            loaded = await self._apply(name, configs)
         except ModelLoadError as exc:
             raise FailedPrecondition(str(exc)) from None
+        self._tell_workers("load", name)
+        return loaded
 
     async def unload(self, name: str) -> None:
         self._check_controlled("unload")
@@ -105,6 +116,42 @@ class ModelControl:
             raise NotFound(f"model '{name}' is not loaded")
         await self._models.remove(name)
         self._on_removed(name)
+        self._tell_workers("unload", name)
+
+    # --- the other workers ----------------------------------------------------------------------
+
+    def _tell_workers(self, action: str, name: str) -> None:
+        if self._log is None:
+            return
+        with self._log.open("a") as log_file:  # one short line: appended whole
+            log_file.write(f"{os.getpid()} {action} {name}\n")
+
+    async def _follow(self) -> None:
+        """Applies what the other workers' API calls changed (and, for a worker started late,
+        what they changed before it started)."""
+        assert self._log is not None
+        offset = 0
+        while True:
+            try:
+                text = await asyncio.to_thread(_read_from, self._log, offset)
+            except OSError:
+                text = ""
+            offset += len(text.encode())
+            for line in text.splitlines():
+                pid, action, name = line.split(" ", 2)
+                if int(pid) == os.getpid():
+                    continue
+                try:
+                    if action == "load":
+                        folder = await self._folder(name)
+                        configs = await asyncio.to_thread(read_model, folder)
+                        await self._apply(name, configs)
+                    elif name in self._models:
+                        await self._models.remove(name)
+                        self._on_removed(name)
+                except Exception as exc:
+                    log.error("model %s: %s from another worker not applied: %s", name, action, exc)
+            await asyncio.sleep(0.2)
 
     def _check_controlled(self, what: str) -> None:
         if self.mode == "none":
@@ -181,3 +228,12 @@ class ModelControl:
         if self._logged.get(name) != message:
             self._logged[name] = message
             log.error("%s", message)
+
+
+def _read_from(path: Path, offset: int) -> str:
+    """The complete lines of a file from a byte offset on."""
+    with path.open("rb") as file:
+        file.seek(offset)
+        data = file.read()
+    end = data.rfind(b"\n") + 1
+    return data[:end].decode()

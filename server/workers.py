@@ -17,6 +17,7 @@ shared by the workers, so --workers > 1 needs the Redis job store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -24,6 +25,7 @@ import os
 import queue
 import signal
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
@@ -88,12 +90,17 @@ class Supervisor:
         """Serves until a signal; returns the exit code (0 when every worker drained cleanly)."""
         config = self._config
         port = self._reserve_port()
+        # Repository API changes (explicit model control) reach every worker through this file.
+        control = tempfile.NamedTemporaryFile(prefix="tensorgate-control-", delete=False)
+        control.close()
+        self._control_log = control.name
         child = dataclasses.replace(
             config,
             port=port,
             reuse_port=True,
             metrics_port=0 if config.metrics_port >= 0 else -1,
             metrics_host="127.0.0.1",
+            control_log=control.name,
         )
         self._child = child
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -111,7 +118,11 @@ class Supervisor:
             log.info("serving on port %d with %d workers", port, self._count)
         while not self._stopping:
             self._poll()
-        return self._stop_all()
+        try:
+            return self._stop_all()
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(self._control_log)
 
     # --- start-up -----------------------------------------------------------------------------
 

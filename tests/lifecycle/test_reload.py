@@ -193,3 +193,57 @@ def test_model_control_none_refuses_load_and_unload_by_flag(server: ServerThread
             assert "--model-control" in refused.value.details()
         index = _index(c)
     assert ("mlp", "1", "READY") in index
+
+
+def test_under_two_workers_one_load_and_one_unload_reach_both(
+    tmp_path: Path, redis_db: Callable[[], str]
+) -> None:
+    from bench.serverproc import ServeProcess
+    from tensorgate.client import codec
+    from tensorgate.v1 import inference_pb2_grpc as pb_grpc
+    from tests.reliability.test_workers import _channel, _worker_of
+
+    folder = write_model(tmp_path / "engines", versions={"1": 1.0})
+    server = ServeProcess(
+        tmp_path / "engines",
+        extra_args=[
+            "--workers", "2", "--job-store", redis_db(), "--drain-delay-s", "0",
+            "--model-control", "explicit",
+        ],
+    )  # fmt: skip
+
+    def answers_by_worker() -> dict[int, set[str]]:
+        """What each worker answers now (fresh connections until both have been reached)."""
+        seen: dict[int, set[str]] = {}
+        for _ in range(200):
+            with _channel(server.target) as channel:
+                worker = _worker_of(channel)
+                stub = pb_grpc.InferenceStub(channel)
+                request = codec.predict_request("scaled", {"x": X})
+                try:
+                    reply = stub.Predict(request, timeout=10)
+                    answer = str(codec.decode_all(reply.outputs)["y"][0, 0])
+                except grpc.RpcError as exc:
+                    answer = exc.code().name
+                seen.setdefault(worker, set()).add(answer)
+            if len(seen) == 2:
+                return seen
+        raise AssertionError(f"only workers {sorted(seen)} answered")
+
+    try:
+        assert answers_by_worker() == {0: {"1.0"}, 1: {"1.0"}}
+        add_version(folder, "2", 2.0)
+        with TensorgateClient(server.target, timeout_s=60) as c:
+            c.load_model("scaled")  # reaches one worker
+        wait_until(
+            lambda: answers_by_worker() == {0: {"2.0"}, 1: {"2.0"}},
+            what="both workers on version 2",
+        )
+        with TensorgateClient(server.target, timeout_s=60) as c:
+            c.unload_model("scaled")
+        wait_until(
+            lambda: answers_by_worker() == {0: {"NOT_FOUND"}, 1: {"NOT_FOUND"}},
+            what="both workers without the model",
+        )
+    finally:
+        server.stop()
