@@ -4,7 +4,10 @@ model's version_policy picks the ones served."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -84,24 +87,31 @@ def version_folders(folder: Path) -> dict[str, Path]:
 def _stamp(
     model_dir: Path, version_dir: Path, skip_versions: bool = False
 ) -> tuple[tuple[str, int, int], ...]:
-    """(path, mtime_ns, size) of the model's config.toml and of every file of the version."""
-    entries = []
-    if version_dir != model_dir:  # the model's settings are every version's
-        config = model_dir / MODEL_CONFIG_FILE
-        stat = config.stat()
-        entries.append((MODEL_CONFIG_FILE, stat.st_mtime_ns, stat.st_size))
+    """What a version is made of: the model's settings (config.toml's content without its
+    [traffic] table, which changes only the route) and (path, mtime_ns, size) of every file of
+    the version."""
+    entries = [(MODEL_CONFIG_FILE, _settings_digest(model_dir / MODEL_CONFIG_FILE), 0)]
     for root, dirs, files in os.walk(version_dir):
         if skip_versions and Path(root) == version_dir:
             dirs[:] = [d for d in dirs if not d.isdigit()]
         dirs[:] = [d for d in dirs if d != "__pycache__"]
         for name in files:
             path = Path(root) / name
+            if path == model_dir / MODEL_CONFIG_FILE:
+                continue
             try:
                 stat = path.stat()
             except OSError:
                 continue
             entries.append((str(path.relative_to(model_dir)), stat.st_mtime_ns, stat.st_size))
     return tuple(sorted(entries))
+
+
+def _settings_digest(path: Path) -> int:
+    settings = tomllib.loads(path.read_text())
+    settings.pop("traffic", None)
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
 def _policy(config: ModelConfig) -> str:

@@ -33,9 +33,10 @@ class ModelVersions:
         """Makes these the served versions (at once: a request is routed by the old map or the
         new one, never between them)."""
         self.serving = dict(sorted(versions.items(), key=lambda item: int(item[0])))
-        self.traffic = {v: w for v, w in traffic.items() if v in self.serving and w > 0}
-        self._split = list(self.traffic)
-        self._bounds = list(itertools.accumulate(self.traffic.values()))
+        self.traffic = dict(traffic)  # as configured
+        split = {v: w for v, w in traffic.items() if v in self.serving and w > 0}
+        self._split = list(split)
+        self._bounds = list(itertools.accumulate(split.values()))
 
     @property
     def primary(self) -> ServedModel:

@@ -247,3 +247,20 @@ def test_under_two_workers_one_load_and_one_unload_reach_both(
         )
     finally:
         server.stop()
+
+
+def test_a_change_of_weights_alone_moves_traffic_without_reloading_a_version(
+    lifecycle_server: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    engines = tmp_path / "engines"
+    write_model(engines, versions={"1": 1.0, "2": 2.0}, policy='"all"', traffic={"1": 100, "2": 0})
+    running = lifecycle_server(model_control="poll", repository_poll_s=0.1)
+    first = {v: running.server.models.get("scaled", v) for v in ("1", "2")}
+    with Callers(running.target) as load:
+        assert set(load.factors) == {1.0}
+        config = engines / "scaled" / "config.toml"
+        config.write_text(config.read_text().replace('"1" = 100, "2" = 0', '"1" = 0, "2" = 100'))
+        wait_until(load.switched_to(2.0), what="the weights moved to version 2")
+    assert load.errors == []
+    # The same loaded versions: only the route changed.
+    assert {v: running.server.models.get("scaled", v) for v in ("1", "2")} == first
