@@ -301,9 +301,13 @@ class ServedModel:
             sequence=request.sequence if self.config.sequence else None,
             target=self,
         )
-        self.admitted += 1
-        admitted.future.add_done_callback(self._settled)
+        self.track(admitted)
         return admitted
+
+    def track(self, request: InferenceRequest) -> None:
+        """Counts a request as admitted here until its future settles."""
+        self.admitted += 1
+        request.future.add_done_callback(self._settled)
 
     def _settled(self, _: object) -> None:
         self.admitted -= 1

@@ -5,7 +5,8 @@ model up by name, have a request admitted (checked against the request bounds an
 inputs, and decoded into numpy views, once), queue it and get its result future, and ask the wait
 estimate and the share of a model's queue that jobs may hold. Neither knows how a model is
 scheduled: the schedulers, batchers and instances behind each model are this module's business
-(server/model.py holds one model's; nothing else imports it).
+(server/model.py holds one version's, versions.py the route between a model's versions; nothing
+above the model set imports them).
 
 A job is admitted where it is submitted. The process that runs it later, perhaps another replica,
 rebuilds its request from what the store holds without checking it again (`admit_stored`): the
@@ -43,6 +44,7 @@ from tensorgate.server.records import (
     RequestKind,
 )
 from tensorgate.server.telemetry import Telemetry
+from tensorgate.server.telemetry.tracing import RequestTrace
 from tensorgate.server.versions import ModelVersions
 
 log = logging.getLogger(__name__)
@@ -291,6 +293,15 @@ class ModelSet:
         elif target.state is not ModelState.READY:
             raise Unavailable(target.not_ready_message())
         target.scheduler.put(request)
+
+    def again(self, request: InferenceRequest, trace: RequestTrace | None) -> InferenceRequest:
+        """The same admitted request for another attempt (a retried job), on the same version,
+        which counts it as its own until it settles (a retiring version waits for it)."""
+        retry = request.again(trace)
+        target: ServedModel | None = retry.target
+        if target is not None:
+            target.track(retry)
+        return retry
 
     def end_sequences(self, owner: str) -> None:
         """A stream ended: frees the sequences it was driving, on every stateful model."""

@@ -292,7 +292,7 @@ class JobLanes:
         ):
             return False
         assert job.run is not None
-        job.run = job.run.again(trace=self._tracing.request_trace(job.span, 0))
+        job.run = self._models.again(job.run, self._tracing.request_trace(job.span, 0))
         self._watch(job)
         job.attempts += 1
         job.started = False
