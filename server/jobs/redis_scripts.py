@@ -71,131 +71,6 @@ local function expired(job, now_ms, ttl_ms)
 end
 """
 
-# KEYS: the job, its model's stream, the idempotency key ('' when none), then every model's stream.
-# ARGV: prefix, id, now_ms, ttl_ms, max_pending, has_key, tenant, max_per_tenant (0 = none), then
-# the job's fields. Returns {0, existing id} (deduplicated), {-1, pending} (over the bound), {-2,
-# the tenant's unfinished jobs} (over its bound) or {1, unfinished jobs of the model before it}.
-SUBMIT = (
-    _COMMON
-    + """
-local id, now_ms, ttl_ms = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-if ARGV[6] == '1' then
-  local existing = redis.call('GET', KEYS[3])
-  if existing then
-    local job = P .. 'job:' .. existing
-    if redis.call('EXISTS', job) == 1 and not expired(job, now_ms, ttl_ms) then
-      return {0, existing}
-    end
-  end
-end
-local pending = 0
-for i = 4, #KEYS do
-  pending = pending + redis.call('XLEN', KEYS[i])
-end
-local ahead = redis.call('XLEN', KEYS[2])
-if pending >= tonumber(ARGV[5]) then
-  return {-1, tostring(pending)}
-end
-local held = tonumber(redis.call('HGET', P .. 'pending', ARGV[7]) or '0')
-if tonumber(ARGV[8]) > 0 and held >= tonumber(ARGV[8]) then
-  return {-2, tostring(held)}
-end
-redis.call('HINCRBY', P .. 'pending', ARGV[7], 1)
-redis.call('HSET', KEYS[1], unpack(ARGV, 9))
-local entry = redis.call('XADD', KEYS[2], '*', 'id', id)
-redis.call('HSET', KEYS[1], 'entry', entry)
-if ARGV[6] == '1' then
-  redis.call('SET', KEYS[3], id)
-  redis.call('HSET', KEYS[1], 'idem', KEYS[3])
-end
-redis.call('ZADD', P .. 'jobs', now_ms, id)
-return {1, ahead}
-"""
-)
-
-# A stream entry delivered to this replica: start the job, drop the entry of a job that finished
-# (cancelled) or was handed back meanwhile, or dead-letter a job whose attempts ran out.
-# KEYS: the job, its stream. ARGV: prefix, entry, group, consumer, max_attempts, now_ms, ttl_ms,
-# max_finished, id. Returns the job's fields, or false.
-CLAIM = (
-    _COMMON
-    + """
-local entry, group, consumer = ARGV[2], ARGV[3], ARGV[4]
-local max_attempts, now_ms = tonumber(ARGV[5]), tonumber(ARGV[6])
-local fields = redis.call('HMGET', KEYS[1], 'status', 'entry', 'attempts', 'code', 'message')
-local status = fields[1]
-if not status or fields[2] ~= entry or (status ~= 'PENDING' and status ~= 'RUNNING') then
-  redis.call('XACK', KEYS[2], group, entry)
-  redis.call('XDEL', KEYS[2], entry)
-  return false
-end
-local attempts = tonumber(fields[3])
-if attempts >= max_attempts then
-  local last = fields[5] or ''
-  if last == '' then
-    last = 'the replicas running it stopped before it finished'
-  end
-  local code = fields[4] or ''
-  if code == '' then
-    code = 'UNAVAILABLE'
-  end
-  redis.call('XACK', KEYS[2], group, entry)
-  redis.call('XDEL', KEYS[2], entry)
-  settle(ARGV[9], 'FAILED', now_ms, tonumber(ARGV[7]), tonumber(ARGV[8]), code,
-         'gave up after ' .. attempts .. ' attempts: ' .. last, '')
-  redis.call('XADD', P .. 'dead', 'MAXLEN', '~', '100000', '*', 'id', ARGV[9],
-             'model', redis.call('HGET', KEYS[1], 'model'), 'attempts', attempts,
-             'error', last)
-  return false
-end
-redis.call('HSET', KEYS[1], 'status', 'RUNNING', 'owner', consumer, 'attempts', attempts + 1)
-if redis.call('HGET', KEYS[1], 'started') == '' then
-  redis.call('HSET', KEYS[1], 'started', now_ms)
-end
-event(ARGV[9], 'RUNNING', attempts + 1, '0', now_ms, '', '')
-return redis.call('HMGET', KEYS[1], 'model', 'tenant', 'rid', 'attempts', 'created',
-                  'request', 'tp', 'idem')
-"""
-)
-
-# A held job's outcome. KEYS: the job, its stream. ARGV: prefix, entry, group, status, now_ms,
-# ttl_ms, max_finished, code, message, outputs, id, consumer. Returns the final status (a
-# cancellation recorded first stays), 'GONE', or 'NOT_OURS': the job was handed back, or taken
-# over by another replica after this one's lease lapsed, and the outcome is the new holder's to
-# record. With RELEASE's own check, finishing and handing back are exclusive: whichever script
-# runs first wins, so a job handed back is never also finished by the process that held it.
-FINISH = (
-    _COMMON
-    + """
-local fields = redis.call('HMGET', KEYS[1], 'status', 'owner', 'entry')
-local status = fields[1]
-if status == 'PENDING' or (status == 'RUNNING' and (fields[2] ~= ARGV[12]
-                                                    or fields[3] ~= ARGV[2])) then
-  redis.call('HINCRBY', P .. 'stats', 'dropped_results', 1)
-  return 'NOT_OURS'
-end
-redis.call('XACK', KEYS[2], ARGV[3], ARGV[2])
-redis.call('XDEL', KEYS[2], ARGV[2])
-if not status then
-  return 'GONE'
-end
-if status ~= 'RUNNING' then
-  if status ~= 'CANCELLED' then
-    redis.call('HINCRBY', P .. 'stats', 'duplicate_runs', 1)
-  end
-  return status
-end
-settle(ARGV[11], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8],
-       ARGV[9], ARGV[10])
-if ARGV[4] == 'FAILED' then
-  redis.call('XADD', P .. 'dead', 'MAXLEN', '~', '100000', '*', 'id', ARGV[11],
-             'model', redis.call('HGET', KEYS[1], 'model'),
-             'attempts', redis.call('HGET', KEYS[1], 'attempts'), 'error', ARGV[9])
-end
-return ARGV[4]
-"""
-)
-
 # Cancel an unfinished job. KEYS: the job. ARGV: prefix, tenant, now_ms, ttl_ms, max_finished, id.
 # Returns 1, or 0 when unknown or another tenant's.
 CANCEL = (
@@ -311,5 +186,178 @@ for _, id in ipairs(old) do
   remove(id)
 end
 return #old
+"""
+)
+
+# --- batches: one script call for the jobs of one loop iteration (a burst of Submits, the
+# entries of one stream read, the outcomes of one batch) ----------------------------------------
+
+# Many jobs submitted at once. ARGV: prefix, now_ms, ttl_ms, max_pending, max_per_tenant,
+# model count M, the M model names (every served model: the pending bound counts them all), job
+# count N, then per job: id, model, idempotency key ('' = none), tenant, field count F, F fields.
+# Returns per job two values: {0, existing id} (deduplicated), {-1, pending} (over the bound),
+# {-2, the tenant's unfinished jobs} (over its bound) or {1, unfinished jobs of the model before
+# it}.
+SUBMIT_MANY = (
+    _COMMON
+    + """
+local now_ms, ttl_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
+local max_pending, max_per_tenant = tonumber(ARGV[4]), tonumber(ARGV[5])
+local models = tonumber(ARGV[6])
+local pending = 0
+for i = 1, models do
+  pending = pending + redis.call('XLEN', P .. 'q:' .. ARGV[6 + i])
+end
+local at = 7 + models
+local count = tonumber(ARGV[at])
+at = at + 1
+local replies = {}
+for _ = 1, count do
+  local id, model, key, tenant = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  local nfields = tonumber(ARGV[at + 4])
+  local first = at + 5
+  at = first + nfields
+  local job, stream = P .. 'job:' .. id, P .. 'q:' .. model
+  local done = false
+  if key ~= '' then
+    local existing = redis.call('GET', key)
+    if existing then
+      local other = P .. 'job:' .. existing
+      if redis.call('EXISTS', other) == 1 and not expired(other, now_ms, ttl_ms) then
+        replies[#replies + 1] = 0
+        replies[#replies + 1] = existing
+        done = true
+      end
+    end
+  end
+  if not done then
+    local held = tonumber(redis.call('HGET', P .. 'pending', tenant) or '0')
+    if pending >= max_pending then
+      replies[#replies + 1] = -1
+      replies[#replies + 1] = tostring(pending)
+    elseif max_per_tenant > 0 and held >= max_per_tenant then
+      replies[#replies + 1] = -2
+      replies[#replies + 1] = tostring(held)
+    else
+      local ahead = redis.call('XLEN', stream)
+      redis.call('HINCRBY', P .. 'pending', tenant, 1)
+      redis.call('HSET', job, unpack(ARGV, first, first + nfields - 1))
+      local entry = redis.call('XADD', stream, '*', 'id', id)
+      redis.call('HSET', job, 'entry', entry)
+      if key ~= '' then
+        redis.call('SET', key, id)
+        redis.call('HSET', job, 'idem', key)
+      end
+      redis.call('ZADD', P .. 'jobs', now_ms, id)
+      pending = pending + 1
+      replies[#replies + 1] = 1
+      replies[#replies + 1] = ahead
+    end
+  end
+end
+return replies
+"""
+)
+
+# Many stream entries delivered to this replica, each as CLAIM. ARGV: prefix, group, consumer,
+# max_attempts, now_ms, ttl_ms, max_finished, entry count N, then per entry: entry id, job id,
+# model. For each: start the job (its fields are returned), drop the entry of a job that finished
+# (cancelled) or was handed back meanwhile, or dead-letter a job whose attempts ran out (false).
+CLAIM_MANY = (
+    _COMMON
+    + """
+local group, consumer = ARGV[2], ARGV[3]
+local max_attempts, now_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
+local ttl_ms, max_finished = tonumber(ARGV[6]), tonumber(ARGV[7])
+local replies = {}
+for i = 0, tonumber(ARGV[8]) - 1 do
+  local entry, id = ARGV[9 + i * 3], ARGV[10 + i * 3]
+  local job, stream = P .. 'job:' .. id, P .. 'q:' .. ARGV[11 + i * 3]
+  local fields = redis.call('HMGET', job, 'status', 'entry', 'attempts', 'code', 'message')
+  local status = fields[1]
+  local reply = false
+  if not status or fields[2] ~= entry or (status ~= 'PENDING' and status ~= 'RUNNING') then
+    redis.call('XACK', stream, group, entry)
+    redis.call('XDEL', stream, entry)
+  else
+    local attempts = tonumber(fields[3])
+    if attempts >= max_attempts then
+      local last = fields[5] or ''
+      if last == '' then
+        last = 'the replicas running it stopped before it finished'
+      end
+      local code = fields[4] or ''
+      if code == '' then
+        code = 'UNAVAILABLE'
+      end
+      redis.call('XACK', stream, group, entry)
+      redis.call('XDEL', stream, entry)
+      settle(id, 'FAILED', now_ms, ttl_ms, max_finished, code,
+             'gave up after ' .. attempts .. ' attempts: ' .. last, '')
+      redis.call('XADD', P .. 'dead', 'MAXLEN', '~', '100000', '*', 'id', id,
+                 'model', redis.call('HGET', job, 'model'), 'attempts', attempts, 'error', last)
+    else
+      redis.call('HSET', job, 'status', 'RUNNING', 'owner', consumer, 'attempts', attempts + 1)
+      if redis.call('HGET', job, 'started') == '' then
+        redis.call('HSET', job, 'started', now_ms)
+      end
+      event(id, 'RUNNING', attempts + 1, '0', now_ms, '', '')
+      reply = redis.call('HMGET', job, 'model', 'tenant', 'rid', 'attempts', 'created',
+                         'request', 'tp', 'started', 'cb', 'cbr')
+    end
+  end
+  replies[i + 1] = reply
+end
+return replies
+"""
+)
+
+# Many held jobs' outcomes, each as FINISH. ARGV: prefix, group, ttl_ms, max_finished, consumer,
+# job count N, then per job: entry, status, finished_ms, code, message, outputs, id, model.
+# Returns per job the final status (a cancellation recorded first stays), 'GONE', or 'NOT_OURS':
+# the job was handed back, or taken over by another replica after this one's lease lapsed, and
+# the outcome is the new holder's to record. With RELEASE's own check, finishing and handing back
+# are exclusive: whichever script runs first wins, so a job handed back is never also finished by
+# the process that held it.
+FINISH_MANY = (
+    _COMMON
+    + """
+local group, ttl_ms, max_finished, consumer = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local replies = {}
+for i = 0, tonumber(ARGV[6]) - 1 do
+  local b = 7 + i * 8
+  local entry, wanted, now_ms = ARGV[b], ARGV[b + 1], tonumber(ARGV[b + 2])
+  local code, message, outputs, id = ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6]
+  local job, stream = P .. 'job:' .. id, P .. 'q:' .. ARGV[b + 7]
+  local fields = redis.call('HMGET', job, 'status', 'owner', 'entry')
+  local status = fields[1]
+  local reply
+  if status == 'PENDING' or (status == 'RUNNING' and (fields[2] ~= consumer
+                                                      or fields[3] ~= entry)) then
+    redis.call('HINCRBY', P .. 'stats', 'dropped_results', 1)
+    reply = 'NOT_OURS'
+  else
+    redis.call('XACK', stream, group, entry)
+    redis.call('XDEL', stream, entry)
+    if not status then
+      reply = 'GONE'
+    elseif status ~= 'RUNNING' then
+      if status ~= 'CANCELLED' then
+        redis.call('HINCRBY', P .. 'stats', 'duplicate_runs', 1)
+      end
+      reply = status
+    else
+      settle(id, wanted, now_ms, ttl_ms, max_finished, code, message, outputs)
+      if wanted == 'FAILED' then
+        redis.call('XADD', P .. 'dead', 'MAXLEN', '~', '100000', '*', 'id', id,
+                   'model', redis.call('HGET', job, 'model'),
+                   'attempts', redis.call('HGET', job, 'attempts'), 'error', message)
+      end
+      reply = wanted
+    end
+  end
+  replies[i + 1] = reply
+end
+return replies
 """
 )

@@ -32,6 +32,7 @@ already recorded the job is discarded (counted in tg:stats duplicate_runs).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -51,18 +52,19 @@ from redis.commands.core import AsyncScript
 from tensorgate.server.config import ConfigError
 from tensorgate.server.errors import ResourceExhausted, Unavailable
 from tensorgate.server.jobs import codec
+from tensorgate.server.jobs.batched import Batched
 from tensorgate.server.jobs.job import Job, JobStatus
 from tensorgate.server.jobs.redis_scripts import (
     CANCEL,
-    CLAIM,
+    CLAIM_MANY,
     DELETE,
-    FINISH,
+    FINISH_MANY,
     HOOK_DONE,
     HOOKS_DUE,
     PREFIX,
     RELEASE,
     RETRY,
-    SUBMIT,
+    SUBMIT_MANY,
     SWEEP,
 )
 from tensorgate.server.records import Callback, Cursor, Delivery, DeliveryState, JobEvent
@@ -96,6 +98,10 @@ _WAIT_SLICE_S = 5.0
 # ListJobs reads at most this many recent jobs looking for matches.
 _FIND_SCAN = 5000
 _SWEEP_BATCH = 1000
+# Jobs remembered as submitted here and unfinished, and as finished here (for _KEEP_FINISHED_S).
+_KNOWN_PENDING = 100_000
+_KNOWN_FINISHED = 10_000
+_KEEP_FINISHED_S = 5.0
 # Connections to Redis at most (besides the one subscription); more calls at once wait their turn.
 _MAX_CONNECTIONS = 64
 # The longest close() waits for the store's own tasks to end.
@@ -173,9 +179,6 @@ class RedisJobStore:
         self._listener: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
         client = self._client
-        self._submit = client.register_script(SUBMIT)
-        self._claim = client.register_script(CLAIM)
-        self._finish = client.register_script(FINISH)
         self._cancel = client.register_script(CANCEL)
         self._release = client.register_script(RELEASE)
         self._sweep = client.register_script(SWEEP)
@@ -183,6 +186,18 @@ class RedisJobStore:
         self._delete = client.register_script(DELETE)
         self._hooks_due = client.register_script(HOOKS_DUE)
         self._hook_done = client.register_script(HOOK_DONE)
+        self._submit_many = client.register_script(SUBMIT_MANY)
+        self._claim_many = client.register_script(CLAIM_MANY)
+        self._finish_many = client.register_script(FINISH_MANY)
+        # The Submits and the outcomes of one loop iteration, sent as one script call each.
+        self._submits = Batched(self._submit_batch)
+        self._finishes = Batched(self._finish_batch)
+        # Jobs submitted here and not yet heard finished (id -> tenant), and jobs this process
+        # recorded as finished, kept briefly: a long-poll here reads neither from Redis.
+        self._pending_here: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._finished_here: collections.OrderedDict[str, tuple[float, Job]] = (
+            collections.OrderedDict()
+        )
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -279,6 +294,7 @@ class RedisJobStore:
                 followed = [_events(job_id) for job_id in self._watchers]
                 await pubsub.subscribe(PREFIX + "finished", *followed)
                 self._pubsub = pubsub
+                self._pending_here.clear()  # finishes may have gone unheard meanwhile
                 self._listening.set()
                 self._wake_all()  # anything finished while not listening is seen now
                 async for message in pubsub.listen():
@@ -296,6 +312,7 @@ class RedisJobStore:
                             queue.put_nowait(message["data"])
                         continue
                     job_id, _, status = message["data"].decode().partition(" ")
+                    self._pending_here.pop(job_id, None)
                     for event in self._waiters.get(job_id, ()):
                         event.set()
                     if status == JobStatus.CANCELLED.value:
@@ -341,38 +358,25 @@ class RedisJobStore:
     # --- accepting and reading ------------------------------------------------------------------
 
     async def add(self, job: Job) -> tuple[Job, bool, int]:
+        """Joins the Submits of this loop iteration: they go to Redis as one script call."""
         assert job.payload is not None
         key = _key(job.tenant, job.idempotency_key) if job.idempotency_key else ""
-        now_ms = int(job.created_at * 1000)
         fields: list[Any] = [
             "model", job.model, "tenant", job.tenant, "rid", job.request_id,
-            "status", JobStatus.PENDING.value, "attempts", 0, "created", now_ms,
-            "finished", "", "code", "", "message", "", "owner", "", "tp", job.traceparent,
-            "idem", "", "request", codec.encode_request(job.payload), "ev", 1, "started", "",
+            "status", JobStatus.PENDING.value, "attempts", 0,
+            "created", int(job.created_at * 1000), "finished", "", "code", "", "message", "",
+            "owner", "", "tp", job.traceparent, "idem", "",
+            "request", codec.encode_request(job.payload), "ev", 1, "started", "",
             "cb", job.callback.url if job.callback else "",
             "cbr", "1" if job.callback and job.callback.include_result else "",
             "hs", DeliveryState.PENDING.value if job.callback else "", "hn", 0, "he", "",
         ]  # fmt: skip
-        with self._reachable():
-            outcome, value = await self._submit(
-                keys=[_job(job.id), _stream(job.model), key or _job(job.id)]
-                + [_stream(m) for m in self._models],
-                args=[
-                    PREFIX,
-                    job.id,
-                    now_ms,
-                    self._ttl_ms,
-                    self._max_pending,
-                    "1" if key else "0",
-                    job.tenant,
-                    self._max_per_tenant,
-                    *fields,
-                ],
-            )
-            if outcome == 0:
-                existing = await self.get(value.decode(), job.tenant)
-                if existing is not None:
-                    return existing, True, 0
+        outcome, value = await self._submits.call((job.id, job.model, key, job.tenant, fields))
+        if outcome == 0:
+            existing = await self.get(value.decode(), job.tenant)
+            if existing is not None:
+                return existing, True, 0
+            raise Unavailable("the job its idempotency key names just expired; submit again")
         if outcome == -2:
             raise ResourceExhausted(
                 f"tenant '{job.tenant}' has {int(value)} unfinished jobs, its limit "
@@ -387,7 +391,22 @@ class RedisJobStore:
         job.payload = None  # stored; whoever takes the job reads it back
         if job.callback is not None:
             job.delivery = Delivery()
+        self._pending_here[job.id] = job.tenant
+        while len(self._pending_here) > _KNOWN_PENDING:
+            self._pending_here.popitem(last=False)
         return job, False, int(value)
+
+    async def _submit_batch(self, batch: list[Any]) -> list[Any]:
+        now_ms = _now_ms()
+        args: list[Any] = [
+            PREFIX, now_ms, self._ttl_ms, self._max_pending, self._max_per_tenant,
+            len(self._models), *self._models, len(batch),
+        ]  # fmt: skip
+        for job_id, model, key, tenant, fields in batch:
+            args += [job_id, model, key, tenant, len(fields), *fields]
+        with self._reachable():
+            replies = await self._submit_many(args=args)
+        return [(replies[i], replies[i + 1]) for i in range(0, len(replies), 2)]
 
     async def get(self, job_id: str, tenant: str = "") -> Job | None:
         with self._reachable():
@@ -410,6 +429,17 @@ class RedisJobStore:
         try:
             while True:
                 event.clear()
+                left = deadline - time.monotonic()
+                finished = self._finished_locally(job_id, tenant)
+                if finished is not None:
+                    return finished  # recorded here a moment ago: what a read would say
+                if left > 0 and self._pending_locally(job_id, tenant):
+                    # Submitted here and not finished anywhere yet (a finish is always
+                    # published, and this process is listening): nothing to read.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(left, _WAIT_SLICE_S)):
+                            await event.wait()
+                    continue
                 job = await self.get(job_id, tenant)
                 left = deadline - time.monotonic()
                 if job is None or job.status.finished or left <= 0:
@@ -549,6 +579,7 @@ class RedisJobStore:
             return job
         with self._reachable():
             await self._delete(keys=[_job(job_id)], args=[PREFIX, tenant, job_id])
+        self._finished_here.pop(job_id, None)
         return job
 
     async def cancel(self, job_id: str, tenant: str = "") -> Job | None:
@@ -592,26 +623,22 @@ class RedisJobStore:
                 entries = reply[0][1] if reply else []
             if not entries:
                 return []
-            now_ms = _now_ms()
-            claims = await self._pipelined(
-                self._claim,
-                [
-                    (
-                        [_job(fields[b"id"].decode()), stream],
-                        [
-                            PREFIX, entry_id, GROUP, self.consumer, self._max_attempts, now_ms,
-                            self._ttl_ms, self._max_finished, fields[b"id"].decode(),
-                        ],
-                    )
-                    for entry_id, fields in entries
-                ],
-            )  # fmt: skip
+            args: list[Any] = [
+                PREFIX, GROUP, self.consumer, self._max_attempts, _now_ms(), self._ttl_ms,
+                self._max_finished, len(entries),
+            ]  # fmt: skip
+            for entry_id, fields in entries:
+                args += [entry_id, fields[b"id"].decode(), model]
+            claims = await self._claim_many(args=args)
         jobs = []
         for (entry_id, fields), claim in zip(entries, claims, strict=True):
             if not claim:
                 continue
-            model_name, tenant, rid, attempts, created, blob, traceparent, _ = claim
+            model_name, tenant, rid, attempts, created, blob, traceparent, started, url, whole = (
+                claim
+            )
             tenant_name = tenant.decode()
+            callback = Callback(url.decode(), whole == b"1") if url else None
             jobs.append(
                 Job(
                     id=fields[b"id"].decode(),
@@ -624,6 +651,9 @@ class RedisJobStore:
                     payload=codec.decode_request(model_name.decode(), tenant_name, blob),
                     receipt=entry_id.decode(),
                     traceparent=traceparent.decode(),
+                    started_at=int(started) / 1000 if started else None,
+                    callback=callback,
+                    delivery=Delivery() if callback is not None else None,
                 )
             )
         return jobs
@@ -655,27 +685,22 @@ class RedisJobStore:
             )
 
     async def finish(self, job: Job) -> Job:
+        """Joins the outcomes recorded in this loop iteration: one script call for them all."""
         error = job.error
-        outputs = codec.encode_outputs(job.outputs) if job.outputs is not None else b""
         finished_ms = int((job.finished_at or time.time()) * 1000)
-        with self._reachable():
-            final = await self._finish(
-                keys=[_job(job.id), _stream(job.model)],
-                args=[
-                    PREFIX,
-                    job.receipt,
-                    GROUP,
-                    job.status.value,
-                    finished_ms,
-                    self._ttl_ms,
-                    self._max_finished,
-                    error.code if error is not None else "",
-                    str(error) if error is not None else "",
-                    outputs,
-                    job.id,
-                    self.consumer,
-                ],
+        outputs = codec.encode_outputs(job.outputs) if job.outputs is not None else b""
+        final = await self._finishes.call(
+            (
+                job.receipt,
+                job.status.value,
+                finished_ms,
+                error.code if error is not None else "",
+                str(error) if error is not None else "",
+                outputs,
+                job.id,
+                job.model,
             )
+        )
         final_status = final.decode()
         if final_status == "NOT_OURS":
             log.info("job %s: handed on to another replica; the result here is dropped", job.id)
@@ -686,10 +711,45 @@ class RedisJobStore:
             stored = await self.get(job.id, job.tenant)
             if stored is not None:
                 return stored
+        job.finished_at = finished_ms / 1000  # as stored: what a read returns
         job.expires_at = finished_ms / 1000 + self._ttl_ms / 1000
+        if final_status == job.status.value:
+            self._remember_finished(job)
         if job.callback is not None:
             self.deliveries_due.set()
         return job
+
+    async def _finish_batch(self, batch: list[Any]) -> list[Any]:
+        args: list[Any] = [
+            PREFIX, GROUP, self._ttl_ms, self._max_finished, self.consumer, len(batch),
+        ]  # fmt: skip
+        for item in batch:
+            args += list(item)
+        with self._reachable():
+            replies: list[Any] = await self._finish_many(args=args)
+        return replies
+
+    # --- what this process knows without asking Redis ------------------------------------------
+
+    def _remember_finished(self, job: Job) -> None:
+        """A job this process recorded as finished: its waiters here need not read it back."""
+        self._pending_here.pop(job.id, None)
+        self._finished_here[job.id] = (time.monotonic() + _KEEP_FINISHED_S, job)
+        while len(self._finished_here) > _KNOWN_FINISHED:
+            self._finished_here.popitem(last=False)
+
+    def _finished_locally(self, job_id: str, tenant: str) -> Job | None:
+        kept = self._finished_here.get(job_id)
+        if kept is None:
+            return None
+        until, job = kept
+        if until < time.monotonic() or (job.expires_at or 0) <= time.time():
+            del self._finished_here[job_id]
+            return None
+        return job if job.tenant == tenant else None
+
+    def _pending_locally(self, job_id: str, tenant: str) -> bool:
+        return self._listening.is_set() and self._pending_here.get(job_id) == tenant
 
     async def release(self, jobs: list[Job], started: bool) -> None:
         with self._reachable():
