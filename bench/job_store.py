@@ -53,6 +53,7 @@ def main() -> int:
         try:
             rows, burst = _measure(args, repository, redis)
             commands = _commands_per_job(args, repository, redis)
+            ceiling = asyncio.run(_ceiling(redis, args.seconds))
         finally:
             redis.stop()
     report = {
@@ -61,6 +62,7 @@ def main() -> int:
         "rows": rows,
         "burst": burst,
         "commands": commands,
+        "ceiling": ceiling,
     }
     (DOCS / "job_store.json").write_text(json.dumps(report, indent=2) + "\n")
     replace_section(DOCS / "benchmarks.md", SECTION, _markdown(report))
@@ -181,6 +183,33 @@ class _Monitor:
                     self.sent[name] += 1
 
 
+async def _ceiling(redis: RedisProcess, seconds: float) -> dict[str, Any]:
+    """The bound: what a bare redis-py client pipelining the least a job needs written (its hash
+    and its stream entry), 64 jobs a pipeline, pushes through the same Redis per second."""
+    import redis.asyncio as aioredis
+
+    print("redis: the ceiling (a bare pipelined client)", flush=True)
+    client = aioredis.from_url(redis.url)
+    blob = b"x" * 1100  # about one mlp request's inputs
+    jobs = 0
+    try:
+        end = time.perf_counter() + seconds
+        started = time.perf_counter()
+        while time.perf_counter() < end:
+            async with client.pipeline(transaction=False) as pipe:
+                for i in range(64):
+                    key = f"ceiling:job:{jobs + i}"
+                    pipe.hset(key, mapping={"status": "PENDING", "request": blob})
+                    pipe.xadd("ceiling:q", {"id": key})
+                await pipe.execute()
+            jobs += 64
+        elapsed = time.perf_counter() - started
+        await client.flushdb()
+    finally:
+        await client.aclose()
+    return {"jobs_per_s": jobs / elapsed, "pipeline": 64}
+
+
 def _wait_idle(server: ServeProcess) -> None:
     """Lets the jobs a submit-only run left behind finish before the next point."""
     from tensorgate.client import TensorgateClient
@@ -259,12 +288,36 @@ def _markdown(report: dict[str, Any]) -> str:
             f"finished {b['all_finished_s']:.1f} s after the first Submit; final statuses "
             f"{b['statuses']}; **lost: {b['lost']}**.",
         ]
+    ceiling = report.get("ceiling")
+    if ceiling:
+        submit = next(
+            r["req_per_s"] for r in report["rows"]
+            if r["store"] == "redis" and r["mode"] == "submit" and r["concurrency"] == 64
+        )  # fmt: skip
+        memory = {
+            (r["mode"], r["concurrency"]): r for r in report["rows"] if r["store"] == "memory"
+        }
+        redis_rows = {
+            (r["mode"], r["concurrency"]): r for r in report["rows"] if r["store"] == "redis"
+        }
+        lines += [
+            "",
+            f"The ceiling: a bare redis-py client pipelining the least a job needs written (its "
+            f"hash and stream entry, 64 jobs a pipeline) pushes {ceiling['jobs_per_s']:.0f} jobs/s "
+            f"through the same Redis; the store's Submit alone at 64 in flight is "
+            f"{submit / ceiling['jobs_per_s']:.2f}x of it. Redis vs memory in this run: Submit "
+            f"alone {redis_rows['submit', 64]['req_per_s'] / memory['submit', 64]['req_per_s']:.2f}x, "
+            f"Submit→result {redis_rows['job', 64]['req_per_s'] / memory['job', 64]['req_per_s']:.2f}x, "
+            f"p99 Submit→result {redis_rows['job', 64]['p99_ms'] / memory['job', 64]['p99_ms']:.2f}x "
+            "(at 64 in flight).",
+        ]
     if report.get("commands"):
         lines += [
             "",
             "Redis commands the server sends per finished job, Submit→result with one long-poll "
             "waiter (MONITOR on, a separate short run; a script call counts once, a pipeline's "
-            "commands one each):",
+            "commands one each). On the job's path every command is one round trip (no "
+            "pipelines there), so these are its round trips too:",
             "",
             "| in flight | jobs | commands sent per job | by command | run inside scripts per job |",
             "|---|---|---|---|---|",

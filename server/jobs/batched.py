@@ -1,8 +1,10 @@
-"""Calls made in one loop iteration, sent as one: each caller awaits its own answer from one
-round trip for all of them (the Redis job store's Submits and outcomes).
+"""Calls to one service, sent as few round trips as the load allows: each caller awaits its own
+answer, and the calls that arrive while a batch is on its way go together in the next one (the
+Redis job store's Submits and outcomes).
 
-Nothing waits to fill a batch: the batch goes when the loop has run the iteration's ready
-callbacks (call_soon), so a lone call costs one loop turn and a burst shares one round trip.
+Nothing waits to fill a batch: with no batch in flight, a call goes at the end of the loop
+iteration it was made in (call_soon), so a lone call costs one loop turn; under load, the calls
+made during one round trip share the next.
 """
 
 from __future__ import annotations
@@ -19,33 +21,38 @@ class Batched:
         """send(items) -> one answer per item, in order; what it raises, every caller gets."""
         self._send = send
         self._waiting: list[tuple[Any, asyncio.Future[Any]]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._scheduled = False
+        self._in_flight: asyncio.Task[None] | None = None
 
     async def call(self, item: Any) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if not self._waiting:
-            loop.call_soon(self._flush)
         self._waiting.append((item, future))
+        if not self._scheduled and self._in_flight is None:
+            self._scheduled = True
+            loop.call_soon(self._flush)
         return await asyncio.shield(future)
 
     def _flush(self) -> None:
+        self._scheduled = False
         batch, self._waiting = self._waiting, []
         if batch:
-            task = asyncio.create_task(self._run(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._in_flight = asyncio.create_task(self._run(batch))
 
     async def _run(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
         try:
             answers = await self._send([item for item, _ in batch])
-        except BaseException as exc:
+        except Exception as exc:
             for _, future in batch:
-                settle_error(
-                    future, exc if isinstance(exc, Exception) else asyncio.CancelledError()
-                )
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for (_, future), answer in zip(batch, answers, strict=True):
-            settle_result(future, answer)
+                settle_error(future, exc)
+        except BaseException:
+            for _, future in batch:
+                settle_error(future, asyncio.CancelledError())
+            raise
+        else:
+            for (_, future), answer in zip(batch, answers, strict=True):
+                settle_result(future, answer)
+        finally:
+            self._in_flight = None
+            if self._waiting and not self._scheduled:
+                self._flush()  # what arrived meanwhile goes now

@@ -194,7 +194,8 @@ return #old
 
 # Many jobs submitted at once. ARGV: prefix, now_ms, ttl_ms, max_pending, max_per_tenant,
 # model count M, the M model names (every served model: the pending bound counts them all), job
-# count N, then per job: id, model, idempotency key ('' = none), tenant, field count F, F fields.
+# count N, then per job: id, model, idempotency key ('' = none), tenant, its fields as one JSON
+# object of strings (one argument to pack, not forty), its request blob.
 # Returns per job two values: {0, existing id} (deduplicated), {-1, pending} (over the bound),
 # {-2, the tenant's unfinished jobs} (over its bound) or {1, unfinished jobs of the model before
 # it}.
@@ -214,9 +215,8 @@ at = at + 1
 local replies = {}
 for _ = 1, count do
   local id, model, key, tenant = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
-  local nfields = tonumber(ARGV[at + 4])
-  local first = at + 5
-  at = first + nfields
+  local fields, request = ARGV[at + 4], ARGV[at + 5]
+  at = at + 6
   local job, stream = P .. 'job:' .. id, P .. 'q:' .. model
   local done = false
   if key ~= '' then
@@ -241,7 +241,12 @@ for _ = 1, count do
     else
       local ahead = redis.call('XLEN', stream)
       redis.call('HINCRBY', P .. 'pending', tenant, 1)
-      redis.call('HSET', job, unpack(ARGV, first, first + nfields - 1))
+      local flat = {'request', request}
+      for name, value in pairs(cjson.decode(fields)) do
+        flat[#flat + 1] = name
+        flat[#flat + 1] = value
+      end
+      redis.call('HSET', job, unpack(flat))
       local entry = redis.call('XADD', stream, '*', 'id', id)
       redis.call('HSET', job, 'entry', entry)
       if key ~= '' then

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -361,17 +362,20 @@ class RedisJobStore:
         """Joins the Submits of this loop iteration: they go to Redis as one script call."""
         assert job.payload is not None
         key = _key(job.tenant, job.idempotency_key) if job.idempotency_key else ""
-        fields: list[Any] = [
-            "model", job.model, "tenant", job.tenant, "rid", job.request_id,
-            "status", JobStatus.PENDING.value, "attempts", 0,
-            "created", int(job.created_at * 1000), "finished", "", "code", "", "message", "",
-            "owner", "", "tp", job.traceparent, "idem", "",
-            "request", codec.encode_request(job.payload), "ev", 1, "started", "",
-            "cb", job.callback.url if job.callback else "",
-            "cbr", "1" if job.callback and job.callback.include_result else "",
-            "hs", DeliveryState.PENDING.value if job.callback else "", "hn", 0, "he", "",
-        ]  # fmt: skip
-        outcome, value = await self._submits.call((job.id, job.model, key, job.tenant, fields))
+        fields = {
+            "model": job.model, "tenant": job.tenant, "rid": job.request_id,
+            "status": JobStatus.PENDING.value, "attempts": "0",
+            "created": str(int(job.created_at * 1000)), "finished": "", "code": "",
+            "message": "", "owner": "", "tp": job.traceparent, "idem": "", "ev": "1",
+            "started": "", "cb": job.callback.url if job.callback else "",
+            "cbr": "1" if job.callback and job.callback.include_result else "",
+            "hs": DeliveryState.PENDING.value if job.callback else "", "hn": "0", "he": "",
+        }  # fmt: skip
+        item = (
+            job.id, job.model, key, job.tenant, json.dumps(fields, separators=(",", ":")),
+            codec.encode_request(job.payload),
+        )  # fmt: skip
+        outcome, value = await self._submits.call(item)
         if outcome == 0:
             existing = await self.get(value.decode(), job.tenant)
             if existing is not None:
@@ -402,8 +406,8 @@ class RedisJobStore:
             PREFIX, now_ms, self._ttl_ms, self._max_pending, self._max_per_tenant,
             len(self._models), *self._models, len(batch),
         ]  # fmt: skip
-        for job_id, model, key, tenant, fields in batch:
-            args += [job_id, model, key, tenant, len(fields), *fields]
+        for item in batch:
+            args += item
         with self._reachable():
             replies = await self._submit_many(args=args)
         return [(replies[i], replies[i + 1]) for i in range(0, len(replies), 2)]
