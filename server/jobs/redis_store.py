@@ -196,6 +196,8 @@ class RedisJobStore:
         # Jobs submitted here and not yet heard finished (id -> tenant), and jobs this process
         # recorded as finished, kept briefly: a long-poll here reads neither from Redis.
         self._pending_here: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # Jobs whose outcome this process is recording now (a waiter here waits for it).
+        self._finishing: set[str] = set()
         self._finished_here: collections.OrderedDict[str, tuple[float, Job]] = (
             collections.OrderedDict()
         )
@@ -437,7 +439,9 @@ class RedisJobStore:
                 finished = self._finished_locally(job_id, tenant)
                 if finished is not None:
                     return finished  # recorded here a moment ago: what a read would say
-                if left > 0 and self._pending_locally(job_id, tenant):
+                if left > 0 and (
+                    self._pending_locally(job_id, tenant) or job_id in self._finishing
+                ):
                     # Submitted here and not finished anywhere yet (a finish is always
                     # published, and this process is listening): nothing to read.
                     with contextlib.suppress(TimeoutError):
@@ -690,6 +694,15 @@ class RedisJobStore:
 
     async def finish(self, job: Job) -> Job:
         """Joins the outcomes recorded in this loop iteration: one script call for them all."""
+        self._finishing.add(job.id)
+        try:
+            return await self._finish(job)
+        finally:
+            self._finishing.discard(job.id)
+            for event in self._waiters.get(job.id, ()):
+                event.set()  # a waiter here that heard of the finish first looks again now
+
+    async def _finish(self, job: Job) -> Job:
         error = job.error
         finished_ms = int((job.finished_at or time.time()) * 1000)
         outputs = codec.encode_outputs(job.outputs) if job.outputs is not None else b""
