@@ -550,6 +550,10 @@ class RedisJobStore:
         channel = _events(job_id)
         confirmed = self._confirming[channel] = asyncio.Event()
         try:
+            if self._pubsub is None:  # starting, or reconnecting: give it a moment
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_PING_EVERY_S * 2):
+                        await self._listening.wait()
             if self._pubsub is None:
                 raise Unavailable(
                     f"the job store (Redis at {self.where}) is unreachable; watch again later"
