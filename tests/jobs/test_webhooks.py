@@ -264,7 +264,7 @@ def test_the_allow_list_matches_hosts_ports_domains_and_networks() -> None:
     assert not allow.reaches("a.corp.example", 443, loopback)
     assert allow.reaches("a.corp.example", 443, private)  # 10.1.0.0/16 is named
     assert allow.reaches("hooks.example.com", 443, loopback)  # the exact host is named
-    for bad in ("http://x", "a b", "host:99999", "*"):
+    for bad in ("http://x", "a b", "host:99999", "*", "hooks.example.com/path"):
         with pytest.raises(ConfigError, match="--webhook-allow"):
             AllowList([bad])
 

@@ -126,6 +126,10 @@ class GuardedResolver(AbstractResolver):
 def _parse(entry: str) -> _Rule:
     entry = entry.strip().lower()
     where = f"--webhook-allow entry {entry!r}"
+    if "://" in entry:
+        raise ConfigError(
+            f"{where}: expected a host, host:port, *.domain, an IP address or a CIDR, not a URL"
+        )
     try:
         return _Rule(network=ipaddress.ip_network(entry, strict=False))
     except ValueError:
