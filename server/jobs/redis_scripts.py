@@ -264,94 +264,54 @@ return replies
 """
 )
 
-# Claiming a stream entry delivered to this replica: start the job (its fields are returned),
-# drop the entry of a job that finished (cancelled) or was handed back meanwhile, or dead-letter
-# a job whose attempts ran out (false).
-_CLAIM = """
-local function claim(entry, id, stream, group, consumer, max_attempts, now_ms, ttl_ms,
-                     max_finished)
-  local job = P .. 'job:' .. id
-  local fields = redis.call('HMGET', job, 'status', 'entry', 'attempts', 'code', 'message',
-                            'started')
+# Many stream entries delivered to this replica, each as CLAIM. ARGV: prefix, group, consumer,
+# max_attempts, now_ms, ttl_ms, max_finished, entry count N, then per entry: entry id, job id,
+# model. For each: start the job (its fields are returned), drop the entry of a job that finished
+# (cancelled) or was handed back meanwhile, or dead-letter a job whose attempts ran out (false).
+CLAIM_MANY = (
+    _COMMON
+    + """
+local group, consumer = ARGV[2], ARGV[3]
+local max_attempts, now_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
+local ttl_ms, max_finished = tonumber(ARGV[6]), tonumber(ARGV[7])
+local replies = {}
+for i = 0, tonumber(ARGV[8]) - 1 do
+  local entry, id = ARGV[9 + i * 3], ARGV[10 + i * 3]
+  local job, stream = P .. 'job:' .. id, P .. 'q:' .. ARGV[11 + i * 3]
+  local fields = redis.call('HMGET', job, 'status', 'entry', 'attempts', 'code', 'message')
   local status = fields[1]
+  local reply = false
   if not status or fields[2] ~= entry or (status ~= 'PENDING' and status ~= 'RUNNING') then
     redis.call('XACK', stream, group, entry)
     redis.call('XDEL', stream, entry)
-    return false
-  end
-  local attempts = tonumber(fields[3])
-  if attempts >= max_attempts then
-    local last = fields[5] or ''
-    if last == '' then
-      last = 'the replicas running it stopped before it finished'
-    end
-    local code = fields[4] or ''
-    if code == '' then
-      code = 'UNAVAILABLE'
-    end
-    redis.call('XACK', stream, group, entry)
-    redis.call('XDEL', stream, entry)
-    settle(id, 'FAILED', now_ms, ttl_ms, max_finished, code,
-           'gave up after ' .. attempts .. ' attempts: ' .. last, '')
-    redis.call('XADD', P .. 'dead', 'MAXLEN', '~', '100000', '*', 'id', id,
-               'model', redis.call('HGET', job, 'model'), 'attempts', attempts, 'error', last)
-    return false
-  end
-  local started = fields[6]
-  if not started or started == '' then
-    started = now_ms
-  end
-  redis.call('HSET', job, 'status', 'RUNNING', 'owner', consumer, 'attempts', attempts + 1,
-             'started', started)
-  event(id, 'RUNNING', attempts + 1, '0', now_ms, '', '')
-  return redis.call('HMGET', job, 'model', 'tenant', 'rid', 'attempts', 'created', 'request',
-                    'tp', 'started', 'cb', 'cbr')
-end
-"""
-
-# Many stream entries delivered to this replica (by a blocking read), each claimed. ARGV:
-# prefix, group, consumer, max_attempts, now_ms, ttl_ms, max_finished, entry count N, then per
-# entry: entry id, job id, model. Returns per entry the job's fields, or false.
-CLAIM_MANY = (
-    _COMMON
-    + _CLAIM
-    + """
-local replies = {}
-for i = 0, tonumber(ARGV[8]) - 1 do
-  replies[i + 1] = claim(ARGV[9 + i * 3], ARGV[10 + i * 3], P .. 'q:' .. ARGV[11 + i * 3],
-                         ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]),
-                         tonumber(ARGV[6]), tonumber(ARGV[7]))
-end
-return replies
-"""
-)
-
-# Reads up to `count` new entries of a model's stream for this replica and claims them, in one
-# call (a read that finds none returns nothing: the caller then blocks on the stream). ARGV:
-# prefix, group, consumer, max_attempts, now_ms, ttl_ms, max_finished, model, count. Returns per
-# entry {entry id, job id, fields or false}.
-TAKE_MANY = (
-    _COMMON
-    + _CLAIM
-    + """
-local stream = P .. 'q:' .. ARGV[8]
-local read = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[9],
-                        'STREAMS', stream, '>')
-local replies = {}
-if not read then
-  return replies
-end
-for _, item in ipairs(read[1][2]) do
-  local entry, pairs_ = item[1], item[2]
-  local id = ''
-  for j = 1, #pairs_, 2 do
-    if pairs_[j] == 'id' then
-      id = pairs_[j + 1]
+  else
+    local attempts = tonumber(fields[3])
+    if attempts >= max_attempts then
+      local last = fields[5] or ''
+      if last == '' then
+        last = 'the replicas running it stopped before it finished'
+      end
+      local code = fields[4] or ''
+      if code == '' then
+        code = 'UNAVAILABLE'
+      end
+      redis.call('XACK', stream, group, entry)
+      redis.call('XDEL', stream, entry)
+      settle(id, 'FAILED', now_ms, ttl_ms, max_finished, code,
+             'gave up after ' .. attempts .. ' attempts: ' .. last, '')
+      redis.call('XADD', P .. 'dead', 'MAXLEN', '~', '100000', '*', 'id', id,
+                 'model', redis.call('HGET', job, 'model'), 'attempts', attempts, 'error', last)
+    else
+      redis.call('HSET', job, 'status', 'RUNNING', 'owner', consumer, 'attempts', attempts + 1)
+      if redis.call('HGET', job, 'started') == '' then
+        redis.call('HSET', job, 'started', now_ms)
+      end
+      event(id, 'RUNNING', attempts + 1, '0', now_ms, '', '')
+      reply = redis.call('HMGET', job, 'model', 'tenant', 'rid', 'attempts', 'created',
+                         'request', 'tp', 'started', 'cb', 'cbr')
     end
   end
-  replies[#replies + 1] = {entry, id, claim(entry, id, stream, ARGV[2], ARGV[3],
-                                            tonumber(ARGV[4]), tonumber(ARGV[5]),
-                                            tonumber(ARGV[6]), tonumber(ARGV[7]))}
+  replies[i + 1] = reply
 end
 return replies
 """

@@ -67,7 +67,6 @@ from tensorgate.server.jobs.redis_scripts import (
     RETRY,
     SUBMIT_MANY,
     SWEEP,
-    TAKE_MANY,
 )
 from tensorgate.server.records import Callback, Cursor, Delivery, DeliveryState, JobEvent
 
@@ -190,7 +189,6 @@ class RedisJobStore:
         self._hook_done = client.register_script(HOOK_DONE)
         self._submit_many = client.register_script(SUBMIT_MANY)
         self._claim_many = client.register_script(CLAIM_MANY)
-        self._take_many = client.register_script(TAKE_MANY)
         self._finish_many = client.register_script(FINISH_MANY)
         # The Submits and the outcomes of one loop iteration, sent as one script call each.
         self._submits = Batched(self._submit_batch)
@@ -607,34 +605,21 @@ class RedisJobStore:
     # --- running --------------------------------------------------------------------------------
 
     async def take(self, model: str, limit: int, wait_s: float) -> list[Job]:
-        """Reads and claims what is queued in one call (TAKE_MANY); only when nothing is does it
-        block on the stream, then claim what the read brings."""
         stream = _stream(model)
         with self._reachable(cancellable=False):
-            claimed: list[tuple[bytes, str, Any]] = []
+            entries: list[tuple[bytes, Any]] = []
             now = time.monotonic()
             if now >= self._next_reclaim.get(model, 0.0):
                 # Jobs of replicas that stopped renewing their lease.
                 self._next_reclaim[model] = now + self._reclaim_every_s
-                _, stale, _ = await self._client.xautoclaim(
+                _, claimed, _ = await self._client.xautoclaim(
                     stream, GROUP, self.consumer, self._lease_ms, "0-0", count=limit
                 )
-                entries = [(entry_id, fields) for entry_id, fields in stale if fields]
+                entries = [(entry_id, fields) for entry_id, fields in claimed if fields]
                 if entries:
                     log.info("took over %d job(s) of %s from a silent replica", len(entries), model)
-                    claimed = await self._claim_entries(model, entries)
-            try:
-                if not claimed:
-                    claimed = [
-                        (entry, job_id.decode(), claim)
-                        for entry, job_id, claim in await self._take_many(
-                            args=[
-                                PREFIX, GROUP, self.consumer, self._max_attempts, _now_ms(),
-                                self._ttl_ms, self._max_finished, model, limit,
-                            ]
-                        )
-                    ]  # fmt: skip
-                if not claimed:
+            if not entries:
+                try:
                     reply = await self._client.xreadgroup(
                         GROUP,
                         self.consumer,
@@ -642,15 +627,23 @@ class RedisJobStore:
                         count=limit,
                         block=max(int(wait_s * 1000), 1),
                     )
-                    if reply and reply[0][1]:
-                        claimed = await self._claim_entries(model, reply[0][1])
-            except redis.exceptions.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                await self._prepare()  # Redis lost the group (restarted without AOF)
+                except Exception as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    await self._prepare()  # Redis lost the group (restarted without AOF)
+                    return []
+                entries = reply[0][1] if reply else []
+            if not entries:
                 return []
+            args: list[Any] = [
+                PREFIX, GROUP, self.consumer, self._max_attempts, _now_ms(), self._ttl_ms,
+                self._max_finished, len(entries),
+            ]  # fmt: skip
+            for entry_id, fields in entries:
+                args += [entry_id, fields[b"id"].decode(), model]
+            claims = await self._claim_many(args=args)
         jobs = []
-        for entry_id, job_id, claim in claimed:
+        for (entry_id, fields), claim in zip(entries, claims, strict=True):
             if not claim:
                 continue
             model_name, tenant, rid, attempts, created, blob, traceparent, started, url, whole = (
@@ -660,7 +653,7 @@ class RedisJobStore:
             callback = Callback(url.decode(), whole == b"1") if url else None
             jobs.append(
                 Job(
-                    id=job_id,
+                    id=fields[b"id"].decode(),
                     model=model_name.decode(),
                     tenant=tenant_name,
                     request_id=rid.decode(),
@@ -676,21 +669,6 @@ class RedisJobStore:
                 )
             )
         return jobs
-
-    async def _claim_entries(self, model: str, entries: list[Any]) -> list[tuple[bytes, str, Any]]:
-        """Claims stream entries this replica was given (by a blocking read, or taken over)."""
-        args: list[Any] = [
-            PREFIX, GROUP, self.consumer, self._max_attempts, _now_ms(), self._ttl_ms,
-            self._max_finished, len(entries),
-        ]  # fmt: skip
-        ids = [fields[b"id"].decode() for _, fields in entries]
-        for (entry_id, _), job_id in zip(entries, ids, strict=True):
-            args += [entry_id, job_id, model]
-        claims = await self._claim_many(args=args)
-        return [
-            (entry_id, job_id, claim)
-            for (entry_id, _), job_id, claim in zip(entries, ids, claims, strict=True)
-        ]
 
     async def renew(self, jobs: list[Job]) -> None:
         by_model: dict[str, list[str]] = {}
