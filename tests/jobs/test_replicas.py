@@ -173,9 +173,24 @@ def test_sigterm_hands_unstarted_jobs_to_other_replicas_instead_of_failing_them(
 ) -> None:
     a = replicas.start("--shutdown-grace-s", "1")
     b = replicas.start()
-    with TensorgateClient(a.target, timeout_s=30) as on_a:
-        # ~400 jobs/s are run by the two replicas: hundreds are still pending at SIGTERM.
-        ids = [on_a.submit("slow", _row(i)).job_id for i in range(1500)]
+
+    async def burst() -> list[str]:
+        # Sent 32 at a time, far faster than the ~400 jobs/s the two replicas run: hundreds are
+        # still pending at SIGTERM, and A holds some it has not started.
+        async with AsyncTensorgateClient(a.target, timeout_s=30) as client:
+            left = iter(range(1500))
+            ids: list[str] = []
+
+            async def sender() -> None:
+                for i in left:
+                    ids.append((await client.submit("slow", _row(i))).job_id)
+
+            await asyncio.gather(*(sender() for _ in range(32)))
+            return ids
+
+    ids = asyncio.run(burst())
+    with TensorgateClient(b.target, timeout_s=30) as on_b:
+        assert len(on_b.list_jobs("PENDING", limit=1000)) >= 100  # the backlog this test needs
     assert a.stop() == 0  # SIGTERM; exits within its 1 s grace period
     # The log is read by a thread: wait for its last lines.
     wait_until(lambda: "handed" in "".join(a.log), timeout_s=5, what="jobs handed back")
