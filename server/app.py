@@ -244,6 +244,8 @@ class TensorgateServer:
             return  # health is NOT_SERVING for good already
         if ready:
             log.info("model %s is ready: SERVING", model)
+        elif model not in self.models:
+            log.info("model %s is unloaded: NOT_SERVING", model)  # asked for: not an error
         else:
             log.error("model %s is not ready: NOT_SERVING", model)
         self._background(self.health.set_model(model, ready))

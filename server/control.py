@@ -64,10 +64,6 @@ class ModelControl:
         self._failed: dict[str, tuple[object, ...]] = {}
         self._logged: dict[str, str] = {}
 
-    @classmethod
-    def fixed(cls, models: ModelSet) -> ModelControl:
-        return cls(models)
-
     async def start(self) -> None:
         if self.mode == "poll":
             self._task = asyncio.create_task(self._poll(), name="repository-poll")
@@ -82,11 +78,14 @@ class ModelControl:
 
     # --- the repository API ---------------------------------------------------------------------
 
-    def index(self) -> list[RepositoryEntry]:
+    async def index(self) -> list[RepositoryEntry]:
         entries = self._models.states()
         loaded = {entry.name for entry in entries}
         try:
-            folders = model_folders(self._repository) if self._repository else {}
+            # The repository is read off the loop (a folder listing per call).
+            folders = (
+                await asyncio.to_thread(model_folders, self._repository) if self._repository else {}
+            )
         except ConfigError:
             folders = {}
         for name in sorted(set(folders) - loaded):

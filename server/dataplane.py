@@ -49,7 +49,7 @@ class DataPlane:
         self._models = models
         self._jobs = jobs
         # How models change while serving (--model-control); fixed when not given.
-        self.control = control or ModelControl.fixed(models)
+        self.control = control or ModelControl(models)
         self.telemetry = telemetry or Telemetry.quiet()
         self.tracing = self.telemetry.tracing
         self.accepting = True
@@ -188,10 +188,10 @@ class DataPlane:
 
     # --- the model repository (model control) ---------------------------------------------------
 
-    def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
+    async def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
         """Every model of the repository: each version loaded (READY, UNAVAILABLE, UNLOADING)
         and each model not loaded (UNAVAILABLE with the reason)."""
-        entries = self.control.index()
+        entries = await self.control.index()
         return [e for e in entries if e.state == "READY"] if ready_only else entries
 
     async def load_model(self, name: str) -> list[str]:

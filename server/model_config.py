@@ -123,11 +123,9 @@ class ModelConfig:
     sequence: SequenceConfig | None = None
 
     @classmethod
-    def load(
-        cls, model_dir: Path, version: str = "1", version_dir: Path | None = None
-    ) -> ModelConfig:
-        """Reads and checks model_dir/config.toml, for the version whose artifact is in
-        version_dir (the model's folder itself when None)."""
+    def load(cls, model_dir: Path) -> ModelConfig:
+        """Reads and checks model_dir/config.toml (as version 1, its artifact beside it; the
+        repository makes the versions of a model with numbered folders from it)."""
         path = model_dir / MODEL_CONFIG_FILE
         try:
             raw = tomllib.loads(path.read_text())
@@ -143,9 +141,8 @@ class ModelConfig:
         delay_ms = raw.pop("max_queue_delay_ms", 2.0)
         config = cls(
             name=model_dir.name,
-            path=version_dir or model_dir,
+            path=model_dir,
             backend=backend,
-            version=version,
             version_policy=_version_policy(raw.pop("version_policy", None), path),
             traffic=_traffic(raw.pop("traffic", None), path),
             max_batch_size=_int(raw.pop("max_batch_size", 32), "max_batch_size", path, low=1),

@@ -230,7 +230,7 @@ class ModelSet:
     async def remove(self, name: str) -> None:
         """Unloads a model: no new request reaches it (NOT_FOUND), and its versions retire."""
         async with self._locks[name]:
-            versions = self._get(name)
+            versions = self._versions(name)
             del self._models[name]
             for model in list(versions.serving.values()):
                 self._retire(versions, model)
@@ -433,9 +433,6 @@ class ModelSet:
         the served models or versions."""
         versions = self._versions(name)
         return versions.version(version) if version else versions.primary
-
-    def _get(self, name: str) -> ModelVersions:
-        return self._versions(name)
 
     def _versions(self, name: str) -> ModelVersions:
         versions = self._models.get(name)

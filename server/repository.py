@@ -4,6 +4,7 @@ model's version_policy picks the ones served."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -50,10 +51,11 @@ def model_folders(repository: Path) -> dict[str, Path]:
 def read_model(folder: Path) -> list[ModelConfig]:
     """The configs of the versions a model's policy serves, oldest first, each stamped. A folder
     without numbered sub-folders is version 1."""
-    base = ModelConfig.load(folder)
+    base = ModelConfig.load(folder)  # config.toml read once: every version shares it
+    settings = _settings_digest(folder / MODEL_CONFIG_FILE)
     present = version_folders(folder)
     if not present:
-        base.stamp = _stamp(folder, folder, skip_versions=True)
+        base.stamp = _stamp(folder, folder, settings, skip_versions=True)
         return [base]
     chosen = base.version_policy.select(list(present))
     if not chosen:
@@ -61,11 +63,15 @@ def read_model(folder: Path) -> list[ModelConfig]:
             f"{folder}: version_policy {_policy(base)} selects none of the versions present "
             f"({', '.join(sorted(present, key=int))})"
         )
-    configs = []
-    for version in chosen:
-        config = ModelConfig.load(folder, version, present[version])
-        config.stamp = _stamp(folder, present[version])
-        configs.append(config)
+    configs = [
+        dataclasses.replace(
+            base,
+            version=version,
+            path=present[version],
+            stamp=_stamp(folder, present[version], settings),
+        )
+        for version in chosen
+    ]
     unknown = sorted(set(base.traffic) - set(chosen), key=int)
     if unknown:
         raise ConfigError(
@@ -85,12 +91,12 @@ def version_folders(folder: Path) -> dict[str, Path]:
 
 
 def _stamp(
-    model_dir: Path, version_dir: Path, skip_versions: bool = False
+    model_dir: Path, version_dir: Path, settings: int, skip_versions: bool = False
 ) -> tuple[tuple[str, int, int], ...]:
-    """What a version is made of: the model's settings (config.toml's content without its
-    [traffic] table, which changes only the route) and (path, mtime_ns, size) of every file of
-    the version."""
-    entries = [(MODEL_CONFIG_FILE, _settings_digest(model_dir / MODEL_CONFIG_FILE), 0)]
+    """What a version is made of: the model's settings (settings: the digest of config.toml
+    without its [traffic] table, which changes only the route) and (path, mtime_ns, size) of
+    every file of the version."""
+    entries = [(MODEL_CONFIG_FILE, settings, 0)]
     for root, dirs, files in os.walk(version_dir):
         if skip_versions and Path(root) == version_dir:
             dirs[:] = [d for d in dirs if not d.isdigit()]

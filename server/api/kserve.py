@@ -169,7 +169,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         return kpb.RepositoryIndexResponse(
             models=[
                 index(name=e.name, version=e.version, state=e.state, reason=e.reason)
-                for e in self._plane.repository_index(request.ready)
+                for e in await self._plane.repository_index(request.ready)
             ]
         )
 

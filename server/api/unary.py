@@ -75,9 +75,7 @@ def rpc(kind: str | None = None) -> Callable[[Handler[Req, Resp]], GrpcHandler[R
             frontend.plane.note_call()
             async with frontend.admitted(context) as tenant:
                 started = time.perf_counter()
-                message = await resolve(message)
-                if isinstance(message, Malformed):
-                    await abort(context, message.error())
+                message = await _parsed(message, context)
                 inner = getattr(message, "request", message)  # SubmitRequest wraps a request
                 request_id = getattr(inner, "id", "")
                 if request_id:
@@ -136,9 +134,7 @@ def rpc_stream() -> Callable[[StreamHandler[Req, Resp]], GrpcStreamHandler[Req, 
             frontend: Frontend = self.frontend
             frontend.plane.note_call()
             async with frontend.admitted(context) as tenant:
-                message = await resolve(message)
-                if isinstance(message, Malformed):
-                    await abort(context, message.error())
+                message = await _parsed(message, context)
                 deadline = deadline_of(context)
                 error: TensorgateError | None = None
                 try:
@@ -158,6 +154,15 @@ def rpc_stream() -> Callable[[StreamHandler[Req, Resp]], GrpcStreamHandler[Req, 
         return handler
 
     return decorate
+
+
+async def _parsed(message: Any, context: grpc.aio.ServicerContext) -> Any:
+    """The call's message, parsed (off the loop when large); a malformed one ends the call with
+    INVALID_ARGUMENT."""
+    message = await resolve(message)
+    if isinstance(message, Malformed):
+        await abort(context, message.error())
+    return message
 
 
 def _model_of(message: Any) -> str:
