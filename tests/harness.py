@@ -94,6 +94,8 @@ class ServerThread:
         return self.call(read())
 
     def stop(self, grace_s: float = 1.0) -> None:
+        if not self._thread.is_alive():
+            return  # stopped already (by the test itself)
         try:
             self.call(self.server.stop(grace_s))
         except TimeoutError:

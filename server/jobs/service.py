@@ -60,8 +60,9 @@ class JobService:
         self.webhooks = webhooks or Webhooks(config, telemetry.metrics)
         self._tasks: list[asyncio.Task[None]] = []
         self._short: set[asyncio.Task[None]] = set()
-        # Set when the server stops: open watches end.
+        # Set when the server stops: open watches (the tasks serving them) end.
         self._closing = asyncio.Event()
+        self._watches: set[asyncio.Task[Any]] = set()
         self._lanes = JobLanes(
             models,
             store,
@@ -168,31 +169,26 @@ class JobService:
         watch open when the server stops ends with UNAVAILABLE (watch again elsewhere)."""
         _check_id(job_id)
         known = False
-        events = aiter(self.store.events(job_id, tenant))
-        closing = asyncio.ensure_future(self._closing.wait())
+        task = asyncio.current_task()
+        assert task is not None
+        self._watches.add(task)
         try:
-            while True:
-                following = asyncio.ensure_future(anext(events))
-                await asyncio.wait((following, closing), return_when=asyncio.FIRST_COMPLETED)
-                if not following.done():
-                    following.cancel()
-                    raise Unavailable(
-                        f"the server is shutting down; watch job '{job_id}' again on another "
-                        "replica (or GetResult it)"
-                    )
-                try:
-                    event = following.result()
-                except StopAsyncIteration:
-                    break
+            async for event in self.store.events(job_id, tenant):
                 if not known or event.final:
                     # The first and the last event carry what only the record holds: the result
                     # and the webhook's state (which change messages do not repeat).
                     event = await self._completed(event, tenant)
                 known = True
                 yield event
+        except asyncio.CancelledError:
+            if not self._closing.is_set() or task.uncancel() > 0:
+                raise  # the caller went away (or more than close_watches cancelled it)
+            raise Unavailable(
+                f"the server is shutting down; watch job '{job_id}' again on another replica "
+                "(or GetResult it)"
+            ) from None
         finally:
-            closing.cancel()
-            await events.aclose()  # type: ignore[attr-defined]  # an async generator
+            self._watches.discard(task)
         if not known:
             _known(job_id, None)
 
@@ -281,11 +277,13 @@ class JobService:
         """Ends every open WatchJob with UNAVAILABLE (at shutdown, once final states are
         recorded, so a watcher of a finished job saw its end)."""
         self._closing.set()
+        for task in list(self._watches):
+            task.cancel()
 
     async def stop(self) -> None:
         """Stops the feeders and sweeper, waits briefly for results being stored, closes the
         store."""
-        self._closing.set()
+        self.close_watches()
         self._lanes.stop()
         for task in self._tasks:
             task.cancel()

@@ -206,3 +206,36 @@ def test_thousands_of_idle_watchers_cost_no_thread_each(
     assert first_seen == watchers
     assert threads - before < 20, f"{threads - before} more threads for {watchers} watchers"
     assert finals == ["SUCCEEDED"] * watchers
+
+
+def test_a_watch_open_at_shutdown_ends_with_the_jobs_fate_or_unavailable(
+    start_server: Callable[..., ServerThread], tmp_path: Path, job_store: str
+) -> None:
+    """The server stops while a job waits: with the memory store the job fails at the end of
+    the grace period and the watch sees that final event; with Redis the job goes back to the
+    store for other replicas, and the watch ends UNAVAILABLE (watch again elsewhere)."""
+    root = tmp_path / "engines"
+    _gated(root)  # never opened: the jobs wait
+    running = start_server(model_repository=root)
+    with TensorgateClient(running.target, timeout_s=10) as c:
+        for i in range(2):
+            c.submit("gated", {"x": _row(1.0 + i)})
+        waiting = c.submit("gated", {"x": _row(5.0)})
+    outcome: list[object] = []
+
+    def follow() -> None:
+        with TensorgateClient(running.target, timeout_s=30) as c:
+            try:
+                outcome.extend(e.status for e in c.watch(waiting.job_id))
+            except grpc.RpcError as exc:
+                outcome.append(exc.code())
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    wait_until(lambda: running.server.frontend.calls >= 1, what="the watch open")
+    running.stop(grace_s=0.5)
+    thread.join(30)
+    if job_store == "memory":
+        assert outcome[-1] == "FAILED", outcome
+    else:
+        assert outcome[-1] == grpc.StatusCode.UNAVAILABLE, outcome
