@@ -93,6 +93,14 @@ class ServerThread:
 
         return self.call(read())
 
+    def busy(self, model: str) -> int:
+        """The model's instances running a batch now."""
+
+        async def read() -> int:
+            return self.server.models[model].scheduler.busy_instances
+
+        return self.call(read())
+
     def stop(self, grace_s: float = 1.0) -> None:
         if not self._thread.is_alive():
             return  # stopped already (by the test itself)
@@ -119,27 +127,35 @@ def write_config(folder: Path, **settings: Any) -> None:
 
 
 _SLEEPY_MODEL = """
+import os
 import time
 
 class Model:
     def load(self, config):
         self.sleep_s = config["parameters"]["sleep_s"]
+        self.gate = config["parameters"].get("gate", "")
 
     def execute(self, inputs, stream):
+        while self.gate and os.path.exists(self.gate):
+            time.sleep(0.001)
         time.sleep(self.sleep_s)
         return {"y": inputs["x"] * 2}
 """
 
 
-def write_sleepy_model(folder: Path, sleep_s: float, **settings: Any) -> None:
+def write_sleepy_model(
+    folder: Path, sleep_s: float, gate: Path | None = None, **settings: Any
+) -> None:
     """A `python` model y = 2x over x FP32 [-1, 4] that takes sleep_s a batch (a model slow
-    enough for queues to form); settings go to its config.toml."""
+    enough for queues to form); settings go to its config.toml. With a gate, a batch also waits
+    while that file exists: a test holds the instance busy for exactly as long as it needs."""
     write_config(
         folder,
         backend="python",
         python={
             "device": "cpu",
             "sleep_s": sleep_s,
+            "gate": str(gate or ""),
             "inputs": '[{ name = "x", datatype = "FP32", shape = [-1, 4] }]',
             "outputs": '[{ name = "y", datatype = "FP32", shape = [-1, 4] }]',
         },

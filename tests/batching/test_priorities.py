@@ -4,7 +4,7 @@ below interactive calls by default, and KServe's `priority` parameter maps as Tr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -15,16 +15,44 @@ from tensorgate.client import codec
 from tensorgate.kserve import grpc_service_pb2 as kpb
 from tensorgate.kserve import grpc_service_pb2_grpc as kpb_grpc
 from tensorgate.v1 import inference_pb2_grpc as pb_grpc
-from tests.harness import ServerThread, write_sleepy_model
+from tests.harness import ServerThread, wait_until, write_sleepy_model
 
 
 @pytest.fixture
-def serial(tmp_path: Path, start_server: Callable[..., ServerThread]) -> ServerThread:
+def gate(tmp_path: Path) -> Path:
+    """While this file exists, the serial model's one instance holds the batch it runs."""
+    return tmp_path / "gate"
+
+
+@pytest.fixture
+def serial(tmp_path: Path, gate: Path, start_server: Callable[..., ServerThread]) -> ServerThread:
     # One row at a time, 30 ms each: a queue forms behind the first request.
     write_sleepy_model(
-        tmp_path / "serial", 0.03, max_batch_size=1, instance_count=1, priority_aging_ms=10_000
-    )
+        tmp_path / "serial", 0.03, gate, max_batch_size=1, instance_count=1,
+        priority_aging_ms=10_000,
+    )  # fmt: skip
     return start_server(model_repository=tmp_path, models=("serial",))
+
+
+async def _queue_behind_a_busy_instance(
+    serial: ServerThread, gate: Path, call: Callable[[int, int], Awaitable[None]]
+) -> list[asyncio.Task[None]]:
+    """Call 0 holds the instance; 1..5 (priority -1) queue in that order; then 99 (priority 5)
+    arrives. Each step waits for the server to show it, so arrival order is the test's."""
+    gate.touch()
+
+    async def until(condition: Callable[[], bool], what: str) -> None:
+        await asyncio.to_thread(wait_until, condition, 30, what)
+
+    tasks = [asyncio.create_task(call(0, 0))]
+    await until(lambda: serial.busy("serial") == 1, "call 0 running")
+    for tag in range(1, 6):
+        tasks.append(asyncio.create_task(call(tag, -1)))
+        await until(lambda n=tag: serial.queued("serial") == n, f"call {tag} queued")
+    tasks.append(asyncio.create_task(call(99, 5)))
+    await until(lambda: serial.queued("serial") == 6, "call 99 queued")
+    gate.unlink()
+    return tasks
 
 
 def _request(tag: int, priority: int = 0) -> object:
@@ -33,7 +61,9 @@ def _request(tag: int, priority: int = 0) -> object:
     return request
 
 
-async def test_a_high_priority_request_overtakes_the_queue(serial: ServerThread) -> None:
+async def test_a_high_priority_request_overtakes_the_queue(
+    serial: ServerThread, gate: Path
+) -> None:
     finished: list[str] = []
     async with grpc.aio.insecure_channel(serial.target) as channel:
         stub = pb_grpc.InferenceStub(channel)
@@ -42,12 +72,7 @@ async def test_a_high_priority_request_overtakes_the_queue(serial: ServerThread)
             response = await stub.Predict(_request(tag, priority), timeout=30)
             finished.append(response.id)
 
-        first = asyncio.create_task(call(0, 0))  # takes the instance
-        await asyncio.sleep(0.01)
-        queued = [asyncio.create_task(call(tag, -1)) for tag in range(1, 6)]
-        await asyncio.sleep(0.01)
-        urgent = asyncio.create_task(call(99, 5))
-        await asyncio.gather(first, urgent, *queued)
+        await asyncio.gather(*await _queue_behind_a_busy_instance(serial, gate, call))
     assert finished[0] == "0"
     assert finished[1] == "99", finished  # before the five that were queued first
     assert finished[2:] == ["1", "2", "3", "4", "5"]
@@ -86,7 +111,9 @@ def test_jobs_queue_below_interactive_calls_by_default(serial: ServerThread) -> 
         assert {client.get_result(j, wait_timeout_s=10).status for j in jobs} == {"SUCCEEDED"}
 
 
-async def test_the_clients_priority_argument_overtakes_the_queue(serial: ServerThread) -> None:
+async def test_the_clients_priority_argument_overtakes_the_queue(
+    serial: ServerThread, gate: Path
+) -> None:
     """The same as above through the public asyncio client's `priority=`."""
     from tensorgate.client import AsyncTensorgateClient
 
@@ -98,10 +125,5 @@ async def test_the_clients_priority_argument_overtakes_the_queue(serial: ServerT
             await client.predict("serial", {"x": x}, priority=priority)
             finished.append(str(tag))
 
-        first = asyncio.create_task(call(0, 0))
-        await asyncio.sleep(0.01)
-        queued = [asyncio.create_task(call(tag, -1)) for tag in range(1, 6)]
-        await asyncio.sleep(0.01)
-        urgent = asyncio.create_task(call(99, 5))
-        await asyncio.gather(first, urgent, *queued)
+        await asyncio.gather(*await _queue_behind_a_busy_instance(serial, gate, call))
     assert finished[:2] == ["0", "99"], finished

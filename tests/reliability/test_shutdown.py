@@ -45,6 +45,14 @@ def _start(repository: Path) -> tuple[subprocess.Popen[str], int, list[str]]:
     raise AssertionError("server did not start:\n" + "".join(log))
 
 
+async def _until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Polls condition on the test's loop (the load runs meanwhile)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the load did not get under way"
+        await asyncio.sleep(0.01)
+
+
 def test_sigterm_during_mixed_load_answers_everything_accepted(repository: Path) -> None:
     process, port, log = _start(repository)
     target = f"127.0.0.1:{port}"
@@ -97,7 +105,9 @@ def test_sigterm_during_mixed_load_answers_everything_accepted(repository: Path)
             workers = [unary(c) for _ in range(8)] + [jobs(c) for _ in range(8)]
             workers += [stream(c) for _ in range(2)]
             tasks = [asyncio.create_task(w) for w in workers]
-            await asyncio.sleep(1.5)
+            await _until(
+                lambda: min(outcomes["unary OK"], outcomes["stream OK"], len(job_finals)) > 60
+            )  # a load well under way on any machine, however slow
             process.send_signal(signal.SIGTERM)
             await asyncio.wait_for(asyncio.gather(*tasks), 30)
 
@@ -155,7 +165,7 @@ def test_a_grace_shorter_than_the_drain_delay_loses_no_job_and_takes_none_after_
         async with AsyncTensorgateClient(target, timeout_s=60) as c:
             tasks = [asyncio.create_task(jobs(c)) for _ in range(32)]
             tasks += [asyncio.create_task(unary(c)) for _ in range(4)]
-            await asyncio.sleep(1.0)
+            await _until(lambda: len(accepted) > 60 and outcomes["unary OK"] > 0)
             stop_began = time.time()
             stopping = asyncio.run_coroutine_threadsafe(running.server.stop(0.3), running.loop)
             await asyncio.wait_for(asyncio.gather(*tasks), 30)
