@@ -2,6 +2,8 @@
 
     python -m bench.cost                     # about 3 minutes at --seconds 4
     python -m bench.cost --rounds 3          # medians of 3 rounds
+    python -m bench.cost --before REV        # and that revision's server, in the same run
+    python -m bench.cost --modes unary --concurrency 64 --no-write   # a quick look
 
 For unary Predict, stream items (StreamPredict) and jobs (Submit, then a long-poll GetResult) at
 1, 16 and 64 in flight, each server's own CPU clock (user + system, from /proc, its worker
@@ -15,6 +17,7 @@ docs/performance.md and docs/bench_cost.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -26,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +51,30 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per point")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    parser.add_argument(
+        "--before", help="a git revision whose server is measured too (a before/after table)"
+    )
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ as it is")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _checkout(args.before, Path(tmp)) as before_root:
         repository = Path(tmp) / "engines"
         build("mlp", repository)
         echo, echo_target = _echo_server()
-        server = ServeProcess(repository, ("mlp",), extra_args=["--drain-delay-s", "0"])
+        running = [ServeProcess(repository, ("mlp",), extra_args=["--drain-delay-s", "0"])]
         try:
             servers: dict[str, tuple[str, Callable[[], float]]] = {
                 "empty handler": (echo_target, lambda: _cpu_seconds(echo.pid)),
-                "tensorgate": (server.target, server.cpu_seconds),
             }
-            points = [(m, c, s) for m in MODES for c in CONCURRENCY for s in servers]
+            if before_root is not None:
+                running.append(ServeProcess(repository, ("mlp",), root=before_root,
+                                            extra_args=["--drain-delay-s", "0"]))  # fmt: skip
+                servers["before"] = (running[1].target, running[1].cpu_seconds)
+            servers["tensorgate"] = (running[0].target, running[0].cpu_seconds)
+            modes, levels = args.modes, args.concurrency
+            points = [(m, c, s) for m in modes for c in levels for s in servers]
             total = len(points) * args.rounds
             step = 0
             for round_index in range(args.rounds):
@@ -73,16 +87,36 @@ def main() -> int:
                           f"{row['req_per_s']:8.0f} req/s  {row['cpu_us']:6.0f} µs CPU a request",
                           flush=True)  # fmt: skip
         finally:
-            server.stop()
+            for server in running:
+                server.stop()
             echo.send_signal(signal.SIGTERM)
             echo.wait(10)
-    report = {"seconds": args.seconds, "rounds": args.rounds, "rows": rows,
-              "summary": _summary(rows)}  # fmt: skip
+    report = {"seconds": args.seconds, "rounds": args.rounds, "before": args.before,
+              "rows": rows, "summary": _summary(rows, modes, levels)}  # fmt: skip
+    print(_markdown(report))
+    if args.no_write:
+        return 0
     (DOCS / "cost.json").write_text(json.dumps(report, indent=2) + "\n")
     replace_section(DOCS / "performance.md", SECTION, _markdown(report))
     _plot(report["summary"], DOCS / "bench_cost.png")
     print(f"wrote {DOCS / 'cost.json'}, the '{SECTION}' section of performance.md, the plot")
     return 0
+
+
+@contextlib.contextmanager
+def _checkout(revision: str | None, tmp: Path) -> Iterator[Path | None]:
+    """A temporary worktree of the revision (None: no revision asked for)."""
+    if revision is None:
+        yield None
+        return
+    worktree = tmp / "before"
+    subprocess.run(["git", "worktree", "add", "--detach", str(worktree), revision], cwd=ROOT,
+                   check=True, capture_output=True)  # fmt: skip
+    try:
+        yield worktree
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT,
+                       capture_output=True)  # fmt: skip
 
 
 def _point(
@@ -146,11 +180,15 @@ def _echo_server() -> tuple[subprocess.Popen[str], str]:
     return process, f"127.0.0.1:{port}"
 
 
-def _summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Medians over rounds, and tensorgate ÷ empty handler for each mode and concurrency."""
+def _summary(
+    rows: list[dict[str, Any]], modes: list[str], levels: list[int]
+) -> list[dict[str, Any]]:
+    """Medians over rounds, and tensorgate ÷ empty handler for each mode and concurrency (and the
+    earlier revision's, when measured)."""
     out = []
-    for mode in MODES:
-        for c in CONCURRENCY:
+    names = sorted({r["server"] for r in rows})
+    for mode in modes:
+        for c in levels:
             med = {
                 name: {
                     key: statistics.median(
@@ -159,16 +197,23 @@ def _summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     )
                     for key in ("req_per_s", "p50_ms", "cpu_us", "cores")
                 }
-                for name in ("empty handler", "tensorgate")
+                for name in names
             }  # fmt: skip
             tg, empty = med["tensorgate"], med["empty handler"]
-            out.append({
+            point = {
                 "mode": mode, "concurrency": c, **{f"tg_{k}": v for k, v in tg.items()},
                 **{f"empty_{k}": v for k, v in empty.items()},
                 "cpu_ratio": tg["cpu_us"] / empty["cpu_us"],
                 "throughput_ratio": tg["req_per_s"] / empty["req_per_s"],
                 "p50_ratio": tg["p50_ms"] / empty["p50_ms"],
-            })  # fmt: skip
+            }  # fmt: skip
+            if "before" in med:
+                before = med["before"]
+                point.update({f"before_{k}": v for k, v in before.items()})
+                point["before_cpu_ratio"] = before["cpu_us"] / empty["cpu_us"]
+                point["before_throughput_ratio"] = before["req_per_s"] / empty["req_per_s"]
+                point["before_p50_ratio"] = before["p50_ms"] / empty["p50_ms"]
+            out.append(point)
     return out
 
 
@@ -191,6 +236,23 @@ def _markdown(report: dict[str, Any]) -> str:
             f"{s['tg_cpu_us']:.0f} | {s['cpu_ratio']:.2f}× | {s['throughput_ratio']:.2f}× | "
             f"{s['p50_ratio']:.2f}× |"
         )
+    if report.get("before"):
+        lines += [
+            "",
+            f"The same run, the server at `{report['before']}` (before) against this tree "
+            "(after), each as a ratio of the empty handler:",
+            "",
+            "| load | in flight | µs/req before → after | CPU ÷ empty before → after | "
+            "req/s ÷ empty before → after | p50 ÷ empty before → after |",
+            "|---|---|---|---|---|---|",
+        ]
+        for s in report["summary"]:
+            lines.append(
+                f"| {s['mode']} | {s['concurrency']} | {s['before_cpu_us']:.0f} → "
+                f"{s['tg_cpu_us']:.0f} | {s['before_cpu_ratio']:.2f}× → {s['cpu_ratio']:.2f}× | "
+                f"{s['before_throughput_ratio']:.2f}× → {s['throughput_ratio']:.2f}× | "
+                f"{s['before_p50_ratio']:.2f}× → {s['p50_ratio']:.2f}× |"
+            )
     lines += ["", "![cost per request](bench_cost.png)", ""]
     return "\n".join(lines)
 
@@ -202,14 +264,18 @@ def _plot(summary: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(MODES), figsize=(13, 4), sharey=True)
-    width = 0.38
-    for ax, mode in zip(axes, MODES, strict=True):
+    modes = list(dict.fromkeys(s["mode"] for s in summary))
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.3 * len(modes), 4), sharey=True,
+                             squeeze=False)  # fmt: skip
+    width = 0.27
+    for ax, mode in zip(axes[0], modes, strict=True):
         rows = [s for s in summary if s["mode"] == mode]
         x = np.arange(len(rows))
         ax.bar(x, [r["empty_cpu_us"] for r in rows], width, label="empty handler")
-        ax.bar(x + width, [r["tg_cpu_us"] for r in rows], width, label="tensorgate")
-        ax.set_xticks(x + width / 2, [f"{r['concurrency']} in flight" for r in rows])
+        if "before_cpu_us" in rows[0]:
+            ax.bar(x + width, [r["before_cpu_us"] for r in rows], width, label="tensorgate before")
+        ax.bar(x + 2 * width, [r["tg_cpu_us"] for r in rows], width, label="tensorgate")
+        ax.set_xticks(x + width, [f"{r['concurrency']} in flight" for r in rows])
         ax.set_title(f"{mode}: server CPU µs per request")
         ax.legend()
     fig.tight_layout()

@@ -38,6 +38,9 @@ def to_wire(array: np.ndarray) -> tuple[str, bytes]:
 
 def datatype_of(dtype: np.dtype) -> str:
     """The KServe name of a numpy dtype; ValueError when it has none."""
+    known = DATATYPE_BY_NUMPY.get(dtype)  # native byte order: the common case, no new dtype
+    if known is not None:
+        return known
     try:
         return DATATYPE_BY_NUMPY[dtype.newbyteorder("=")]
     except KeyError:

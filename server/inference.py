@@ -47,6 +47,9 @@ class InferenceRequest:
     # The model version that admitted it, whose scheduler it is queued on (models.py); the
     # request keeps it across a rollout.
     target: Any = None
+    # The queue's done-callback while the request waits in it (removed when it is taken, so a
+    # request that runs settles with one callback fewer to schedule).
+    watch: Callable[[Any], None] | None = None
 
     def again(self, trace: RequestTrace | None = None) -> InferenceRequest:
         """The same request with a fresh future, for another attempt (a retried job)."""
@@ -56,4 +59,5 @@ class InferenceRequest:
             queued=False,
             on_start=None,
             trace=trace,
+            watch=None,
         )

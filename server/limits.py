@@ -25,6 +25,13 @@ MAX_MODEL_NAME_CHARS = 256
 
 def check_request(request: Request) -> None:
     """InvalidArgument naming the first bound a request breaks."""
+    if (
+        len(request.model) <= MAX_MODEL_NAME_CHARS
+        and len(request.inputs) <= MAX_TENSORS
+        and len(request.id) <= MAX_ID_CHARS
+        and not request.parameters
+    ):
+        return  # the common request: within every bound, nothing else to look at
     _at_most("model name has {} characters", len(request.model), MAX_MODEL_NAME_CHARS)
     _at_most("request has {} input tensors", len(request.inputs), MAX_TENSORS)
     _at_most("request id has {} characters", len(request.id), MAX_ID_CHARS)

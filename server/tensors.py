@@ -125,16 +125,21 @@ def _decode_one(tensor: TensorInput, spec: TensorSpec) -> np.ndarray:
             f"input '{name}' has shape {format_shape(tensor.shape)}, model expects "
             f"{format_shape(spec.shape)} (-1 = any size)"
         )
-    shape = tuple(int(d) for d in tensor.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(
-            f"input '{name}' has shape {format_shape(shape)} with a negative dimension"
-        )
-    if any(want != -1 and got != want for got, want in zip(shape, spec.shape, strict=True)):
-        raise InvalidArgument(
-            f"input '{name}' has shape {format_shape(shape)}, model expects "
-            f"{format_shape(spec.shape)} (-1 = any size)"
-        )
+    shape = tuple(map(int, tensor.shape))
+    for got, want in zip(shape, spec.shape, strict=True):  # a loop: no frame per check
+        if got < 0:
+            raise InvalidArgument(
+                f"input '{name}' has shape {format_shape(shape)} with a negative dimension"
+            )
+        if want != -1 and got != want:
+            if any(d < 0 for d in shape):  # a negative dimension later on is named first
+                raise InvalidArgument(
+                    f"input '{name}' has shape {format_shape(shape)} with a negative dimension"
+                )
+            raise InvalidArgument(
+                f"input '{name}' has shape {format_shape(shape)}, model expects "
+                f"{format_shape(spec.shape)} (-1 = any size)"
+            )
     if shape[0] == 0:
         raise InvalidArgument(f"input '{name}' has an empty batch (first dimension is 0)")
     # Python ints do not overflow, so a huge claimed shape simply fails this comparison.

@@ -109,32 +109,37 @@ class Frontend:
         self._streams += 1
         return f"stream-{self._streams}"
 
-    @contextlib.asynccontextmanager
-    async def admitted(self, context: grpc.aio.ServicerContext) -> AsyncIterator[str]:
-        """Names the caller's tenant (yielded), and counts a unary call or an open stream for as
-        long as it runs; beyond max_concurrent_rpcs the call ends at once with
-        RESOURCE_EXHAUSTED and retry-after-ms."""
+    def enter(self, context: grpc.aio.ServicerContext) -> str:
+        """Names the caller's tenant and counts the call (or open stream) until leave(); beyond
+        max_concurrent_rpcs raises RESOURCE_EXHAUSTED with retry-after-ms (Unauthenticated when
+        auth refuses it). Plain calls: the unary door pays no context manager per call."""
         tenant = ""  # anonymous while auth is off
         if self.auth is not None:
-            try:
-                tenant = self.auth.tenant(context.invocation_metadata(), context.auth_context())
-            except Unauthenticated as exc:
-                await abort(context, exc)
+            tenant = self.auth.tenant(context.invocation_metadata(), context.auth_context())
         limit = self.max_concurrent_rpcs
         if limit and self.calls >= limit:
-            await abort(
-                context,
-                ResourceExhausted(
-                    f"the server is at its limit of {limit} concurrent calls and streams "
-                    "(--max-concurrent-rpcs); retry later",
-                    retry_after_s=0.05,
-                ),
+            raise ResourceExhausted(
+                f"the server is at its limit of {limit} concurrent calls and streams "
+                "(--max-concurrent-rpcs); retry later",
+                retry_after_s=0.05,
             )
         self.calls += 1
+        return tenant
+
+    def leave(self) -> None:
+        self.calls -= 1
+
+    @contextlib.asynccontextmanager
+    async def admitted(self, context: grpc.aio.ServicerContext) -> AsyncIterator[str]:
+        """enter() and leave() around a stream; a refusal ends the call with its status."""
+        try:
+            tenant = self.enter(context)
+        except (Unauthenticated, ResourceExhausted) as exc:
+            await abort(context, exc)
         try:
             yield tenant
         finally:
-            self.calls -= 1
+            self.leave()
 
     def count(
         self,

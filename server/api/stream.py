@@ -19,7 +19,7 @@ import grpc
 from opentelemetry.trace import Span
 
 from tensorgate.server.api.frontend import Frontend, deadline_of, encoded, gone
-from tensorgate.server.api.messages import Malformed, resolve
+from tensorgate.server.api.messages import Malformed, Unparsed, resolve
 from tensorgate.server.errors import Cancelled
 from tensorgate.server.logs import REQUEST_ID
 from tensorgate.server.records import Request, RequestKind
@@ -104,7 +104,8 @@ async def pump(
                     model = ("", "")  # (name, version) for the metrics
                     span = None
                     try:
-                        message = await resolve(message)
+                        if isinstance(message, Unparsed):  # large: parsed off the loop
+                            message = await resolve(message)
                         if isinstance(message, Malformed):
                             raise message.error()
                         request = decode(message)

@@ -20,7 +20,7 @@ import grpc
 from opentelemetry.trace import Span
 
 from tensorgate.server.api.frontend import Frontend, deadline_of, encoded, gone
-from tensorgate.server.api.messages import Malformed, resolve
+from tensorgate.server.api.messages import Malformed, Unparsed, resolve
 from tensorgate.server.api.status import abort, as_domain_error, status_of
 from tensorgate.server.errors import TensorgateError
 from tensorgate.server.logs import REQUEST_ID
@@ -73,9 +73,14 @@ def rpc(kind: str | None = None) -> Callable[[Handler[Req, Resp]], GrpcHandler[R
         async def handler(self: Any, message: Req, context: grpc.aio.ServicerContext) -> Resp:
             frontend: Frontend = self.frontend
             frontend.plane.note_call()
-            async with frontend.admitted(context) as tenant:
+            try:
+                tenant = frontend.enter(context)
+            except TensorgateError as exc:
+                await abort(context, exc)
+            try:
                 started = time.perf_counter()
-                message = await _parsed(message, context)
+                if type(message) in _NOT_PARSED:
+                    message = await _parsed(message, context)
                 inner = getattr(message, "request", message)  # SubmitRequest wraps a request
                 request_id = getattr(inner, "id", "")
                 if request_id:
@@ -109,6 +114,8 @@ def rpc(kind: str | None = None) -> Callable[[Handler[Req, Resp]], GrpcHandler[R
                     if span is not None:
                         code = 0 if error is None else status_of(error).value[0]
                         tracing.end_rpc(span, code, "" if error is None else str(error))
+            finally:
+                frontend.leave()
 
         return handler
 
@@ -154,6 +161,11 @@ def rpc_stream() -> Callable[[StreamHandler[Req, Resp]], GrpcStreamHandler[Req, 
         return handler
 
     return decorate
+
+
+# What a deserializer hands over in place of a parsed message (messages.py): only these need
+# the awaited step below; a parsed message goes straight on.
+_NOT_PARSED = (Unparsed, Malformed)
 
 
 async def _parsed(message: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -57,7 +57,8 @@ class RequestQueue:
         line.append(request)
         self.live += 1
         self.rows += request.rows
-        request.future.add_done_callback(functools.partial(self._settled, request))
+        request.watch = functools.partial(self._settled, request)
+        request.future.add_done_callback(request.watch)
         self._changed.set()
 
     def _settled(self, request: InferenceRequest, _: object) -> None:
@@ -119,6 +120,9 @@ class RequestQueue:
         request.queued = False
         self.live -= 1
         self.rows -= request.rows
+        if request.watch is not None:
+            request.future.remove_done_callback(request.watch)
+            request.watch = None
         return request
 
     async def changed(self) -> None:
