@@ -24,10 +24,16 @@ T = TypeVar("T")
 class ServerThread:
     """Starts TensorgateServer in a thread; `target` is its 127.0.0.1 address."""
 
-    def __init__(self, config: ServerConfig, tracing: Any = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        tracing: Any = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        """loop: the event loop to serve on (a new standard one when not given)."""
         self.config = config
         self.server = TensorgateServer(config, tracing)
-        self.loop = asyncio.new_event_loop()
+        self.loop = loop or asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     @property

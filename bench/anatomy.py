@@ -1,0 +1,114 @@
+"""Where one unary request's CPU goes inside the server: CPU time per request by thread (the event
+loop, each instance's worker, gRPC's own threads), the batches formed, and how many Python
+function calls the event loop makes per request (a deterministic count, from cProfile over a
+second measured window; the profiler slows that window, not the first).
+
+    python -m bench.anatomy                       # unary Predict of mlp at 64 in flight
+    python -m bench.anatomy --concurrency 16 --top 25
+
+The server runs in this process on uvloop (as `tensorgate serve` does); the load generator runs
+in processes of its own on the same cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import os
+import pstats
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
+
+from bench.loadgen import LoadSpec, run  # noqa: E402
+
+
+def _thread_cpu() -> dict[int, float]:
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--top", type=int, default=15, help="functions listed by calls")
+    args = parser.parse_args()
+
+    import uvloop
+
+    from tensorgate.server.bundled import build
+    from tensorgate.server.config import ServerConfig
+    from tests.harness import ServerThread
+
+    with tempfile.TemporaryDirectory() as tmp:
+        repository = Path(tmp) / "engines"
+        build("mlp", repository)
+        config = ServerConfig(host="127.0.0.1", port=0, model_repository=repository,
+                              drain_delay_s=0.0, metrics_port=-1, models=("mlp",))  # fmt: skip
+        server = ServerThread(config, loop=uvloop.new_event_loop()).start()
+        try:
+
+            def load(seconds: float) -> int:
+                spec = LoadSpec(server.target, "mlp", concurrency=args.concurrency,
+                                seconds=seconds, processes=2)  # fmt: skip
+                return run(spec).requests
+
+            print("warming up", flush=True)
+            load(1.0)
+            print(f"measuring CPU by thread for {args.seconds:g} s", flush=True)
+            before, stats0 = _thread_cpu(), server.stats("mlp")
+            requests = load(args.seconds)
+            after, stats1 = _thread_cpu(), server.stats("mlp")
+            names = {t.native_id: t.name for t in threading.enumerate()}
+            by_thread: collections.Counter[str] = collections.Counter()
+            for tid, cpu in after.items():
+                name = names.get(tid, "gRPC core (native thread)")
+                if "run_forever" in name:
+                    name = "event loop"
+                elif "_poll" in name:
+                    name = "gRPC poller"
+                by_thread[name] += cpu - before.get(tid, 0.0)
+            batches = stats1.batches - stats0.batches
+            print(f"\n{requests} requests, {batches} batches, "
+                  f"{(stats1.rows - stats0.rows) / max(batches, 1):.1f} rows a batch")  # fmt: skip
+            print(f"CPU µs per request: {sum(by_thread.values()) / requests * 1e6:.0f} in all")
+            for name, cpu in by_thread.most_common():
+                if cpu > 0:
+                    print(f"  {name:<28} {cpu / requests * 1e6:7.1f}")
+
+            print(f"\ncounting the loop's Python calls for {args.seconds:g} s (profiled)")
+            profiler = cProfile.Profile()
+
+            async def switch(on: bool) -> None:
+                profiler.enable() if on else profiler.disable()
+
+            server.call(switch(True))
+            requests = load(args.seconds)
+            server.call(switch(False))
+            stats = pstats.Stats(profiler)
+            print(f"Python function calls per request on the loop: "
+                  f"{stats.total_calls / requests:.0f}")  # type: ignore[attr-defined]  # fmt: skip
+            ranked = sorted(stats.stats.items(), key=lambda kv: -kv[1][1])  # type: ignore[attr-defined]
+            for (path, line, function), (_, calls, *_rest) in ranked[: args.top]:
+                where = "built-in" if path == "~" else f"{Path(path).parent.name}/{Path(path).name}"
+                print(f"  {calls / requests:6.2f}  {function} ({where}:{line})")
+        finally:
+            server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
