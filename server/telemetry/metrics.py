@@ -7,6 +7,8 @@ the request path pays nothing for them.
 
 from __future__ import annotations
 
+import bisect
+import math
 import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -14,8 +16,9 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 _LATENCY_BUCKETS_S = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
@@ -34,26 +37,25 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.tenant_label = tenant_label
-        self.requests = Counter(
+        # Counted on every request: kept as plain numbers by the event loop, read at scrape
+        # time (LoopCounter, LoopHistogram), not through prometheus_client's locks per update.
+        self.requests = LoopCounter(
             "tensorgate_requests",
             "Inference requests answered, by model, RPC kind and gRPC status code"
             + (", and tenant" if tenant_label else ""),
-            ["model", "version", "kind", "code", *(["tenant"] if tenant_label else [])],
-            registry=r,
+            ("model", "version", "kind", "code", *(("tenant",) if tenant_label else ())),
         )
-        self.request_seconds = Histogram(
+        self.request_seconds = LoopHistogram(
             "tensorgate_request_duration_seconds",
             "Time from a request's arrival to its answer",
-            ["model", "version", "kind"],
-            buckets=_LATENCY_BUCKETS_S,
-            registry=r,
+            ("model", "version", "kind"),
+            _LATENCY_BUCKETS_S,
         )
-        self.queue_seconds = Histogram(
+        self.queue_seconds = LoopHistogram(
             "tensorgate_queue_wait_seconds",
             "Time a request waited in its model's queue before joining a batch",
-            ["model"],
-            buckets=_LATENCY_BUCKETS_S,
-            registry=r,
+            ("model",),
+            _LATENCY_BUCKETS_S,
         )
         self.compute_seconds = Histogram(
             "tensorgate_batch_compute_seconds",
@@ -75,12 +77,13 @@ class Metrics:
             ["model", "instance"],
             registry=r,
         )
-        self.calls = Counter(
+        self.calls = LoopCounter(
             "tensorgate_calls",
             "Calls answered, by RPC method (every service but health) and gRPC status code",
-            ["method", "code"],
-            registry=r,
+            ("method", "code"),
         )
+        r.register(_LoopCollector((self.requests, self.request_seconds, self.queue_seconds,
+                                   self.calls)))  # fmt: skip
         self.scheduler_restarts = Counter(
             "tensorgate_scheduler_restarts",
             "Times a model's scheduler died of an unexpected error and was restarted",
@@ -102,8 +105,8 @@ class Metrics:
 
     def request_counter(
         self, model: str, kind: str, code: str, tenant: str = "", version: str = ""
-    ) -> Any:
-        """The requests counter's child for these labels (tenant only when it is a label)."""
+    ) -> LoopSeries:
+        """The requests counter's series for these labels (tenant only when it is a label)."""
         if self.tenant_label:
             return self.requests.labels(model, version, kind, code, tenant)
         return self.requests.labels(model, version, kind, code)
@@ -140,6 +143,101 @@ class Metrics:
             self._server.server_close()
             self._server = None
             self._serving = False
+
+
+class LoopSeries:
+    """One label set of a LoopCounter or LoopHistogram. Updated by one thread (the event loop)
+    with plain arithmetic; a scrape reads the numbers as they stand."""
+
+    __slots__ = ("_bounds", "buckets", "labels", "sum", "value")
+
+    def __init__(self, labels: tuple[str, ...], bounds: tuple[float, ...] = ()) -> None:
+        self.labels = labels
+        self.value = 0.0  # a counter's total
+        self._bounds = bounds
+        self.buckets = [0] * len(bounds)  # a histogram's count per bucket (not cumulative)
+        self.sum = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def observe(self, value: float) -> None:
+        # bounds end with +Inf, so every value has a bucket: the first bound >= value.
+        self.buckets[bisect.bisect_left(self._bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.buckets)
+
+
+class LoopCounter:
+    """A counter family for the request path. prometheus_client's Counter takes a lock and
+    checks its labels on every update; this one adds to a float, on the one thread that updates
+    it, and is exposed through _LoopCollector."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self._series: dict[tuple[str, ...], LoopSeries] = {}
+
+    def labels(self, *values: str) -> LoopSeries:
+        series = self._series.get(values)
+        if series is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: {len(values)} label values for {self.labelnames}")
+            series = self._series[values] = self._new(values)
+        return series
+
+    def _new(self, values: tuple[str, ...]) -> LoopSeries:
+        return LoopSeries(values)
+
+    def every(self) -> list[LoopSeries]:
+        return list(self._series.values())  # a copy: the loop may add a series meanwhile
+
+    def family(self) -> Any:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for series in self.every():
+            family.add_metric(series.labels, series.value)
+        return family
+
+
+class LoopHistogram(LoopCounter):
+    """A histogram family for the request path, kept like LoopCounter."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: tuple[str, ...],
+        buckets: tuple[float, ...],
+    ) -> None:
+        super().__init__(name, documentation, labelnames)
+        self.bounds = (*buckets, math.inf)
+
+    def _new(self, values: tuple[str, ...]) -> LoopSeries:
+        return LoopSeries(values, self.bounds)
+
+    def family(self) -> Any:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for series in self.every():
+            counts = list(series.buckets)  # one reading: the count is their sum
+            cumulative, running = [], 0
+            for bound, count in zip(self.bounds, counts, strict=True):
+                running += count
+                cumulative.append((floatToGoString(bound), running))
+            family.add_metric(series.labels, cumulative, series.sum)
+        return family
+
+
+class _LoopCollector(Collector):
+    def __init__(self, families: tuple[LoopCounter, ...]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Any]:
+        for family in self._families:
+            yield family.family()
 
 
 class _StateCollector(Collector):

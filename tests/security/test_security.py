@@ -375,7 +375,7 @@ def test_every_call_passes_the_one_door_job_reads_are_charged_and_counted(
     calls = server.server.telemetry.metrics.calls
 
     def counted(method: str, code: str) -> float:
-        return float(calls.labels(method, code)._value.get())
+        return calls.labels(method, code).value
 
     assert counted("Submit", "OK") == 1
     assert counted("GetResult", "OK") >= 1 and counted("ListJobs", "OK") >= 1
