@@ -173,3 +173,37 @@ def test_a_taken_metrics_port_fails_the_start_before_the_grpc_port_is_bound(
         with pytest.raises(ConfigError, match="choose another with --metrics-port"):
             asyncio.run(server.start())
     assert server.port == 0  # the gRPC port was never bound, so no client could reach it
+
+
+def test_a_loop_kept_histogram_exposes_prometheus_buckets_and_sums() -> None:
+    """The request path's histograms are plain numbers until scraped: a value on a bucket's
+    bound counts in that bucket (le is <=), buckets are cumulative, count and sum agree."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from tensorgate.server.telemetry.metrics import Metrics
+
+    metrics = Metrics()
+    reference_registry = CollectorRegistry()
+    reference = Histogram(
+        "tensorgate_queue_wait_seconds", "reference", ["model"],
+        buckets=metrics.queue_seconds.bounds[:-1], registry=reference_registry,
+    ).labels("mlp")  # fmt: skip
+    ours = metrics.queue_seconds.labels("mlp")
+    for value in (0.0, 0.0005, 0.0007, 0.002, 0.3, 10.0, 11.0, 1e9):
+        ours.observe(value)
+        reference.observe(value)
+
+    def samples(text: bytes, name: str) -> dict[tuple[str, ...], float]:
+        found = {}
+        for family in text_string_to_metric_families(text.decode()):
+            for sample in family.samples:
+                if sample.name.startswith(name) and not sample.name.endswith("_created"):
+                    found[(sample.name, sample.labels.get("le", ""))] = sample.value
+        return found
+
+    name = "tensorgate_queue_wait_seconds"
+    got = samples(generate_latest(metrics.registry), name)
+    assert got == samples(generate_latest(reference_registry), name)
+    assert got[(f"{name}_bucket", "0.0005")] == 2 and got[(f"{name}_count", "")] == 8
+    metrics.calls.labels("Predict", "OK").inc()
+    assert "tensorgate_calls_total{" in generate_latest(metrics.registry).decode()
