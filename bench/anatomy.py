@@ -5,6 +5,7 @@ second measured window; the profiler slows that window, not the first).
 
     python -m bench.anatomy                       # unary Predict of mlp at 64 in flight
     python -m bench.anatomy --concurrency 16 --top 25
+    python -m bench.anatomy --mode submit --job-store redis    # jobs, kept by a redis-server
 
 The server runs in this process on uvloop (as `tensorgate serve` does); the load generator runs
 in processes of its own on the same cores.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import cProfile
 import os
 import pstats
@@ -45,6 +47,11 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--top", type=int, default=15, help="functions listed by calls")
+    parser.add_argument("--mode", default="unary", choices=["unary", "stream", "submit", "job"])
+    parser.add_argument(
+        "--job-store", default="memory", choices=["memory", "redis"],
+        help="redis: a redis-server of its own, started for the run",
+    )  # fmt: skip
     args = parser.parse_args()
 
     import uvloop
@@ -53,17 +60,26 @@ def main() -> int:
     from tensorgate.server.config import ServerConfig
     from tests.harness import ServerThread
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         repository = Path(tmp) / "engines"
         build("mlp", repository)
+        store = "memory"
+        if args.job_store == "redis":
+            from tests.redisproc import RedisProcess
+
+            redis = RedisProcess(Path(tmp) / "redis").start()
+            stack.callback(redis.stop)
+            store = redis.url
         config = ServerConfig(host="127.0.0.1", port=0, model_repository=repository,
-                              drain_delay_s=0.0, metrics_port=-1, models=("mlp",))  # fmt: skip
+                              drain_delay_s=0.0, metrics_port=-1, models=("mlp",),
+                              job_store=store)  # fmt: skip
         server = ServerThread(config, loop=uvloop.new_event_loop()).start()
         try:
 
             def load(seconds: float) -> int:
-                spec = LoadSpec(server.target, "mlp", concurrency=args.concurrency,
-                                seconds=seconds, processes=2)  # fmt: skip
+                spec = LoadSpec(server.target, "mlp", mode=args.mode,
+                                concurrency=args.concurrency, seconds=seconds,
+                                processes=2)  # fmt: skip
                 return run(spec).requests
 
             print("warming up", flush=True)
