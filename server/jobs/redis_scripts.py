@@ -194,8 +194,9 @@ return #old
 
 # Many jobs submitted at once. ARGV: prefix, now_ms, ttl_ms, max_pending, max_per_tenant,
 # model count M, the M model names (every served model: the pending bound counts them all), job
-# count N, then per job: id, model, idempotency key ('' = none), tenant, its fields as one JSON
-# object of strings (one argument to pack, not forty), its request blob.
+# count N, then per job two arguments: a JSON array [id, idempotency key ('' = none), fields]
+# whose fields are an object of strings (model and tenant among them), and its request blob.
+# (Every argument costs the client a Python call or several to pack: two per job, not forty.)
 # Returns per job two values: {0, existing id} (deduplicated), {-1, pending} (over the bound),
 # {-2, the tenant's unfinished jobs} (over its bound) or {1, unfinished jobs of the model before
 # it}.
@@ -214,9 +215,10 @@ local count = tonumber(ARGV[at])
 at = at + 1
 local replies = {}
 for _ = 1, count do
-  local id, model, key, tenant = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
-  local fields, request = ARGV[at + 4], ARGV[at + 5]
-  at = at + 6
+  local meta, request = cjson.decode(ARGV[at]), ARGV[at + 1]
+  at = at + 2
+  local id, key, fields = meta[1], meta[2], meta[3]
+  local model, tenant = fields['model'], fields['tenant']
   local job, stream = P .. 'job:' .. id, P .. 'q:' .. model
   local done = false
   if key ~= '' then
@@ -242,7 +244,7 @@ for _ = 1, count do
       local ahead = redis.call('XLEN', stream)
       redis.call('HINCRBY', P .. 'pending', tenant, 1)
       local flat = {'request', request}
-      for name, value in pairs(cjson.decode(fields)) do
+      for name, value in pairs(fields) do
         flat[#flat + 1] = name
         flat[#flat + 1] = value
       end
@@ -264,20 +266,22 @@ return replies
 """
 )
 
-# Many stream entries delivered to this replica, each as CLAIM. ARGV: prefix, group, consumer,
-# max_attempts, now_ms, ttl_ms, max_finished, entry count N, then per entry: entry id, job id,
-# model. For each: start the job (its fields are returned), drop the entry of a job that finished
-# (cancelled) or was handed back meanwhile, or dead-letter a job whose attempts ran out (false).
+# Many stream entries of one model delivered to this replica, each as CLAIM. ARGV: prefix,
+# group, consumer, max_attempts, now_ms, ttl_ms, max_finished, the model, then a JSON array of
+# [entry id, job id] pairs. For each: start the job (its fields are returned), drop the entry of a
+# job that finished (cancelled) or was handed back meanwhile, or dead-letter a job whose attempts
+# ran out (false).
 CLAIM_MANY = (
     _COMMON
     + """
 local group, consumer = ARGV[2], ARGV[3]
 local max_attempts, now_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
 local ttl_ms, max_finished = tonumber(ARGV[6]), tonumber(ARGV[7])
+local stream = P .. 'q:' .. ARGV[8]
 local replies = {}
-for i = 0, tonumber(ARGV[8]) - 1 do
-  local entry, id = ARGV[9 + i * 3], ARGV[10 + i * 3]
-  local job, stream = P .. 'job:' .. id, P .. 'q:' .. ARGV[11 + i * 3]
+for i, pair in ipairs(cjson.decode(ARGV[9])) do
+  local entry, id = pair[1], pair[2]
+  local job = P .. 'job:' .. id
   local fields = redis.call('HMGET', job, 'status', 'entry', 'attempts', 'code', 'message')
   local status = fields[1]
   local reply = false
@@ -311,14 +315,15 @@ for i = 0, tonumber(ARGV[8]) - 1 do
                          'request', 'tp', 'started', 'cb', 'cbr')
     end
   end
-  replies[i + 1] = reply
+  replies[i] = reply
 end
 return replies
 """
 )
 
 # Many held jobs' outcomes, each as FINISH. ARGV: prefix, group, ttl_ms, max_finished, consumer,
-# job count N, then per job: entry, status, finished_ms, code, message, outputs, id, model.
+# job count N, then per job two arguments: a JSON array [entry, status, finished_ms, code,
+# message, id, model] and its outputs blob.
 # Returns per job the final status (a cancellation recorded first stays), 'GONE', or 'NOT_OURS':
 # the job was handed back, or taken over by another replica after this one's lease lapsed, and
 # the outcome is the new holder's to record. With RELEASE's own check, finishing and handing back
@@ -330,10 +335,10 @@ FINISH_MANY = (
 local group, ttl_ms, max_finished, consumer = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local replies = {}
 for i = 0, tonumber(ARGV[6]) - 1 do
-  local b = 7 + i * 8
-  local entry, wanted, now_ms = ARGV[b], ARGV[b + 1], tonumber(ARGV[b + 2])
-  local code, message, outputs, id = ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6]
-  local job, stream = P .. 'job:' .. id, P .. 'q:' .. ARGV[b + 7]
+  local meta, outputs = cjson.decode(ARGV[7 + i * 2]), ARGV[8 + i * 2]
+  local entry, wanted, now_ms = meta[1], meta[2], tonumber(meta[3])
+  local code, message, id = meta[4], meta[5], meta[6]
+  local job, stream = P .. 'job:' .. id, P .. 'q:' .. meta[7]
   local fields = redis.call('HMGET', job, 'status', 'owner', 'entry')
   local status = fields[1]
   local reply

@@ -374,9 +374,9 @@ class RedisJobStore:
             "hs": DeliveryState.PENDING.value if job.callback else "", "hn": "0", "he": "",
         }  # fmt: skip
         item = (
-            job.id, job.model, key, job.tenant, json.dumps(fields, separators=(",", ":")),
+            json.dumps((job.id, key, fields), separators=(",", ":")),
             codec.encode_request(job.payload),
-        )  # fmt: skip
+        )
         outcome, value = await self._submits.call(item)
         if outcome == 0:
             existing = await self.get(value.decode(), job.tenant)
@@ -635,12 +635,11 @@ class RedisJobStore:
                 entries = reply[0][1] if reply else []
             if not entries:
                 return []
+            pairs = [(entry_id.decode(), fields[b"id"].decode()) for entry_id, fields in entries]
             args: list[Any] = [
                 PREFIX, GROUP, self.consumer, self._max_attempts, _now_ms(), self._ttl_ms,
-                self._max_finished, len(entries),
+                self._max_finished, model, json.dumps(pairs, separators=(",", ":")),
             ]  # fmt: skip
-            for entry_id, fields in entries:
-                args += [entry_id, fields[b"id"].decode(), model]
             claims = await self._claim_many(args=args)
         jobs = []
         for (entry_id, fields), claim in zip(entries, claims, strict=True):
@@ -710,18 +709,16 @@ class RedisJobStore:
         error = job.error
         finished_ms = int((job.finished_at or time.time()) * 1000)
         outputs = codec.encode_outputs(job.outputs) if job.outputs is not None else b""
-        final = await self._finishes.call(
-            (
-                job.receipt,
-                job.status.value,
-                finished_ms,
-                error.code if error is not None else "",
-                str(error) if error is not None else "",
-                outputs,
-                job.id,
-                job.model,
-            )
+        meta = (
+            job.receipt,
+            job.status.value,
+            finished_ms,
+            error.code if error is not None else "",
+            str(error) if error is not None else "",
+            job.id,
+            job.model,
         )
+        final = await self._finishes.call((json.dumps(meta, separators=(",", ":")), outputs))
         final_status = final.decode()
         if final_status == "NOT_OURS":
             log.info("job %s: handed on to another replica; the result here is dropped", job.id)
