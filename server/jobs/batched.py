@@ -31,7 +31,9 @@ class Batched:
         if not self._scheduled and self._in_flight is None:
             self._scheduled = True
             loop.call_soon(self._flush)
-        return await asyncio.shield(future)
+        # Awaited directly: a caller that goes away cancels only its own future, which the
+        # batch then finds settled (its item is sent all the same).
+        return await future
 
     def _flush(self) -> None:
         self._scheduled = False
