@@ -2,6 +2,7 @@
 temporary git worktree) and of this tree, alternating, in one run.
 
     python -m bench.compare --before 06c8d13 --concurrency 1 64 --rounds 3 [--mode job]
+    python -m bench.compare --before REV --mode job --concurrency 64 --job-store redis
 
 Prints medians and the after ÷ before ratios; writes bench/results/compare.json.
 """
@@ -22,6 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 from bench.loadgen import LoadSpec, run  # noqa: E402
 from bench.serverproc import ServeProcess  # noqa: E402
 from tensorgate.server.bundled import build  # noqa: E402
+from tests.redisproc import RedisProcess  # noqa: E402
 
 
 def main() -> int:
@@ -33,6 +35,10 @@ def main() -> int:
         "--mode", default="unary", choices=["unary", "job", "submit", "stream"], help="the load"
     )
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument(
+        "--job-store", default="memory", choices=["memory", "redis"],
+        help="redis: each server keeps its jobs in a redis-server of its own, started for it",
+    )  # fmt: skip
     args = parser.parse_args()
     results: dict[str, dict[int, list[dict[str, float]]]] = {"before": {}, "after": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,13 +55,21 @@ def main() -> int:
                 for c in args.concurrency:
                     for side in ("before", "after"):
                         step += 1
-                        server = ServeProcess(repository, ("mlp",), root=roots[side])
+                        store: list[str] = []
+                        redis = None
+                        if args.job_store == "redis":
+                            redis = RedisProcess(Path(tmp) / f"redis-{step}").start()
+                            store = ["--job-store", redis.url]
+                        server = ServeProcess(repository, ("mlp",), root=roots[side],
+                                              extra_args=store)  # fmt: skip
                         try:
                             spec = LoadSpec(server.target, "mlp", mode=args.mode, concurrency=c,
                                             seconds=args.seconds, processes=1 if c <= 4 else 2)  # fmt: skip
                             result = run(spec)
                         finally:
                             server.stop()
+                            if redis is not None:
+                                redis.stop()
                         results[side].setdefault(c, []).append(result.as_dict())
                         print(f"[{step}/{total}] round {round_index + 1} {side:<6} c={c:<4} "
                               f"{result.req_per_s:8.1f} req/s  p50 {result.p50_ms:6.2f}  "
