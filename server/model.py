@@ -301,11 +301,15 @@ class ServedModel:
             sequence=request.sequence if self.config.sequence else None,
             target=self,
         )
-        self.track(admitted)
+        if job:
+            # A job's request may be held (by its lane) before it is queued here: counted until
+            # it settles. A call's or stream item's is queued in the same step it is admitted
+            # in, so the scheduler's own state covers it (see idle), with no callback per call.
+            self.track(admitted)
         return admitted
 
     def track(self, request: InferenceRequest) -> None:
-        """Counts a request as admitted here until its future settles."""
+        """Counts a job's request as admitted here until its future settles."""
         self.admitted += 1
         request.future.add_done_callback(self._settled)
 
@@ -314,8 +318,11 @@ class ServedModel:
 
     @property
     def idle(self) -> bool:
-        """Nothing admitted to it is unsettled and no sequence lives on it: a retiring version
-        may be released."""
+        """Nothing queued or running on it, no job's request held for it and no sequence living
+        on it: a retiring version may be released."""
+        scheduler = self._scheduler
+        if scheduler is not None and (scheduler.queued_requests or scheduler.running_requests):
+            return False
         return self.admitted <= 0 and self.live_sequences == 0
 
     def holds_sequence(self, tenant: str, sequence_id: str) -> bool:

@@ -96,6 +96,10 @@ class DynamicBatcher:
         return len(self._batches)
 
     @property
+    def running_requests(self) -> int:
+        return sum(len(batch.requests) for batch in self._batches.values())
+
+    @property
     def rows_per_s(self) -> float:
         return self.stats.rows_per_instance_s * len(self._pool.instances)
 

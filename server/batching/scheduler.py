@@ -48,6 +48,11 @@ class Scheduler(Protocol):
         ...
 
     @property
+    def running_requests(self) -> int:
+        """Requests in the batches running now."""
+        ...
+
+    @property
     def rows_per_s(self) -> float:
         """Observed service rate of all instances, 0 before the first batch."""
         ...

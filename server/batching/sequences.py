@@ -173,6 +173,10 @@ class SequenceScheduler:
         return self._batcher.busy_instances
 
     @property
+    def running_requests(self) -> int:
+        return self._batcher.running_requests
+
+    @property
     def rows_per_s(self) -> float:
         return self._batcher.rows_per_s
 

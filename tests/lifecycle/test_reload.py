@@ -164,7 +164,11 @@ def test_unload_finishes_calls_streams_and_jobs_in_flight(
             thread.start()
         # All admitted to version 1 (3 jobs, 4 calls, 3 stream items), most still queued.
         version = running.server.models["scaled"]
-        wait_until(lambda: version.admitted >= 10, what="everything admitted")
+        scheduler = version.scheduler
+        wait_until(
+            lambda: scheduler.queued_requests + scheduler.running_requests >= 10,
+            what="everything queued or running on version 1",
+        )
         c.unload_model("scaled")
         with pytest.raises(grpc.RpcError) as gone:
             c.predict("scaled", {"x": X})
