@@ -205,11 +205,14 @@ class DynamicBatcher:
             wait_s = policy.wait_s(queue.rows, oldest, time.monotonic(), self._pool.idle)
             if wait_s <= 0:
                 break
+            queue.wake_rows = policy.wake_rows(queue.rows)
             try:
                 async with asyncio.timeout(wait_s):
                     await queue.changed()
             except TimeoutError:
                 break
+            finally:
+                queue.wake_rows = 0
         return self._take(policy.batch_rows(queue.rows))
 
     def _take(self, max_rows: int) -> Batch[InferenceRequest] | None:

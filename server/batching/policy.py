@@ -27,6 +27,12 @@ class BatchingPolicy(Protocol):
         """The most rows to take into the batch that goes now."""
         ...
 
+    def wake_rows(self, queued_rows: int) -> int:
+        """While a batch waits for company: the queued rows at which wait_s must be asked again
+        before its time is up. Arrivals short of it cannot make it go sooner, so the batcher is
+        not woken for each one."""
+        ...
+
     def arrived(self, rows: int, now: float) -> None:
         """A request was queued (the policy may learn the arrival rate)."""
         ...
@@ -59,6 +65,9 @@ class StaticWindow:
         if queued_rows < self.max_batch_size and queued_rows in self.preferred_batch_sizes:
             return queued_rows
         return self.max_batch_size
+
+    def wake_rows(self, queued_rows: int) -> int:
+        return _next_size(queued_rows, self.preferred_batch_sizes, self.max_batch_size)
 
     def arrived(self, rows: int, now: float) -> None:
         pass
@@ -151,3 +160,17 @@ class AdaptiveWindow:
         if queued_rows < self.max_batch_size and queued_rows in self.preferred_batch_sizes:
             return queued_rows
         return self.max_batch_size
+
+    def wake_rows(self, queued_rows: int) -> int:
+        """Each arrival makes the learned gap shorter, which never makes a batch go sooner, and
+        the wait asked for is the time the batch is expected to fill in: only a full or
+        preferred size matters. A latency budget is the exception: each row lengthens the
+        batch's run time and so shortens the wait allowed, so every arrival is looked at."""
+        if self.latency_budget_s > 0:
+            return queued_rows + 1
+        return _next_size(queued_rows, self.preferred_batch_sizes, self.max_batch_size)
+
+
+def _next_size(queued_rows: int, preferred: tuple[int, ...], max_batch_size: int) -> int:
+    """The smallest preferred size above queued_rows, or max_batch_size."""
+    return min((p for p in preferred if p > queued_rows), default=max_batch_size)

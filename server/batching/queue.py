@@ -40,6 +40,10 @@ class RequestQueue:
         self.live = 0  # requests queued whose caller still waits
         self.rows = 0  # their rows
         self._changed = asyncio.Event()
+        # An arrival wakes changed() only once the queue holds this many rows (0: every one);
+        # the batcher raises it while it waits for company (its policy's wake_rows). Departures
+        # always wake it.
+        self.wake_rows = 0
 
     def put(self, request: InferenceRequest) -> None:
         """Queues a request or raises ResourceExhausted when the queue is full."""
@@ -59,7 +63,8 @@ class RequestQueue:
         self.rows += request.rows
         request.watch = functools.partial(self._settled, request)
         request.future.add_done_callback(request.watch)
-        self._changed.set()
+        if self.rows >= self.wake_rows:
+            self._changed.set()
 
     def _settled(self, request: InferenceRequest, _: object) -> None:
         """The caller went away (or the request failed) while it was still queued."""

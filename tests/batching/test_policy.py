@@ -126,3 +126,15 @@ def test_adaptive_stops_going_at_once_when_calls_come_back_late() -> None:
         behind.ran(2, 0.002)
     # The 6 rows still missing from a batch of 8 are expected within the 2 ms window.
     assert behind.wait_s(2, 1.0, 1.0, idle_instances=1) == pytest.approx(6 * 0.00033, rel=0.05)
+
+
+def test_a_waiting_batch_is_woken_only_at_a_size_that_can_make_it_go() -> None:
+    """Arrivals short of a preferred or full size cannot make a batch go sooner, so the batcher
+    is not woken for them; with a latency budget every row shortens the wait, so every arrival
+    wakes it."""
+    static = StaticWindow(max_batch_size=16, max_queue_delay_s=0.002, preferred_batch_sizes=(4, 8))
+    assert [static.wake_rows(rows) for rows in (1, 4, 5, 8, 9)] == [4, 8, 8, 16, 16]
+    adaptive = AdaptiveWindow(max_batch_size=16, max_queue_delay_s=0.002)
+    assert adaptive.wake_rows(3) == 16
+    budgeted = AdaptiveWindow(max_batch_size=16, max_queue_delay_s=0.002, latency_budget_s=0.01)
+    assert budgeted.wake_rows(3) == 4
