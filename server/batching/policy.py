@@ -162,9 +162,10 @@ class AdaptiveWindow:
         return self.max_batch_size
 
     def wake_rows(self, queued_rows: int) -> int:
-        """Each arrival makes the learned gap shorter, which never makes a batch go sooner, and
-        the wait asked for is the time the batch is expected to fill in: only a full or
-        preferred size matters. A latency budget is the exception: each row lengthens the
+        """The wait asked for is the time the batch is expected to fill in (within
+        max_queue_delay_s), so the batch goes when it fills, reaches a preferred size, or that
+        time is up; an arrival in between only refines the estimate (at worst the batch waits out
+        the time first asked for). A latency budget is the exception: each row lengthens the
         batch's run time and so shortens the wait allowed, so every arrival is looked at."""
         if self.latency_budget_s > 0:
             return queued_rows + 1
