@@ -131,7 +131,15 @@ class JobService:
         )
         if shared:
             job.traceparent = self._tracing.traceparent(span)
-        stored, deduplicated, ahead = await self.store.add(job)
+        try:
+            stored, deduplicated, ahead = await self.store.add(job)
+        except BaseException:
+            admitted.future.cancel()  # never to run: the version that admitted it stops counting it
+            raise
+        if shared or deduplicated:
+            # The admitted record does not run from here (a shared store's job is admitted again
+            # by whichever process takes it): its version stops counting it now.
+            admitted.future.cancel()
         if deduplicated:
             return stored, True, self._models.wait_estimate_s(stored.model)
         if not shared:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tensorgate.client import AsyncTensorgateClient, TensorgateClient
-from tests.harness import MlpReference, ServerThread
+from tests.harness import MlpReference, ServerThread, wait_until
 
 X = np.linspace(-1, 1, 256, dtype=np.float32).reshape(1, 256)
 
@@ -159,3 +159,24 @@ async def test_cancel_job_answers_with_the_jobs_final_word_even_racing_completio
         outcomes = await asyncio.gather(*(race() for _ in range(300)))
     assert all(said == final for said, final in outcomes), [o for o in outcomes if o[0] != o[1]]
     assert {said for said, _ in outcomes} <= {"CANCELLED", "SUCCEEDED"}
+
+
+def test_a_version_stops_counting_jobs_once_they_are_stored_or_done(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    """The version that admitted a Submit counts it until it settles (a retiring version waits
+    for what it counts): finished, deduplicated, or handed to a shared store, whose taker admits
+    it again. Nothing is left counted, so a reload can release the old version."""
+    running = start_server(models=("mlp",))
+    version = running.server.models["mlp"]
+    with TensorgateClient(running.target, timeout_s=10) as c:
+        jobs = [c.submit("mlp", {"input": X}).job_id for _ in range(3)]
+        jobs.append(c.submit("mlp", {"input": X}, idempotency_key="same").job_id)
+        assert c.submit("mlp", {"input": X}, idempotency_key="same").job_id == jobs[-1]
+        for job_id in jobs:
+            assert c.get_result(job_id, wait_timeout_s=10).status == "SUCCEEDED"
+    wait_until(lambda: running.call(_admitted(version)) == 0, what="nothing left counted")
+
+
+async def _admitted(version: object) -> int:
+    return int(version.admitted)  # type: ignore[attr-defined]
