@@ -17,7 +17,6 @@ import argparse
 import collections
 import contextlib
 import cProfile
-import os
 import pstats
 import sys
 import tempfile
@@ -28,17 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
 from bench.loadgen import LoadSpec, run  # noqa: E402
+from bench.serverproc import stat_cpu_seconds  # noqa: E402
 
 
 def _thread_cpu() -> dict[int, float]:
-    ticks = os.sysconf("SC_CLK_TCK")
     out = {}
-    for tid in os.listdir("/proc/self/task"):
+    for task in Path("/proc/self/task").iterdir():
         try:
-            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+            out[int(task.name)] = stat_cpu_seconds(task / "stat")
+        except OSError:
+            continue  # the thread ended meanwhile
     return out
 
 

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import itertools
 import json
-import os
 import signal
 import socket
 import statistics
@@ -38,7 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
 from bench.loadgen import LoadSpec, run  # noqa: E402
 from bench.report import replace_section  # noqa: E402
-from bench.serverproc import ServeProcess  # noqa: E402
+from bench.serverproc import ServeProcess, stat_cpu_seconds  # noqa: E402
 from tensorgate.server.bundled import build  # noqa: E402
 
 DOCS = ROOT / "docs"
@@ -66,7 +65,10 @@ def main() -> int:
         running = [ServeProcess(repository, ("mlp",), extra_args=["--drain-delay-s", "0"])]
         try:
             servers: dict[str, tuple[str, Callable[[], float]]] = {
-                "empty handler": (echo_target, lambda: _cpu_seconds(echo.pid)),
+                "empty handler": (
+                    echo_target,
+                    lambda: stat_cpu_seconds(Path(f"/proc/{echo.pid}/stat")),
+                ),
             }
             if before_root is not None:
                 running.append(ServeProcess(repository, ("mlp",), root=before_root,
@@ -160,11 +162,6 @@ def _at(samples: list[tuple[float, float]], when: float) -> float:
         if t0 <= when <= t1:
             return c0 + (c1 - c0) * (when - t0) / max(t1 - t0, 1e-9)
     return samples[-1][1] if when > samples[-1][0] else samples[0][1]
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _echo_server() -> tuple[subprocess.Popen[str], str]:

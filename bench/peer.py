@@ -15,6 +15,8 @@ from pathlib import Path
 
 import grpc
 
+from bench.serverproc import stat_cpu_seconds
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-mlserver"
 REQUIREMENTS = ["mlserver==1.7.1", "onnxruntime", "numpy", "uvloop<0.22"]
@@ -110,10 +112,9 @@ class MLServerProcess:
             pids += [int(p) for p in children.read_text().split()]
         for pid in pids:
             try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except FileNotFoundError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                total += stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
+            except OSError:
+                continue  # gone meanwhile
         return total
 
     def stop(self) -> None:

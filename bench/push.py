@@ -24,7 +24,6 @@ import asyncio
 import base64
 import collections
 import json
-import os
 import platform
 import secrets
 import sys
@@ -262,7 +261,7 @@ async def _idle_watchers(server: ServeProcess, gated: Path, count: int) -> dict[
     try:
         jobs = [(await clients[0].submit("gated", {"x": row})).job_id for _ in range(4)]
         await asyncio.sleep(0.5)
-        rss_before, threads_before = _rss_mib(server.process.pid), _threads(server.process.pid)
+        rss_before, threads_before = server.rss_mib(), server.threads()
         opened = 0
         all_open = asyncio.Event()
 
@@ -280,7 +279,7 @@ async def _idle_watchers(server: ServeProcess, gated: Path, count: int) -> dict[
         tasks = [asyncio.create_task(watch(i)) for i in range(count)]
         await asyncio.wait_for(all_open.wait(), 120)
         await asyncio.sleep(1.0)
-        rss_with, threads_with = _rss_mib(server.process.pid), _threads(server.process.pid)
+        rss_with, threads_with = server.rss_mib(), server.threads()
         (gated / "open").touch()
         finals = await asyncio.wait_for(asyncio.gather(*tasks), 120)
     finally:
@@ -295,17 +294,6 @@ async def _idle_watchers(server: ServeProcess, gated: Path, count: int) -> dict[
         "threads_with": threads_with,
         "all_saw_the_end": finals.count("SUCCEEDED") == count,
     }
-
-
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _threads(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/task"))
 
 
 def _markdown(report: dict[str, Any]) -> str:

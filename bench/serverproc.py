@@ -93,20 +93,23 @@ class ServeProcess:
         match = re.search(r"VmRSS:\s+(\d+) kB", status)
         return int(match.group(1)) / 1024 if match else float("nan")
 
+    def threads(self) -> int:
+        """The server process's threads now."""
+        return len(os.listdir(f"/proc/{self.process.pid}/task"))
+
     def cpu_seconds(self) -> float:
         """User + system CPU time the server has used so far: its process and, with --workers,
         the worker processes it started."""
-        ticks = os.sysconf("SC_CLK_TCK")
-        total = 0
+        total = 0.0
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
+                fields = _stat_fields(stat)
             except OSError:
                 continue  # gone meanwhile
             pid, parent = int(stat.parent.name), int(fields[1])
             if self.process.pid in (pid, parent):
-                total += int(fields[11]) + int(fields[12])
-        return total / ticks
+                total += _cpu_of(fields)
+        return total
 
     def stop(self) -> int:
         self.process.terminate()
@@ -116,3 +119,18 @@ class ServeProcess:
         """SIGKILL: no drain, no goodbye (a crash)."""
         self.process.kill()
         self.process.wait(60)
+
+
+def stat_cpu_seconds(stat: Path) -> float:
+    """User + system CPU seconds from a /proc/PID/stat or /proc/PID/task/TID/stat file
+    (OSError when the process or thread is gone)."""
+    return _cpu_of(_stat_fields(stat))
+
+
+def _stat_fields(stat: Path) -> list[str]:
+    """The fields after the command name (which may hold spaces and parentheses)."""
+    return stat.read_text().rsplit(")", 1)[1].split()
+
+
+def _cpu_of(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -26,7 +26,7 @@ from tensorgate.server.errors import (
     DeadlineExceeded,
     PermissionDenied,
     ResourceExhausted,
-    Unauthenticated,
+    TensorgateError,
 )
 from tensorgate.server.limits import TenantRates
 from tensorgate.server.telemetry import Tracing
@@ -134,7 +134,7 @@ class Frontend:
         """enter() and leave() around a stream; a refusal ends the call with its status."""
         try:
             tenant = self.enter(context)
-        except (Unauthenticated, ResourceExhausted) as exc:
+        except TensorgateError as exc:
             await abort(context, exc)
         try:
             yield tenant

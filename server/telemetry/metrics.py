@@ -166,10 +166,6 @@ class LoopSeries:
         self.buckets[bisect.bisect_left(self._bounds, value)] += 1
         self.sum += value
 
-    @property
-    def count(self) -> int:
-        return sum(self.buckets)
-
 
 class LoopCounter:
     """A counter family for the request path. prometheus_client's Counter takes a lock and
