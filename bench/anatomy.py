@@ -45,6 +45,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--top", type=int, default=15, help="functions listed by calls")
+    parser.add_argument("--dump", type=Path, help="also write the profile here (pstats format)")
     parser.add_argument("--mode", default="unary", choices=["unary", "stream", "submit", "job"])
     parser.add_argument(
         "--job-store", default="memory", choices=["memory", "redis"],
@@ -62,12 +63,15 @@ def main() -> int:
         repository = Path(tmp) / "engines"
         build("mlp", repository)
         store = "memory"
+        redis_stat: Path | None = None
         if args.job_store == "redis":
             from tests.redisproc import RedisProcess
 
             redis = RedisProcess(Path(tmp) / "redis").start()
             stack.callback(redis.stop)
             store = redis.url
+            assert redis.process is not None
+            redis_stat = Path(f"/proc/{redis.process.pid}/stat")
         config = ServerConfig(host="127.0.0.1", port=0, model_repository=repository,
                               drain_delay_s=0.0, metrics_port=-1, models=("mlp",),
                               job_store=store)  # fmt: skip
@@ -83,9 +87,11 @@ def main() -> int:
             print("warming up", flush=True)
             load(1.0)
             print(f"measuring CPU by thread for {args.seconds:g} s", flush=True)
+            redis0 = stat_cpu_seconds(redis_stat) if redis_stat else 0.0
             before, stats0 = _thread_cpu(), server.stats("mlp")
             requests = load(args.seconds)
             after, stats1 = _thread_cpu(), server.stats("mlp")
+            redis_cpu = stat_cpu_seconds(redis_stat) - redis0 if redis_stat else 0.0
             names = {t.native_id: t.name for t in threading.enumerate()}
             by_thread: collections.Counter[str] = collections.Counter()
             for tid, cpu in after.items():
@@ -102,6 +108,8 @@ def main() -> int:
             for name, cpu in by_thread.most_common():
                 if cpu > 0:
                     print(f"  {name:<28} {cpu / requests * 1e6:7.1f}")
+            if redis_stat:
+                print(f"  {'(redis-server, its process)':<28} {redis_cpu / requests * 1e6:7.1f}")
 
             print(f"\ncounting the loop's Python calls for {args.seconds:g} s (profiled)")
             profiler = cProfile.Profile()
@@ -113,6 +121,8 @@ def main() -> int:
             requests = load(args.seconds)
             server.call(switch(False))
             stats = pstats.Stats(profiler)
+            if args.dump:
+                stats.dump_stats(args.dump)
             print(f"Python function calls per request on the loop: "
                   f"{stats.total_calls / requests:.0f}")  # type: ignore[attr-defined]  # fmt: skip
             ranked = sorted(stats.stats.items(), key=lambda kv: -kv[1][1])  # type: ignore[attr-defined]

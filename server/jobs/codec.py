@@ -20,6 +20,7 @@ from tensorgate.server.records import Request
 from tensorgate.server.tensors import Outputs, TensorInput
 
 _LENGTH = struct.Struct("<I")
+_header = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 _ERRORS: dict[str, type[TensorgateError]] = {
     cls.code: cls
@@ -96,7 +97,7 @@ def error_from(code: str, message: str) -> TensorgateError:
 
 
 def _pack(header: dict[str, Any], parts: list[bytes | memoryview]) -> bytes:
-    encoded = json.dumps(header, separators=(",", ":"), default=str).encode()
+    encoded = _header(header).encode()
     return b"".join([_LENGTH.pack(len(encoded)), encoded, *parts])
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 PREFIX = "tg:"
 
 # Shared by the scripts below: remove a job (expired, or evicted by the bound on kept results),
-# and settle one (record its final state, count it, wake every replica's waiters).
+# tell a job's watchers of a change, and settle a job (record its final state). What settling
+# does to keys shared by every job (the counts, the pending tallies, the finished set and its
+# bound, the finished channel) is gathered and done once per script call, by settled(): a batch
+# of N outcomes costs those keys one command each, not N.
 _COMMON = """
 local P = ARGV[1]
 
@@ -30,44 +33,76 @@ local function remove(id)
 end
 
 -- A change of the job's state, told to its watchers (whichever replica they are on): the job's
--- event number, then the event, on the channel ev:<id> (nobody listening costs Redis nothing).
-local function event(id, status, attempt, retry, now_ms, code, message)
-  local seq = redis.call('HINCRBY', P .. 'job:' .. id, 'ev', 1)
+-- event number (the hash's `ev`, already advanced by the caller), then the event, on the channel
+-- ev:<id> (nobody listening costs Redis nothing).
+local function publish(id, seq, status, attempt, retry, now_ms, code, message)
   redis.call('PUBLISH', P .. 'ev:' .. id, seq .. '|' .. status .. '|' .. attempt .. '|' ..
              retry .. '|' .. now_ms .. '|' .. code .. '|' .. message)
 end
 
-local function settle(id, status, now_ms, ttl_ms, max_finished, code, message, outputs)
+local function event(id, status, attempt, retry, now_ms, code, message)
+  local seq = redis.call('HINCRBY', P .. 'job:' .. id, 'ev', 1)
+  publish(id, seq, status, attempt, retry, now_ms, code, message)
+end
+
+local told, finished, counts, pendings, bound = {}, {}, {}, {}, nil
+
+-- held: the job's tenant, attempts, cb and ev fields, where the caller has read them already.
+local function settle(id, status, now_ms, ttl_ms, max_finished, code, message, outputs, held)
   local job = P .. 'job:' .. id
-  local held = redis.call('HMGET', job, 'tenant', 'attempts', 'cb')
-  redis.call('HINCRBY', P .. 'pending', held[1] or '', -1)
-  redis.call('HSET', job, 'status', status, 'finished', now_ms, 'code', code,
-             'message', message, 'owner', '')
+  held = held or redis.call('HMGET', job, 'tenant', 'attempts', 'cb', 'ev')
+  local tenant = held[1] or ''
+  local seq = tonumber(held[4] or '0') + 1
   if outputs ~= '' then
-    redis.call('HSET', job, 'outputs', outputs)
+    redis.call('HSET', job, 'status', status, 'finished', now_ms, 'code', code,
+               'message', message, 'owner', '', 'ev', seq, 'outputs', outputs)
+  else
+    redis.call('HSET', job, 'status', status, 'finished', now_ms, 'code', code,
+               'message', message, 'owner', '', 'ev', seq)
   end
   redis.call('HDEL', job, 'request')
   -- The sweep removes it once ttl_ms has passed; the key's own expiry is a safety net.
   redis.call('PEXPIRE', job, ttl_ms + 3600000)
-  redis.call('ZADD', P .. 'done', now_ms, id)
-  redis.call('HINCRBY', P .. 'count', status, 1)
-  event(id, status, held[2] or '0', '0', now_ms, code, message)
+  publish(id, seq, status, held[2] or '0', '0', now_ms, code, message)
   if held[3] and held[3] ~= '' then
     -- Its webhook is due now; the deliverers of every replica poll this set.
     redis.call('ZADD', P .. 'hooks', now_ms, id)
   end
-  local over = redis.call('ZCARD', P .. 'done') - max_finished
+  pendings[tenant] = (pendings[tenant] or 0) + 1
+  counts[status] = (counts[status] or 0) + 1
+  finished[#finished + 1] = now_ms
+  finished[#finished + 1] = id
+  told[#told + 1] = id .. ' ' .. status
+  bound = max_finished
+end
+
+-- The shared keys' part of every settle() of this call; then one message tells every replica's
+-- waiters of them all.
+local function settled()
+  if #told == 0 then
+    return
+  end
+  for tenant, n in pairs(pendings) do
+    redis.call('HINCRBY', P .. 'pending', tenant, -n)
+  end
+  for status, n in pairs(counts) do
+    redis.call('HINCRBY', P .. 'count', status, n)
+  end
+  for i = 1, #finished, 1000 do
+    redis.call('ZADD', P .. 'done', unpack(finished, i, math.min(i + 999, #finished)))
+  end
+  local over = redis.call('ZCARD', P .. 'done') - bound
   if over > 0 then
     for _, old in ipairs(redis.call('ZRANGE', P .. 'done', 0, over - 1)) do
       remove(old)
     end
   end
-  redis.call('PUBLISH', P .. 'finished', id .. ' ' .. status)
+  redis.call('PUBLISH', P .. 'finished', table.concat(told, '\\n'))
 end
 
 local function expired(job, now_ms, ttl_ms)
-  local finished = redis.call('HGET', job, 'finished')
-  return finished and finished ~= '' and tonumber(finished) + ttl_ms <= now_ms
+  local finished_ms = redis.call('HGET', job, 'finished')
+  return finished_ms and finished_ms ~= '' and tonumber(finished_ms) + ttl_ms <= now_ms
 end
 """
 
@@ -87,6 +122,7 @@ end
 if fields[1] == 'PENDING' or fields[1] == 'RUNNING' then
   settle(ARGV[6], 'CANCELLED', tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
          'CANCELLED', 'the job was cancelled', '')
+  settled()
 end
 return 1
 """
@@ -213,7 +249,7 @@ end
 local at = 7 + models
 local count = tonumber(ARGV[at])
 at = at + 1
-local replies = {}
+local replies, queued, held, added, created = {}, {}, {}, {}, {}
 for _ = 1, count do
   local meta, request = cjson.decode(ARGV[at]), ARGV[at + 1]
   at = at + 2
@@ -233,44 +269,60 @@ for _ = 1, count do
     end
   end
   if not done then
-    local held = tonumber(redis.call('HGET', P .. 'pending', tenant) or '0')
+    -- The tenant's unfinished jobs are read once per call (only when bounded) and counted here.
+    if max_per_tenant > 0 and held[tenant] == nil then
+      held[tenant] = tonumber(redis.call('HGET', P .. 'pending', tenant) or '0')
+    end
     if pending >= max_pending then
       replies[#replies + 1] = -1
       replies[#replies + 1] = tostring(pending)
-    elseif max_per_tenant > 0 and held >= max_per_tenant then
+    elseif max_per_tenant > 0 and held[tenant] >= max_per_tenant then
       replies[#replies + 1] = -2
-      replies[#replies + 1] = tostring(held)
+      replies[#replies + 1] = tostring(held[tenant])
     else
-      local ahead = redis.call('XLEN', stream)
-      redis.call('HINCRBY', P .. 'pending', tenant, 1)
-      local flat = {'request', request}
+      local ahead = queued[stream] or redis.call('XLEN', stream)
+      local entry = redis.call('XADD', stream, '*', 'id', id)
+      queued[stream] = ahead + 1
+      local flat = {'request', request, 'entry', entry}
       for name, value in pairs(fields) do
         flat[#flat + 1] = name
         flat[#flat + 1] = value
       end
-      redis.call('HSET', job, unpack(flat))
-      local entry = redis.call('XADD', stream, '*', 'id', id)
-      redis.call('HSET', job, 'entry', entry)
       if key ~= '' then
         redis.call('SET', key, id)
-        redis.call('HSET', job, 'idem', key)
+        flat[#flat + 1] = 'idem'
+        flat[#flat + 1] = key
       end
-      redis.call('ZADD', P .. 'jobs', now_ms, id)
+      redis.call('HSET', job, unpack(flat))
+      added[tenant] = (added[tenant] or 0) + 1
+      if held[tenant] ~= nil then
+        held[tenant] = held[tenant] + 1
+      end
+      created[#created + 1] = now_ms
+      created[#created + 1] = id
       pending = pending + 1
       replies[#replies + 1] = 1
       replies[#replies + 1] = ahead
     end
   end
 end
+for tenant, n in pairs(added) do
+  redis.call('HINCRBY', P .. 'pending', tenant, n)
+end
+for i = 1, #created, 1000 do
+  redis.call('ZADD', P .. 'jobs', unpack(created, i, math.min(i + 999, #created)))
+end
 return replies
 """
 )
 
-# Many stream entries of one model delivered to this replica, each as CLAIM. ARGV: prefix,
-# group, consumer, max_attempts, now_ms, ttl_ms, max_finished, the model, then a JSON array of
-# [entry id, job id] pairs. For each: start the job (its fields are returned), drop the entry of a
-# job that finished (cancelled) or was handed back meanwhile, or dead-letter a job whose attempts
-# ran out (false).
+# Stream entries of one model delivered to this replica, each claimed as CLAIM did. ARGV: prefix,
+# group, consumer, max_attempts, now_ms, ttl_ms, max_finished, the model, a JSON array of [entry
+# id, job id] pairs, and a count. An empty array: the script reads up to count new entries itself
+# (XREADGROUP without blocking), so under load one call both reads and claims. For each entry:
+# start the job (its fields are returned), drop the entry of a job that finished (cancelled) or
+# was handed back meanwhile, or dead-letter a job whose attempts ran out (false). Returns per
+# entry three values: its entry id, its job id, and that answer; nothing when nothing was read.
 CLAIM_MANY = (
     _COMMON
     + """
@@ -278,45 +330,65 @@ local group, consumer = ARGV[2], ARGV[3]
 local max_attempts, now_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
 local ttl_ms, max_finished = tonumber(ARGV[6]), tonumber(ARGV[7])
 local stream = P .. 'q:' .. ARGV[8]
+local pairs_ = {}
+if ARGV[9] ~= '' then
+  pairs_ = cjson.decode(ARGV[9])
+else
+  local read = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', ARGV[10],
+                          'STREAMS', stream, '>')
+  for i, item in ipairs(read and read[1][2] or {}) do
+    pairs_[i] = {item[1], item[2][2]}  -- an entry's fields are 'id' and the job's id
+  end
+end
 local replies = {}
-for i, pair in ipairs(cjson.decode(ARGV[9])) do
+for i, pair in ipairs(pairs_) do
   local entry, id = pair[1], pair[2]
   local job = P .. 'job:' .. id
-  local fields = redis.call('HMGET', job, 'status', 'entry', 'attempts', 'code', 'message')
-  local status = fields[1]
+  -- Everything the claim reads, in one read: 1 status, 2 entry, 3 attempts, 4 code, 5 message,
+  -- 6 started, 7 ev, 8 model, 9 tenant, 10 rid, 11 created, 12 request, 13 tp, 14 cb, 15 cbr.
+  local f = redis.call('HMGET', job, 'status', 'entry', 'attempts', 'code', 'message',
+                       'started', 'ev', 'model', 'tenant', 'rid', 'created', 'request', 'tp',
+                       'cb', 'cbr')
+  local status = f[1]
   local reply = false
-  if not status or fields[2] ~= entry or (status ~= 'PENDING' and status ~= 'RUNNING') then
+  if not status or f[2] ~= entry or (status ~= 'PENDING' and status ~= 'RUNNING') then
     redis.call('XACK', stream, group, entry)
     redis.call('XDEL', stream, entry)
   else
-    local attempts = tonumber(fields[3])
+    local attempts = tonumber(f[3])
     if attempts >= max_attempts then
-      local last = fields[5] or ''
+      local last = f[5] or ''
       if last == '' then
         last = 'the replicas running it stopped before it finished'
       end
-      local code = fields[4] or ''
+      local code = f[4] or ''
       if code == '' then
         code = 'UNAVAILABLE'
       end
       redis.call('XACK', stream, group, entry)
       redis.call('XDEL', stream, entry)
       settle(id, 'FAILED', now_ms, ttl_ms, max_finished, code,
-             'gave up after ' .. attempts .. ' attempts: ' .. last, '')
+             'gave up after ' .. attempts .. ' attempts: ' .. last, '', {f[9], f[3], f[14], f[7]})
       redis.call('XADD', P .. 'dead', 'MAXLEN', '~', '100000', '*', 'id', id,
-                 'model', redis.call('HGET', job, 'model'), 'attempts', attempts, 'error', last)
+                 'model', f[8], 'attempts', attempts, 'error', last)
     else
-      redis.call('HSET', job, 'status', 'RUNNING', 'owner', consumer, 'attempts', attempts + 1)
-      if redis.call('HGET', job, 'started') == '' then
-        redis.call('HSET', job, 'started', now_ms)
+      local started = f[6]
+      if not started or started == '' then
+        started = tostring(now_ms)
       end
-      event(id, 'RUNNING', attempts + 1, '0', now_ms, '', '')
-      reply = redis.call('HMGET', job, 'model', 'tenant', 'rid', 'attempts', 'created',
-                         'request', 'tp', 'started', 'cb', 'cbr')
+      local seq = tonumber(f[7] or '0') + 1
+      redis.call('HSET', job, 'status', 'RUNNING', 'owner', consumer, 'attempts', attempts + 1,
+                 'started', started, 'ev', seq)
+      publish(id, seq, 'RUNNING', attempts + 1, '0', now_ms, '', '')
+      reply = {f[8], f[9], f[10], tostring(attempts + 1), f[11], f[12], f[13], started, f[14],
+               f[15]}
     end
   end
-  replies[i] = reply
+  replies[#replies + 1] = entry
+  replies[#replies + 1] = id
+  replies[#replies + 1] = reply
 end
+settled()
 return replies
 """
 )
@@ -333,22 +405,27 @@ FINISH_MANY = (
     _COMMON
     + """
 local group, ttl_ms, max_finished, consumer = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-local replies = {}
+local replies, acked = {}, {}
 for i = 0, tonumber(ARGV[6]) - 1 do
   local meta, outputs = cjson.decode(ARGV[7 + i * 2]), ARGV[8 + i * 2]
   local entry, wanted, now_ms = meta[1], meta[2], tonumber(meta[3])
   local code, message, id = meta[4], meta[5], meta[6]
   local job, stream = P .. 'job:' .. id, P .. 'q:' .. meta[7]
-  local fields = redis.call('HMGET', job, 'status', 'owner', 'entry')
-  local status = fields[1]
+  -- 1 status, 2 owner, 3 entry, then what settle() reads: 4 tenant, 5 attempts, 6 cb, 7 ev.
+  local f = redis.call('HMGET', job, 'status', 'owner', 'entry', 'tenant', 'attempts', 'cb', 'ev')
+  local status = f[1]
   local reply
-  if status == 'PENDING' or (status == 'RUNNING' and (fields[2] ~= consumer
-                                                      or fields[3] ~= entry)) then
+  if status == 'PENDING' or (status == 'RUNNING' and (f[2] ~= consumer or f[3] ~= entry)) then
     redis.call('HINCRBY', P .. 'stats', 'dropped_results', 1)
     reply = 'NOT_OURS'
   else
-    redis.call('XACK', stream, group, entry)
-    redis.call('XDEL', stream, entry)
+    -- Acknowledged and deleted together below, a command per stream for the whole batch.
+    local entries = acked[stream]
+    if entries == nil then
+      entries = {}
+      acked[stream] = entries
+    end
+    entries[#entries + 1] = entry
     if not status then
       reply = 'GONE'
     elseif status ~= 'RUNNING' then
@@ -357,17 +434,25 @@ for i = 0, tonumber(ARGV[6]) - 1 do
       end
       reply = status
     else
-      settle(id, wanted, now_ms, ttl_ms, max_finished, code, message, outputs)
+      settle(id, wanted, now_ms, ttl_ms, max_finished, code, message, outputs,
+             {f[4], f[5], f[6], f[7]})
       if wanted == 'FAILED' then
         redis.call('XADD', P .. 'dead', 'MAXLEN', '~', '100000', '*', 'id', id,
-                   'model', redis.call('HGET', job, 'model'),
-                   'attempts', redis.call('HGET', job, 'attempts'), 'error', message)
+                   'model', meta[7], 'attempts', f[5], 'error', message)
       end
       reply = wanted
     end
   end
   replies[i + 1] = reply
 end
+for stream, entries in pairs(acked) do
+  for i = 1, #entries, 1000 do
+    local part = {unpack(entries, i, math.min(i + 999, #entries))}
+    redis.call('XACK', stream, group, unpack(part))
+    redis.call('XDEL', stream, unpack(part))
+  end
+end
+settled()
 return replies
 """
 )

@@ -13,7 +13,8 @@ Layout (every key starts with tg:, so one Redis database can be inspected at a g
     tg:dead            stream: jobs whose attempts ran out (dead letters), for operators
     tg:count           hash: finished jobs kept, by status (the metrics)
     tg:pending         hash: unfinished jobs by tenant (--max-pending-jobs-per-tenant)
-    tg:finished        pub/sub channel: "<id> <STATUS>" whenever a job finishes
+    tg:finished        pub/sub channel: "<id> <STATUS>" lines, one message for the jobs that
+                       one script call finished
     tg:ev:<id>         pub/sub channel: each change of the job's state, "seq|status|attempt|retry|
                        ms|code|message" (seq: the hash's `ev` counter); subscribed only by
                        replicas that have a watcher of the job
@@ -55,6 +56,7 @@ from tensorgate.server.errors import ResourceExhausted, Unavailable
 from tensorgate.server.jobs import codec
 from tensorgate.server.jobs.batched import Batched
 from tensorgate.server.jobs.job import Job, JobStatus
+from tensorgate.server.jobs.redis_calls import DirectCalls
 from tensorgate.server.jobs.redis_scripts import (
     CANCEL,
     CLAIM_MANY,
@@ -107,6 +109,8 @@ _KEEP_FINISHED_S = 5.0
 _MAX_CONNECTIONS = 64
 # The longest close() waits for the store's own tasks to end.
 _CLOSE_S = 2.0
+# The scripts' JSON arguments (one encoder, not one built per call as json.dumps does).
+_compact = json.JSONEncoder(separators=(",", ":")).encode
 # What a lost or refused connection raises.
 _LOST: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
@@ -149,6 +153,8 @@ class RedisJobStore:
                 retry=Retry(NoBackoff(), 1),
             )
             self._client: Any = aioredis.Redis(connection_pool=pool)
+            # The job path's own calls (Submits, reads and claims, outcomes): see redis_calls.py.
+            self._direct = DirectCalls(pool)
         except ValueError as exc:
             raise ConfigError(f"--job-store {url!r}: {exc}") from None
         self._pubsub_client: Any = aioredis.from_url(
@@ -227,6 +233,7 @@ class RedisJobStore:
         # Bounded: shutdown must not hang on a Redis call that ignores its cancellation.
         if tasks:
             await asyncio.wait(tasks, timeout=_CLOSE_S)
+        await self._direct.close()
         with contextlib.suppress(Exception):
             await self._client.aclose()
             await self._client.connection_pool.disconnect()  # a pool of our own: closed here
@@ -314,12 +321,13 @@ class RedisJobStore:
                         for queue in self._watchers.get(channel[len(_EVENTS) :].decode(), ()):
                             queue.put_nowait(message["data"])
                         continue
-                    job_id, _, status = message["data"].decode().partition(" ")
-                    self._pending_here.pop(job_id, None)
-                    for event in self._waiters.get(job_id, ()):
-                        event.set()
-                    if status == JobStatus.CANCELLED.value:
-                        self._on_cancelled(job_id)
+                    for line in message["data"].decode().split("\n"):
+                        job_id, _, status = line.partition(" ")
+                        self._pending_here.pop(job_id, None)
+                        for event in self._waiters.get(job_id, ()):
+                            event.set()
+                        if status == JobStatus.CANCELLED.value:
+                            self._on_cancelled(job_id)
             except _LOST as exc:
                 _keep_cancellation()
                 log.debug("job listener: %s", exc)
@@ -374,7 +382,7 @@ class RedisJobStore:
             "hs": DeliveryState.PENDING.value if job.callback else "", "hn": "0", "he": "",
         }  # fmt: skip
         item = (
-            json.dumps((job.id, key, fields), separators=(",", ":")),
+            _compact((job.id, key, fields)),
             codec.encode_request(job.payload),
         )
         outcome, value = await self._submits.call(item)
@@ -411,7 +419,7 @@ class RedisJobStore:
         for item in batch:
             args += item
         with self._reachable():
-            replies = await self._submit_many(args=args)
+            replies = await self._direct.script(self._submit_many, args)
         return [(replies[i], replies[i + 1]) for i in range(0, len(replies), 2)]
 
     async def get(self, job_id: str, tenant: str = "") -> Job | None:
@@ -605,9 +613,11 @@ class RedisJobStore:
     # --- running --------------------------------------------------------------------------------
 
     async def take(self, model: str, limit: int, wait_s: float) -> list[Job]:
+        """Under load one script call reads and claims; with the stream empty, a blocking read
+        waits up to wait_s for entries and a second call claims them."""
         stream = _stream(model)
         with self._reachable(cancellable=False):
-            entries: list[tuple[bytes, Any]] = []
+            taken: list[tuple[str, str]] = []  # (entry id, job id), when read here
             now = time.monotonic()
             if now >= self._next_reclaim.get(model, 0.0):
                 # Jobs of replicas that stopped renewing their lease.
@@ -615,34 +625,28 @@ class RedisJobStore:
                 _, claimed, _ = await self._client.xautoclaim(
                     stream, GROUP, self.consumer, self._lease_ms, "0-0", count=limit
                 )
-                entries = [(entry_id, fields) for entry_id, fields in claimed if fields]
-                if entries:
-                    log.info("took over %d job(s) of %s from a silent replica", len(entries), model)
-            if not entries:
-                try:
-                    reply = await self._client.xreadgroup(
-                        GROUP,
-                        self.consumer,
-                        {stream: ">"},
-                        count=limit,
-                        block=max(int(wait_s * 1000), 1),
-                    )
-                except Exception as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    await self._prepare()  # Redis lost the group (restarted without AOF)
-                    return []
-                entries = reply[0][1] if reply else []
-            if not entries:
+                taken = [(entry_id.decode(), fields[b"id"].decode())
+                         for entry_id, fields in claimed if fields]  # fmt: skip
+                if taken:
+                    log.info("took over %d job(s) of %s from a silent replica", len(taken), model)
+            try:
+                claims = await self._claim(model, taken, limit)
+                if not claims and not taken:
+                    reply = await self._direct.command(
+                        "XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", limit,
+                        "BLOCK", max(int(wait_s * 1000), 1), "STREAMS", stream, ">",
+                    )  # fmt: skip
+                    taken = [(entry.decode(), job.decode()) for entry, job in _read_entries(reply)]
+                    if taken:
+                        claims = await self._claim(model, taken, limit)
+            except redis.exceptions.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._prepare()  # Redis lost the group (restarted without AOF)
                 return []
-            pairs = [(entry_id.decode(), fields[b"id"].decode()) for entry_id, fields in entries]
-            args: list[Any] = [
-                PREFIX, GROUP, self.consumer, self._max_attempts, _now_ms(), self._ttl_ms,
-                self._max_finished, model, json.dumps(pairs, separators=(",", ":")),
-            ]  # fmt: skip
-            claims = await self._claim_many(args=args)
         jobs = []
-        for (entry_id, fields), claim in zip(entries, claims, strict=True):
+        for i in range(0, len(claims), 3):
+            entry_id, job_id, claim = claims[i : i + 3]
             if not claim:
                 continue
             model_name, tenant, rid, attempts, created, blob, traceparent, started, url, whole = (
@@ -652,7 +656,7 @@ class RedisJobStore:
             callback = Callback(url.decode(), whole == b"1") if url else None
             jobs.append(
                 Job(
-                    id=fields[b"id"].decode(),
+                    id=job_id.decode(),
                     model=model_name.decode(),
                     tenant=tenant_name,
                     request_id=rid.decode(),
@@ -668,6 +672,15 @@ class RedisJobStore:
                 )
             )
         return jobs
+
+    async def _claim(self, model: str, taken: list[tuple[str, str]], limit: int) -> list[Any]:
+        """CLAIM_MANY of the entries read here, or (none) of up to limit new ones it reads."""
+        args: list[Any] = [
+            PREFIX, GROUP, self.consumer, self._max_attempts, _now_ms(), self._ttl_ms,
+            self._max_finished, model, _compact(taken) if taken else "", limit,
+        ]  # fmt: skip
+        claims: list[Any] = await self._direct.script(self._claim_many, args)
+        return claims
 
     async def renew(self, jobs: list[Job]) -> None:
         by_model: dict[str, list[str]] = {}
@@ -718,7 +731,7 @@ class RedisJobStore:
             job.id,
             job.model,
         )
-        final = await self._finishes.call((json.dumps(meta, separators=(",", ":")), outputs))
+        final = await self._finishes.call((_compact(meta), outputs))
         final_status = final.decode()
         if final_status == "NOT_OURS":
             log.info("job %s: handed on to another replica; the result here is dropped", job.id)
@@ -744,7 +757,7 @@ class RedisJobStore:
         for item in batch:
             args += list(item)
         with self._reachable():
-            replies: list[Any] = await self._finish_many(args=args)
+            replies: list[Any] = await self._direct.script(self._finish_many, args)
         return replies
 
     # --- what this process knows without asking Redis ------------------------------------------
@@ -920,6 +933,16 @@ def _parse_event(job: Job, raw: bytes) -> tuple[int, JobEvent]:
         error=codec.error_from(code, message) if code else None,
         retry=retry == "1",
     )
+
+
+def _read_entries(reply: Any) -> list[tuple[bytes, bytes]]:
+    """XREADGROUP's reply as Redis sends it (RESP2: [[stream, entries]]; RESP3: {stream:
+    entries}; nothing read: nil), as (entry id, job id) pairs: each entry's fields are "id" and
+    the job's id."""
+    if not reply:
+        return []
+    streams = reply.values() if isinstance(reply, dict) else (entries for _, entries in reply)
+    return [(entry_id, fields[1]) for entries in streams for entry_id, fields in entries if fields]
 
 
 def _stream(model: str) -> str:

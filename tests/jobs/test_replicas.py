@@ -193,7 +193,10 @@ def test_sigterm_hands_unstarted_jobs_to_other_replicas_instead_of_failing_them(
         assert len(on_b.list_jobs("PENDING", limit=1000)) >= 100  # the backlog this test needs
     assert a.stop() == 0  # SIGTERM; exits within its 1 s grace period
     # The log is read by a thread: wait for its last lines.
-    wait_until(lambda: "handed" in "".join(a.log), timeout_s=5, what="jobs handed back")
+    try:
+        wait_until(lambda: "handed" in "".join(a.log), timeout_s=5, what="jobs handed back")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; A's log ends: {''.join(a.log)[-3000:]}") from None
     with TensorgateClient(b.target, timeout_s=30) as on_b:
         statuses = [on_b.get_result(job_id, wait_timeout_s=60).status for job_id in ids]
     assert statuses.count("SUCCEEDED") == len(ids), {s: statuses.count(s) for s in set(statuses)}
