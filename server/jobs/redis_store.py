@@ -172,6 +172,7 @@ class RedisJobStore:
         self._checked = False
         self._models: list[str] = []
         self._next_reclaim: dict[str, float] = {}
+        self._busy: set[str] = set()  # models whose last take found entries
         self._waiters: dict[str, set[asyncio.Event]] = {}
         # Watchers by job id (each a queue of raw events; None: read the job again), and the
         # subscriptions being confirmed.
@@ -613,9 +614,11 @@ class RedisJobStore:
     # --- running --------------------------------------------------------------------------------
 
     async def take(self, model: str, limit: int, wait_s: float) -> list[Job]:
-        """Under load one script call reads and claims; with the stream empty, a blocking read
-        waits up to wait_s for entries and a second call claims them."""
+        """Under load one script call reads and claims; when the last take found the stream
+        empty, a blocking read waits up to wait_s for entries and a script call claims them."""
         stream = _stream(model)
+        busy = model in self._busy
+        self._busy.discard(model)
         with self._reachable(cancellable=False):
             taken: list[tuple[str, str]] = []  # (entry id, job id), when read here
             now = time.monotonic()
@@ -630,7 +633,8 @@ class RedisJobStore:
                 if taken:
                     log.info("took over %d job(s) of %s from a silent replica", len(taken), model)
             try:
-                claims = await self._claim(model, taken, limit)
+                # The stream had entries at the last take: try reading and claiming in one call.
+                claims = await self._claim(model, taken, limit) if taken or busy else []
                 if not claims and not taken:
                     reply = await self._direct.command(
                         "XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", limit,
@@ -644,6 +648,8 @@ class RedisJobStore:
                     raise
                 await self._prepare()  # Redis lost the group (restarted without AOF)
                 return []
+        if claims:
+            self._busy.add(model)
         jobs = []
         for i in range(0, len(claims), 3):
             entry_id, job_id, claim = claims[i : i + 3]
