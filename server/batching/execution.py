@@ -14,8 +14,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from prometheus_client import Counter
-
 from tensorgate.server.batching.stats import BatcherStats
 from tensorgate.server.errors import Internal, TensorgateError, Unavailable
 from tensorgate.server.executor.batch import Batch
@@ -24,6 +22,7 @@ from tensorgate.server.futures import settle_error, settle_result
 from tensorgate.server.inference import InferenceRequest
 from tensorgate.server.model_config import ModelConfig
 from tensorgate.server.telemetry import Telemetry
+from tensorgate.server.telemetry.metrics import LoopSeries
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ class BatchExecution:
         self._m_compute = metrics.compute_seconds.labels(model)
         self._m_rows = metrics.batch_rows.labels(model)
         self._m_busy = metrics.instance_busy_seconds
-        self._m_busy_by_instance: dict[int, Counter] = {}
+        self._m_busy_by_instance: dict[int, LoopSeries] = {}
         self.healthy = True
         self._consecutive_failures = 0
 
@@ -136,7 +135,7 @@ class BatchExecution:
             self._m_rows.observe(batch.rows)
             self._m_compute.observe(compute_s)
             busy = self._m_busy_by_instance.get(instance.index)
-            if busy is None:  # labels() looks the child up under a lock: once per instance
+            if busy is None:
                 busy = self._m_busy.labels(config.name, str(instance.index))
                 self._m_busy_by_instance[instance.index] = busy
             busy.inc(elapsed_s)

@@ -51,12 +51,11 @@ class Instance(ABC):
         the batch is formed, the thread wakes while the loop finishes its turn: a lone request
         is answered one loop iteration sooner than through a task that starts the call."""
         try:
-            submitted = self._worker.submit(lambda: self.run_batch(batch))
+            return self._worker.start(lambda: self.run_batch(batch))
         except RuntimeError as exc:  # the worker was closed or abandoned meanwhile
             failed: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
             settle_error(failed, exc)
             return failed
-        return asyncio.wrap_future(submitted)
 
     def abandon(self) -> None:
         """Gives up on an instance whose thread is stuck in the engine: the thread cannot be

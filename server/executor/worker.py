@@ -3,22 +3,77 @@
 A daemon thread rather than a ThreadPoolExecutor: the pool's threads are joined at interpreter
 exit, so one engine call that never returns would hold the process long after SIGTERM. A worker
 the watchdog gave up on is abandoned and dies with the process.
+
+A call from the event loop (start) gets a future of that loop, which the thread settles with one
+call_soon_threadsafe; a blocking caller (call, submit) gets a concurrent future.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from tensorgate.server.futures import settle_error, settle_result
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_Call = tuple[Callable[[], Any], "concurrent.futures.Future[Any]"]
+
+class _ThreadReply:
+    """A concurrent future, for a caller that blocks on it."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: concurrent.futures.Future[Any]) -> None:
+        self.future = future
+
+    def running(self) -> bool:
+        return self.future.set_running_or_notify_cancel()
+
+    def ok(self, result: Any) -> None:
+        self.future.set_result(result)
+
+    def fail(self, error: BaseException) -> None:
+        self.future.set_exception(error)
+
+    def cancel(self) -> None:
+        self.future.cancel()
+
+
+class _LoopReply:
+    """A future of an event loop, settled on that loop (nothing else is thread-safe there)."""
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> None:
+        self.loop, self.future = loop, future
+
+    def running(self) -> bool:
+        return not self.future.done()  # cancelled before it started: skipped
+
+    def ok(self, result: Any) -> None:
+        self._post(settle_result, result)
+
+    def fail(self, error: BaseException) -> None:
+        self._post(settle_error, error)
+
+    def cancel(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.future.cancel)
+
+    def _post(self, settle: Callable[[asyncio.Future[Any], Any], bool], value: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            self.loop.call_soon_threadsafe(settle, self.future, value)
+
+
+_Call = tuple[Callable[[], Any], _ThreadReply | _LoopReply]
 
 
 class Worker:
@@ -37,7 +92,16 @@ class Worker:
         if self._closed:
             raise RuntimeError(f"worker {self.name} is closed")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._calls.put((fn, future))
+        self._calls.put((fn, _ThreadReply(future)))
+        return future
+
+    def start(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """From the event loop: runs fn on the thread; the loop's future holds its outcome."""
+        if self._closed:
+            raise RuntimeError(f"worker {self.name} is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._calls.put((fn, _LoopReply(loop, future)))
         return future
 
     def call(self, fn: Callable[[], T]) -> T:
@@ -71,15 +135,15 @@ class Worker:
             if item is None:
                 self._cancel_queued()
                 return
-            fn, future = item
-            if not future.set_running_or_notify_cancel():
+            fn, reply = item
+            if not reply.running():
                 continue
             try:
                 result = fn()
             except BaseException as exc:
-                future.set_exception(exc)
+                reply.fail(exc)
             else:
-                future.set_result(result)
+                reply.ok(result)
 
     def _cancel_queued(self) -> None:
         while True:
@@ -97,5 +161,5 @@ class Worker:
             if item is None:
                 self._cancel_queued()
                 return
-            if item[1].set_running_or_notify_cancel():
-                item[1].set_exception(error)
+            if item[1].running():
+                item[1].fail(error)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -37,8 +37,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.tenant_label = tenant_label
-        # Counted on every request: kept as plain numbers by the event loop, read at scrape
-        # time (LoopCounter, LoopHistogram), not through prometheus_client's locks per update.
+        # Counted on every request or batch: kept as plain numbers by the event loop, read at
+        # scrape time (LoopCounter, LoopHistogram), not through prometheus_client's locks.
         self.requests = LoopCounter(
             "tensorgate_requests",
             "Inference requests answered, by model, RPC kind and gRPC status code"
@@ -57,25 +57,22 @@ class Metrics:
             ("model",),
             _LATENCY_BUCKETS_S,
         )
-        self.compute_seconds = Histogram(
+        self.compute_seconds = LoopHistogram(
             "tensorgate_batch_compute_seconds",
             "Engine time of one batch (CUDA-event time on GPU instances)",
-            ["model"],
-            buckets=_LATENCY_BUCKETS_S,
-            registry=r,
+            ("model",),
+            _LATENCY_BUCKETS_S,
         )
-        self.batch_rows = Histogram(
+        self.batch_rows = LoopHistogram(
             "tensorgate_batch_size_rows",
             "Rows per batch sent to an instance",
-            ["model"],
-            buckets=_BATCH_BUCKETS,
-            registry=r,
+            ("model",),
+            _BATCH_BUCKETS,
         )
-        self.instance_busy_seconds = Counter(
+        self.instance_busy_seconds = LoopCounter(
             "tensorgate_instance_busy_seconds",
             "Time instances spent running batches; rate() over it is utilization",
-            ["model", "instance"],
-            registry=r,
+            ("model", "instance"),
         )
         self.calls = LoopCounter(
             "tensorgate_calls",
@@ -83,7 +80,8 @@ class Metrics:
             ("method", "code"),
         )
         r.register(_LoopCollector((self.requests, self.request_seconds, self.queue_seconds,
-                                   self.calls)))  # fmt: skip
+                                   self.compute_seconds, self.batch_rows,
+                                   self.instance_busy_seconds, self.calls)))  # fmt: skip
         self.scheduler_restarts = Counter(
             "tensorgate_scheduler_restarts",
             "Times a model's scheduler died of an unexpected error and was restarted",
