@@ -40,12 +40,37 @@ def _thread_cpu() -> dict[int, float]:
     return out
 
 
+def _tracing(on: bool) -> object:
+    """Tracing for --traced: the SDK's batch processor, exporting to an exporter that encodes
+    each batch of spans as the OTLP exporter does and sends nothing (no collector to run)."""
+    from tensorgate.server.telemetry.tracing import Tracing
+
+    if not on:
+        return Tracing(None)
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Encoding(SpanExporter):
+        def export(self, spans):  # type: ignore[no-untyped-def]
+            encode_spans(spans).SerializeToString()
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Encoding()))
+    return Tracing(provider)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--top", type=int, default=15, help="functions listed by calls")
     parser.add_argument("--dump", type=Path, help="also write the profile here (pstats format)")
+    parser.add_argument(
+        "--traced", action="store_true",
+        help="every request traced; spans encoded as OTLP would send them, then dropped",
+    )  # fmt: skip
     parser.add_argument("--mode", default="unary", choices=["unary", "stream", "submit", "job"])
     parser.add_argument(
         "--job-store", default="memory", choices=["memory", "redis"],
@@ -75,7 +100,8 @@ def main() -> int:
         config = ServerConfig(host="127.0.0.1", port=0, model_repository=repository,
                               drain_delay_s=0.0, metrics_port=-1, models=("mlp",),
                               job_store=store)  # fmt: skip
-        server = ServerThread(config, loop=uvloop.new_event_loop()).start()
+        server = ServerThread(config, _tracing(args.traced), loop=uvloop.new_event_loop())
+        server.start()
         try:
 
             def load(seconds: float) -> int:
