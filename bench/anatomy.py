@@ -114,6 +114,9 @@ def main() -> int:
             load(1.0)
             print(f"measuring CPU by thread for {args.seconds:g} s", flush=True)
             redis0 = stat_cpu_seconds(redis_stat) if redis_stat else 0.0
+            if redis_stat:
+                with redis.client() as c:
+                    c.config_resetstat()
             before, stats0 = _thread_cpu(), server.stats("mlp")
             requests = load(args.seconds)
             after, stats1 = _thread_cpu(), server.stats("mlp")
@@ -136,6 +139,13 @@ def main() -> int:
                     print(f"  {name:<28} {cpu / requests * 1e6:7.1f}")
             if redis_stat:
                 print(f"  {'(redis-server, its process)':<28} {redis_cpu / requests * 1e6:7.1f}")
+                with redis.client() as c:
+                    commands = c.info("commandstats")
+                print("Redis's time by command (scripts' commands counted as well), per request:")
+                ranked = sorted(commands.items(), key=lambda kv: -kv[1]["usec"])
+                for name, numbers in ranked[:12]:
+                    print(f"  {name.removeprefix('cmdstat_'):<14} {numbers['calls'] / requests:6.2f}"
+                          f" calls {numbers['usec'] / requests:7.1f} µs")  # fmt: skip
 
             print(f"\ncounting the loop's Python calls for {args.seconds:g} s (profiled)")
             profiler = cProfile.Profile()

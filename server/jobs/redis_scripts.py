@@ -230,9 +230,9 @@ return #old
 
 # Many jobs submitted at once. ARGV: prefix, now_ms, ttl_ms, max_pending, max_per_tenant,
 # model count M, the M model names (every served model: the pending bound counts them all), job
-# count N, then per job two arguments: a JSON array [id, idempotency key ('' = none), fields]
-# whose fields are an object of strings (model and tenant among them), and its request blob.
-# (Every argument costs the client a Python call or several to pack: two per job, not forty.)
+# count N, then per job: its id, idempotency key ('' = none), model, tenant, a count F, and F
+# arguments: the job hash's fields and values (its request blob among them), set as they come.
+# (The client packs every argument in one C call, and Lua takes them as they are: no JSON.)
 # Returns per job two values: {0, existing id} (deduplicated), {-1, pending} (over the bound),
 # {-2, the tenant's unfinished jobs} (over its bound) or {1, unfinished jobs of the model before
 # it}.
@@ -251,10 +251,10 @@ local count = tonumber(ARGV[at])
 at = at + 1
 local replies, queued, held, added, created = {}, {}, {}, {}, {}
 for _ = 1, count do
-  local meta, request = cjson.decode(ARGV[at]), ARGV[at + 1]
-  at = at + 2
-  local id, key, fields = meta[1], meta[2], meta[3]
-  local model, tenant = fields['model'], fields['tenant']
+  local id, key, model, tenant = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  local first = at + 5
+  local last = at + 4 + tonumber(ARGV[at + 4])
+  at = last + 1
   local job, stream = P .. 'job:' .. id, P .. 'q:' .. model
   local done = false
   if key ~= '' then
@@ -283,17 +283,10 @@ for _ = 1, count do
       local ahead = queued[stream] or redis.call('XLEN', stream)
       local entry = redis.call('XADD', stream, '*', 'id', id)
       queued[stream] = ahead + 1
-      local flat = {'request', request, 'entry', entry}
-      for name, value in pairs(fields) do
-        flat[#flat + 1] = name
-        flat[#flat + 1] = value
-      end
       if key ~= '' then
         redis.call('SET', key, id)
-        flat[#flat + 1] = 'idem'
-        flat[#flat + 1] = key
       end
-      redis.call('HSET', job, unpack(flat))
+      redis.call('HSET', job, 'entry', entry, 'idem', key, unpack(ARGV, first, last))
       added[tenant] = (added[tenant] or 0) + 1
       if held[tenant] ~= nil then
         held[tenant] = held[tenant] + 1
@@ -317,12 +310,13 @@ return replies
 )
 
 # Stream entries of one model delivered to this replica, each claimed as CLAIM did. ARGV: prefix,
-# group, consumer, max_attempts, now_ms, ttl_ms, max_finished, the model, a JSON array of [entry
-# id, job id] pairs, and a count. An empty array: the script reads up to count new entries itself
-# (XREADGROUP without blocking), so under load one call both reads and claims. For each entry:
-# start the job (its fields are returned), drop the entry of a job that finished (cancelled) or
-# was handed back meanwhile, or dead-letter a job whose attempts ran out (false). Returns per
-# entry three values: its entry id, its job id, and that answer; nothing when nothing was read.
+# group, consumer, max_attempts, now_ms, ttl_ms, max_finished, the model, a count C, a count E,
+# then E entries read by the caller, each as two arguments: its entry id and job id. No entries
+# (E = 0): the script reads up to C new ones itself (XREADGROUP without blocking), so under load
+# one call both reads and claims. For each entry: start the job (its fields are returned), drop
+# the entry of a job that finished (cancelled) or was handed back meanwhile, or dead-letter a job
+# whose attempts ran out (false). Returns per entry three values: its entry id, its job id, and
+# that answer; nothing when nothing was read.
 CLAIM_MANY = (
     _COMMON
     + """
@@ -331,10 +325,13 @@ local max_attempts, now_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
 local ttl_ms, max_finished = tonumber(ARGV[6]), tonumber(ARGV[7])
 local stream = P .. 'q:' .. ARGV[8]
 local pairs_ = {}
-if ARGV[9] ~= '' then
-  pairs_ = cjson.decode(ARGV[9])
+local given = tonumber(ARGV[10])
+if given > 0 then
+  for i = 1, given do
+    pairs_[i] = {ARGV[9 + i * 2], ARGV[10 + i * 2]}
+  end
 else
-  local read = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', ARGV[10],
+  local read = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', ARGV[9],
                           'STREAMS', stream, '>')
   for i, item in ipairs(read and read[1][2] or {}) do
     pairs_[i] = {item[1], item[2][2]}  -- an entry's fields are 'id' and the job's id
@@ -394,8 +391,8 @@ return replies
 )
 
 # Many held jobs' outcomes, each as FINISH. ARGV: prefix, group, ttl_ms, max_finished, consumer,
-# job count N, then per job two arguments: a JSON array [entry, status, finished_ms, code,
-# message, id, model] and its outputs blob.
+# job count N, then per job eight arguments: entry, status, finished_ms, code, message, id,
+# model, and its outputs blob.
 # Returns per job the final status (a cancellation recorded first stays), 'GONE', or 'NOT_OURS':
 # the job was handed back, or taken over by another replica after this one's lease lapsed, and
 # the outcome is the new holder's to record. With RELEASE's own check, finishing and handing back
@@ -407,10 +404,11 @@ FINISH_MANY = (
 local group, ttl_ms, max_finished, consumer = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local replies, acked = {}, {}
 for i = 0, tonumber(ARGV[6]) - 1 do
-  local meta, outputs = cjson.decode(ARGV[7 + i * 2]), ARGV[8 + i * 2]
-  local entry, wanted, now_ms = meta[1], meta[2], tonumber(meta[3])
-  local code, message, id = meta[4], meta[5], meta[6]
-  local job, stream = P .. 'job:' .. id, P .. 'q:' .. meta[7]
+  local at = 7 + i * 8
+  local entry, wanted, now_ms = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2])
+  local code, message, id, model = ARGV[at + 3], ARGV[at + 4], ARGV[at + 5], ARGV[at + 6]
+  local outputs = ARGV[at + 7]
+  local job, stream = P .. 'job:' .. id, P .. 'q:' .. model
   -- 1 status, 2 owner, 3 entry, then what settle() reads: 4 tenant, 5 attempts, 6 cb, 7 ev.
   local f = redis.call('HMGET', job, 'status', 'owner', 'entry', 'tenant', 'attempts', 'cb', 'ev')
   local status = f[1]
@@ -438,7 +436,7 @@ for i = 0, tonumber(ARGV[6]) - 1 do
              {f[4], f[5], f[6], f[7]})
       if wanted == 'FAILED' then
         redis.call('XADD', P .. 'dead', 'MAXLEN', '~', '100000', '*', 'id', id,
-                   'model', meta[7], 'attempts', f[5], 'error', message)
+                   'model', model, 'attempts', f[5], 'error', message)
       end
       reply = wanted
     end

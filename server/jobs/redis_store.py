@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -109,8 +108,10 @@ _KEEP_FINISHED_S = 5.0
 _MAX_CONNECTIONS = 64
 # The longest close() waits for the store's own tasks to end.
 _CLOSE_S = 2.0
-# The scripts' JSON arguments (one encoder, not one built per call as json.dumps does).
-_compact = json.JSONEncoder(separators=(",", ":")).encode
+# Under load (the last batch held several), a batch of Submits or outcomes waits this long for
+# more before it goes: fewer script calls, each with a fixed cost in Redis and here.
+_LINGER_S = 0.003
+_PENDING = JobStatus.PENDING.value
 # What a lost or refused connection raises.
 _LOST: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
@@ -198,8 +199,8 @@ class RedisJobStore:
         self._claim_many = client.register_script(CLAIM_MANY)
         self._finish_many = client.register_script(FINISH_MANY)
         # The Submits and the outcomes of one loop iteration, sent as one script call each.
-        self._submits = Batched(self._submit_batch)
-        self._finishes = Batched(self._finish_batch)
+        self._submits = Batched(self._submit_batch, _LINGER_S)
+        self._finishes = Batched(self._finish_batch, _LINGER_S)
         # Jobs submitted here and not yet heard finished (id -> tenant), and jobs this process
         # recorded as finished, kept briefly: a long-poll here reads neither from Redis.
         self._pending_here: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -373,19 +374,17 @@ class RedisJobStore:
         """Joins the Submits of this loop iteration: they go to Redis as one script call."""
         assert job.payload is not None
         key = _key(job.tenant, job.idempotency_key) if job.idempotency_key else ""
-        fields = {
-            "model": job.model, "tenant": job.tenant, "rid": job.request_id,
-            "status": JobStatus.PENDING.value, "attempts": "0",
-            "created": str(int(job.created_at * 1000)), "finished": "", "code": "",
-            "message": "", "owner": "", "tp": job.traceparent, "idem": "", "ev": "1",
-            "started": "", "cb": job.callback.url if job.callback else "",
-            "cbr": "1" if job.callback and job.callback.include_result else "",
-            "hs": DeliveryState.PENDING.value if job.callback else "", "hn": "0", "he": "",
-        }  # fmt: skip
-        item = (
-            _compact((job.id, key, fields)),
-            codec.encode_request(job.payload),
-        )
+        callback = job.callback
+        fields = (
+            "model", job.model, "tenant", job.tenant, "rid", job.request_id,
+            "status", _PENDING, "attempts", "0", "created", int(job.created_at * 1000),
+            "finished", "", "code", "", "message", "", "owner", "", "tp", job.traceparent,
+            "ev", "1", "started", "", "cb", callback.url if callback else "",
+            "cbr", "1" if callback and callback.include_result else "",
+            "hs", DeliveryState.PENDING.value if callback else "", "hn", "0", "he", "",
+            "request", codec.encode_request(job.payload),
+        )  # fmt: skip
+        item = (job.id, key, job.model, job.tenant, len(fields), *fields)
         outcome, value = await self._submits.call(item)
         if outcome == 0:
             existing = await self.get(value.decode(), job.tenant)
@@ -683,8 +682,10 @@ class RedisJobStore:
         """CLAIM_MANY of the entries read here, or (none) of up to limit new ones it reads."""
         args: list[Any] = [
             PREFIX, GROUP, self.consumer, self._max_attempts, _now_ms(), self._ttl_ms,
-            self._max_finished, model, _compact(taken) if taken else "", limit,
+            self._max_finished, model, limit, len(taken),
         ]  # fmt: skip
+        for pair in taken:
+            args += pair
         claims: list[Any] = await self._direct.script(self._claim_many, args)
         return claims
 
@@ -728,16 +729,13 @@ class RedisJobStore:
         error = job.error
         finished_ms = int((job.finished_at or time.time()) * 1000)
         outputs = codec.encode_outputs(job.outputs) if job.outputs is not None else b""
-        meta = (
-            job.receipt,
-            job.status.value,
-            finished_ms,
-            error.code if error is not None else "",
-            str(error) if error is not None else "",
-            job.id,
-            job.model,
-        )
-        final = await self._finishes.call((_compact(meta), outputs))
+        final = await self._finishes.call(
+            (
+                job.receipt, job.status.value, finished_ms,
+                error.code if error is not None else "", str(error) if error is not None else "",
+                job.id, job.model, outputs,
+            )
+        )  # fmt: skip
         final_status = final.decode()
         if final_status == "NOT_OURS":
             log.info("job %s: handed on to another replica; the result here is dropped", job.id)
@@ -761,7 +759,7 @@ class RedisJobStore:
             PREFIX, GROUP, self._ttl_ms, self._max_finished, self.consumer, len(batch),
         ]  # fmt: skip
         for item in batch:
-            args += list(item)
+            args += item
         with self._reachable():
             replies: list[Any] = await self._direct.script(self._finish_many, args)
         return replies
