@@ -110,7 +110,7 @@ _MAX_CONNECTIONS = 64
 _CLOSE_S = 2.0
 # Under load (the last batch held several), a batch of Submits or outcomes waits this long for
 # more before it goes: fewer script calls, each with a fixed cost in Redis and here.
-_LINGER_S = 0.003
+_LINGER_S = 0.002
 _PENDING = JobStatus.PENDING.value
 # What a lost or refused connection raises.
 _LOST: tuple[type[BaseException], ...] = (
@@ -173,7 +173,7 @@ class RedisJobStore:
         self._checked = False
         self._models: list[str] = []
         self._next_reclaim: dict[str, float] = {}
-        self._busy: set[str] = set()  # models whose last take found entries
+        self._busy: set[str] = set()  # models whose last take found several entries
         self._waiters: dict[str, set[asyncio.Event]] = {}
         # Watchers by job id (each a queue of raw events; None: read the job again), and the
         # subscriptions being confirmed.
@@ -613,8 +613,8 @@ class RedisJobStore:
     # --- running --------------------------------------------------------------------------------
 
     async def take(self, model: str, limit: int, wait_s: float) -> list[Job]:
-        """Under load one script call reads and claims; when the last take found the stream
-        empty, a blocking read waits up to wait_s for entries and a script call claims them."""
+        """Under load one script call reads and claims; otherwise (the last take found one entry
+        or none) a blocking read waits up to wait_s for entries and a script call claims them."""
         stream = _stream(model)
         busy = model in self._busy
         self._busy.discard(model)
@@ -632,7 +632,7 @@ class RedisJobStore:
                 if taken:
                     log.info("took over %d job(s) of %s from a silent replica", len(taken), model)
             try:
-                # The stream had entries at the last take: try reading and claiming in one call.
+                # The last take found several: try reading and claiming in one call.
                 claims = await self._claim(model, taken, limit) if taken or busy else []
                 if not claims and not taken:
                     reply = await self._direct.command(
@@ -647,7 +647,7 @@ class RedisJobStore:
                     raise
                 await self._prepare()  # Redis lost the group (restarted without AOF)
                 return []
-        if claims:
+        if len(claims) > 3:  # more than one entry: jobs are arriving faster than they are taken
             self._busy.add(model)
         jobs = []
         for i in range(0, len(claims), 3):
