@@ -4,9 +4,9 @@ Redis job store's Submits and outcomes).
 
 With no batch in flight, a call goes at the end of the loop iteration it was made in (call_soon),
 so a lone call costs one loop turn; under load, the calls made during one round trip share the
-next. `linger_s`: when the last batch held more than one call (calls are arriving together), the
-next waits that long for company before it goes: fewer, fuller round trips for a little latency,
-paid only under load.
+next. `linger_s`: while batches hold more than one call on average (calls are arriving together),
+the next waits that long for company before it goes: fewer, fuller round trips for a little
+latency, paid only under load (one caller at a time makes batches of one, which ends lingering).
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tensorgate.server.futures import settle_error, settle_result
+
+# Lingering starts once batches average this many calls, smoothed with this weight per batch.
+_LINGER_ABOVE = 1.25
+_SMOOTHING = 0.2
 
 
 class Batched:
@@ -28,7 +32,7 @@ class Batched:
         self._waiting: list[tuple[Any, asyncio.Future[Any]]] = []
         self._scheduled = False
         self._in_flight: asyncio.Task[None] | None = None
-        self._last_size = 0
+        self._mean_size = 1.0  # batch size, smoothed over the last several batches
 
     async def call(self, item: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -42,7 +46,7 @@ class Batched:
 
     def _schedule(self, loop: asyncio.AbstractEventLoop, now: bool = False) -> None:
         """The next batch goes after this loop turn (now: at once), or lingers under load."""
-        if self._linger_s and self._last_size > 1:
+        if self._linger_s and self._mean_size > _LINGER_ABOVE:
             self._scheduled = True
             loop.call_later(self._linger_s, self._flush)
         elif now:
@@ -54,7 +58,7 @@ class Batched:
     def _flush(self) -> None:
         self._scheduled = False
         batch, self._waiting = self._waiting, []
-        self._last_size = len(batch)
+        self._mean_size += _SMOOTHING * (len(batch) - self._mean_size)
         if batch:
             self._in_flight = asyncio.create_task(self._run(batch))
 

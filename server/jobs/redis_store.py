@@ -108,7 +108,7 @@ _KEEP_FINISHED_S = 5.0
 _MAX_CONNECTIONS = 64
 # The longest close() waits for the store's own tasks to end.
 _CLOSE_S = 2.0
-# Under load (the last batch held several), a batch of Submits or outcomes waits this long for
+# Under load (batches hold several on average), a batch of Submits or outcomes waits this long for
 # more before it goes: fewer script calls, each with a fixed cost in Redis and here.
 _LINGER_S = 0.002
 _PENDING = JobStatus.PENDING.value
