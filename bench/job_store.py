@@ -1,11 +1,12 @@
 """The job stores side by side: memory (one process) vs Redis (shared by replicas).
 
-    python -m bench.job_store                 # about 2 minutes at --seconds 5
+    python -m bench.job_store                 # about 5 minutes: 3 rounds of 5 s a point
 
-For each store, one `tensorgate serve` on the bundled mlp: Submit→result (Submit, then long-poll
-GetResult) and Submit alone (accept rate), closed loop at 1 and 64 in flight; then, through Redis,
-a burst of 10,000 jobs from 64 senders: the accept rate, and every accepted job's final status
-(none may be lost); and, through Redis with MONITOR on (a separate short run: MONITOR costs
+For each store, one `tensorgate serve` on the bundled mlp, both running at once: Submit→result
+(Submit, then long-poll GetResult) and Submit alone (accept rate), closed loop at 1 and 64 in
+flight, each point measured on one store and then the other, over --rounds rounds; then into
+each store a burst of 10,000 jobs from 64 senders: the accept rate, and every accepted job's final
+status (none may be lost); and, through Redis with MONITOR on (a separate short run: MONITOR costs
 throughput), the Redis commands the server sends per finished job, end to end (Submit, run,
 finish, one long-poll waiter), by command, apart from the commands its scripts run inside Redis.
 Writes docs/job_store.json, the "Job stores" section of docs/benchmarks.md and
@@ -44,7 +45,8 @@ SECTION = "job-store"
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per point")
-    parser.add_argument("--burst", type=int, default=10_000, help="jobs in the Redis burst")
+    parser.add_argument("--burst", type=int, default=10_000, help="jobs in each store's burst")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every point, alternating")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         repository = Path(tmp) / "engines"
@@ -59,6 +61,7 @@ def main() -> int:
     report = {
         "machine": f"{platform.node()} ({platform.processor() or platform.machine()})",
         "seconds": args.seconds,
+        "rounds": args.rounds,
         "rows": rows,
         "burst": burst,
         "commands": commands,
@@ -74,37 +77,50 @@ def main() -> int:
 def _measure(
     args: argparse.Namespace, repository: Path, redis: RedisProcess
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    burst: dict[str, Any] = {}
+    """Both servers run at once; every point is measured on one and then the other (the order
+    swapped each round), over --rounds rounds, so each ratio compares measurements seconds
+    apart on the same machine. Rows hold each point's medians (by rate) and its rounds."""
     plan = [(mode, c) for mode in ("job", "submit") for c in (1, 64)]
-    total = 2 * len(plan) + 1
+    stores = ("memory", "redis")
+    servers: dict[str, ServeProcess] = {}
+    rounds: dict[tuple[str, str, int], list[dict[str, Any]]] = collections.defaultdict(list)
+    burst: dict[str, Any] = {}
+    total = args.rounds * len(plan) * len(stores) + 2
     step = 0
-    for store in ("memory", "redis"):
-        flags = ["--job-store", redis.url if store == "redis" else "memory", "--drain-delay-s", "0"]
-        server = ServeProcess(repository, models=["mlp"], extra_args=flags)
-        try:
+    try:
+        for store in stores:
+            store_flag = redis.url if store == "redis" else "memory"
+            flags = ["--job-store", store_flag, "--drain-delay-s", "0"]
+            servers[store] = ServeProcess(repository, models=["mlp"], extra_args=flags)
+        for round_index in range(args.rounds):
+            order = stores if round_index % 2 == 0 else stores[::-1]
             for mode, concurrency in plan:
-                step += 1
-                print(f"[{step}/{total}] {store}: {mode} at {concurrency} in flight", flush=True)
-                spec = LoadSpec(
-                    target=server.target,
-                    model="mlp",
-                    mode=mode,
-                    concurrency=concurrency,
-                    seconds=args.seconds,
-                    processes=2 if concurrency > 1 else 1,
-                )
-                result = run(spec)
-                rows.append(
-                    {"store": store, "mode": mode, "concurrency": concurrency, **result.as_dict()}
-                )
-                _wait_idle(server)
-            if store == "redis":
-                step += 1
-                print(f"[{step}/{total}] redis: burst of {args.burst} jobs", flush=True)
-                burst = asyncio.run(_burst(server.target, args.burst))
-        finally:
+                for store in order:
+                    step += 1
+                    print(f"[{step}/{total}] round {round_index + 1} {store}: {mode} at "
+                          f"{concurrency} in flight", flush=True)  # fmt: skip
+                    spec = LoadSpec(
+                        target=servers[store].target,
+                        model="mlp",
+                        mode=mode,
+                        concurrency=concurrency,
+                        seconds=args.seconds,
+                        processes=2 if concurrency > 1 else 1,
+                    )
+                    rounds[store, mode, concurrency].append(run(spec).as_dict())
+                    _wait_idle(servers[store])
+        for store in stores:
+            step += 1
+            print(f"[{step}/{total}] {store}: burst of {args.burst} jobs", flush=True)
+            burst[store] = asyncio.run(_burst(servers[store].target, args.burst))
+    finally:
+        for server in servers.values():
             server.stop()
+    rows = []
+    for (store, mode, concurrency), measured in rounds.items():
+        median = sorted(measured, key=lambda r: r["req_per_s"])[len(measured) // 2]
+        rows.append({"store": store, "mode": mode, "concurrency": concurrency, **median,
+                     "rounds": measured})  # fmt: skip
     return rows, burst
 
 
@@ -265,9 +281,11 @@ def _markdown(report: dict[str, Any]) -> str:
     lines = [
         "## Job stores: memory vs Redis (python -m bench.job_store)",
         "",
-        f"One `tensorgate serve` on mlp, {report['seconds']:g} s a point, on {report['machine']}; "
-        "the load generator on the same machine. Submit→result is Submit then a long-poll "
-        "GetResult; Submit alone is the accept rate (the jobs run meanwhile).",
+        f"One `tensorgate serve` per store on mlp, both running, each point measured on one "
+        f"then the other, {report.get('rounds', 1)} round(s) of {report['seconds']:g} s "
+        f"(medians by rate), on {report['machine']}; the load generator on the same machine. "
+        "Submit→result is Submit then a long-poll GetResult; Submit alone is the accept rate "
+        "(the jobs run meanwhile).",
         "",
         "| store | measured | in flight | per s | p50 ms | p99 ms | errors |",
         "|---|---|---|---|---|---|---|",
@@ -279,14 +297,21 @@ def _markdown(report: dict[str, Any]) -> str:
             f"| {r['store']} | {what} | {r['concurrency']} | {r['req_per_s']:.0f} | "
             f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {errors} |"
         )
-    b = report["burst"]
-    if b:
+    bursts = report["burst"]
+    if "redis" in bursts:
+        b, m = bursts["redis"], bursts.get("memory")
         lines += [
             "",
             f"Burst through Redis: {b['jobs']:,} jobs from 64 senders: {b['accepted']:,} "
             f"accepted at {b['accept_per_s']:.0f}/s, refused {b['refused'] or 'none'}; all "
             f"finished {b['all_finished_s']:.1f} s after the first Submit; final statuses "
-            f"{b['statuses']}; **lost: {b['lost']}**.",
+            f"{b['statuses']}; **lost: {b['lost']}**."
+            + (
+                f" The same burst into the memory store: {m['accept_per_s']:.0f}/s accepted "
+                f"(Redis {b['accept_per_s'] / m['accept_per_s']:.2f}x), lost {m['lost']}."
+                if m
+                else ""
+            ),
         ]
     ceiling = report.get("ceiling")
     if ceiling:
