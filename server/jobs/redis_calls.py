@@ -5,8 +5,9 @@ redis-py's client spends some 360 Python calls on every command before and after
 (the pool's lock and bookkeeping, observability hooks, the retry wrapper, packing each argument on
 its own); a call here spends about 80: the arguments are packed in one C call and the connection is
 taken from a plain list. Replies come as Redis sends them (no response callbacks). Connections are
-made by the store's own pool (its URL, TLS, password and timeouts) and parsed by the same hiredis
-reader, so the replies, errors and timeouts are redis-py's.
+made with the settings of the store's pool (its URL, TLS and password) and read by the same hiredis
+reader, so the replies and errors are redis-py's. One timer bounds each call, in place of socket
+timeouts (which in redis-py cost a task per write and a timeout per read).
 
 A call that finds Redis without the script (it restarted) loads it and sends again: a missing
 script fails before running anything. A connection that was lost while idle (a Redis restart closes
@@ -16,6 +17,7 @@ failure on a fresh connection is raised.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Sequence
 from typing import Any
@@ -29,39 +31,54 @@ _LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSErro
 
 
 class DirectCalls:
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(self, pool: ConnectionPool, timeout_s: float) -> None:
+        """timeout_s: the longest a call waits for its answer (a blocking read: beyond its
+        block time). One timer bounds the whole call: the connections have no socket timeout
+        of their own, which in redis-py costs a task per write and a timeout per read."""
         self._pool = pool
+        self._timeout_s = timeout_s
+        self._kwargs = {**pool.connection_kwargs, "socket_timeout": None}
         self._idle: list[AbstractConnection] = []
 
     async def script(self, script: AsyncScript, args: Sequence[Any]) -> Any:
         """EVALSHA of the script (no keys: the job scripts name their keys from the prefix)."""
-        return await self._call(script, args)
+        return await self._call(script, args, self._timeout_s)
 
-    async def command(self, *args: Any) -> Any:
-        """One command, e.g. command("XREADGROUP", "GROUP", ...)."""
-        return await self._call(None, args)
+    async def command(self, *args: Any, blocks_s: float = 0.0) -> Any:
+        """One command, e.g. command("XREADGROUP", "GROUP", ...); blocks_s: how long Redis
+        may hold it before answering (BLOCK)."""
+        return await self._call(None, args, self._timeout_s + blocks_s)
 
-    async def _call(self, script: AsyncScript | None, args: Sequence[Any]) -> Any:
+    async def _call(self, script: AsyncScript | None, args: Sequence[Any], timeout_s: float) -> Any:
         reused = bool(self._idle)
-        connection = self._idle.pop() if reused else self._pool.make_connection()
+        connection = self._idle.pop() if reused else self._connection()
         try:
-            try:
-                reply = await self._send(connection, script, args)
-            except _LOST:
-                if not reused:
-                    raise
-                await connection.disconnect(nowait=True)  # closed while idle: once more
-                reply = await self._send(connection, script, args)
+            async with asyncio.timeout(timeout_s):
+                try:
+                    reply = await self._send(connection, script, args)
+                except _LOST:
+                    if not reused:
+                        raise
+                    await connection.disconnect(nowait=True)  # closed while idle: once more
+                    reply = await self._send(connection, script, args)
         except redis.exceptions.ResponseError:
             self._idle.append(connection)  # an error reply leaves the connection in step
             raise
-        except BaseException:
+        except BaseException as exc:
             # Lost, timed out or cancelled mid-call: a reply may still be on its way.
             with contextlib.suppress(Exception):
                 await connection.disconnect(nowait=True)
+            if type(exc) is TimeoutError:  # the call's timer (redis-py's own errors are others)
+                raise redis.exceptions.TimeoutError(
+                    f"no answer from Redis within {timeout_s:g} s"
+                ) from None
             raise
         self._idle.append(connection)
         return reply
+
+    def _connection(self) -> AbstractConnection:
+        connection: AbstractConnection = self._pool.connection_class(**self._kwargs)
+        return connection
 
     @staticmethod
     async def _send(

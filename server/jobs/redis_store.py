@@ -104,6 +104,8 @@ _SWEEP_BATCH = 1000
 _KNOWN_PENDING = 100_000
 _KNOWN_FINISHED = 10_000
 _KEEP_FINISHED_S = 5.0
+# The longest a call to Redis waits for its answer (beyond a blocking read's own wait).
+_CALL_TIMEOUT_S = 5.0
 # Connections to Redis at most (besides the one subscription); more calls at once wait their turn.
 _MAX_CONNECTIONS = 64
 # The longest close() waits for the store's own tasks to end.
@@ -147,7 +149,7 @@ class RedisJobStore:
                 max_connections=_MAX_CONNECTIONS,
                 timeout=5.0,
                 password=password,
-                socket_timeout=5.0,
+                socket_timeout=_CALL_TIMEOUT_S,
                 socket_connect_timeout=2.0,
                 # One quick retry covers a connection Redis closed (a restart); more would hold
                 # Submit for seconds while Redis is down.
@@ -155,7 +157,7 @@ class RedisJobStore:
             )
             self._client: Any = aioredis.Redis(connection_pool=pool)
             # The job path's own calls (Submits, reads and claims, outcomes): see redis_calls.py.
-            self._direct = DirectCalls(pool)
+            self._direct = DirectCalls(pool, timeout_s=_CALL_TIMEOUT_S)
         except ValueError as exc:
             raise ConfigError(f"--job-store {url!r}: {exc}") from None
         self._pubsub_client: Any = aioredis.from_url(
@@ -638,6 +640,7 @@ class RedisJobStore:
                     reply = await self._direct.command(
                         "XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", limit,
                         "BLOCK", max(int(wait_s * 1000), 1), "STREAMS", stream, ">",
+                        blocks_s=wait_s,
                     )  # fmt: skip
                     taken = [(entry.decode(), job.decode()) for entry, job in _read_entries(reply)]
                     if taken:

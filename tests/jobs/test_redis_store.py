@@ -4,19 +4,24 @@ against finish, hand-back. Two store objects stand for two replicas."""
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from tensorgate.server.errors import Internal
+from tensorgate.server.errors import Internal, Unavailable
+from tensorgate.server.jobs import redis_store
 from tensorgate.server.jobs.job import Job, JobStatus
 from tensorgate.server.jobs.redis_store import RedisJobStore
 from tensorgate.server.records import Request
 from tensorgate.server.tensors import TensorInput
+from tests.redisproc import RedisProcess
 
 X = np.arange(4, dtype=np.float32).reshape(1, 4)
 
@@ -222,3 +227,31 @@ async def test_a_loop_of_store_calls_ends_when_cancelled_even_where_redis_py_dro
                 task.cancel()
                 await asyncio.wait([task], timeout=0.1)
     assert stuck == 0, f"{stuck} of 150 cancelled loops kept running"
+
+
+async def test_a_redis_that_stops_answering_fails_the_call_in_time_and_is_used_again_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis that hangs (stopped, not gone: the connection stays open) fails a Submit as
+    UNAVAILABLE once the call's time is up, instead of holding it; when Redis answers again
+    the store works on."""
+    monkeypatch.setattr(redis_store, "_CALL_TIMEOUT_S", 0.5)
+    redis = RedisProcess(tmp_path / "redis").start()
+    store = RedisJobStore(redis.url, 100, 60.0, 100, 3, 30.0)
+    try:
+        await store.open(["m"], lambda _: None, lambda _: None)
+        await store.add(_job())  # the job path's connection is open and idle
+        assert redis.process is not None
+        os.kill(redis.process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(Unavailable, match="Redis"):
+                await store.add(_job())
+            assert time.monotonic() - started < 3.0
+        finally:
+            os.kill(redis.process.pid, signal.SIGCONT)
+        job, deduplicated, _ = await store.add(_job())
+        assert not deduplicated and (await store.get(job.id)) is not None
+    finally:
+        await store.close()
+        redis.stop()
