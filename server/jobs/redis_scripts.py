@@ -32,6 +32,20 @@ local function remove(id)
   redis.call('ZREM', P .. 'hooks', id)
 end
 
+-- ZADD of flat score, member pairs, 500 pairs a command at most (Lua's unpack has a stack limit).
+local function zadd_all(key, flat)
+  for i = 1, #flat, 1000 do
+    redis.call('ZADD', key, unpack(flat, i, math.min(i + 999, #flat)))
+  end
+end
+
+-- HINCRBY of each field of a hash by its tally, times sign.
+local function hincrby_all(key, tallies, sign)
+  for field, n in pairs(tallies) do
+    redis.call('HINCRBY', key, field, sign * n)
+  end
+end
+
 -- A change of the job's state, told to its watchers (whichever replica they are on): the job's
 -- event number (the hash's `ev`, already advanced by the caller), then the event, on the channel
 -- ev:<id> (nobody listening costs Redis nothing).
@@ -82,15 +96,9 @@ local function settled()
   if #told == 0 then
     return
   end
-  for tenant, n in pairs(pendings) do
-    redis.call('HINCRBY', P .. 'pending', tenant, -n)
-  end
-  for status, n in pairs(counts) do
-    redis.call('HINCRBY', P .. 'count', status, n)
-  end
-  for i = 1, #finished, 1000 do
-    redis.call('ZADD', P .. 'done', unpack(finished, i, math.min(i + 999, #finished)))
-  end
+  hincrby_all(P .. 'pending', pendings, -1)
+  hincrby_all(P .. 'count', counts, 1)
+  zadd_all(P .. 'done', finished)
   local over = redis.call('ZCARD', P .. 'done') - bound
   if over > 0 then
     for _, old in ipairs(redis.call('ZRANGE', P .. 'done', 0, over - 1)) do
@@ -299,12 +307,8 @@ for _ = 1, count do
     end
   end
 end
-for tenant, n in pairs(added) do
-  redis.call('HINCRBY', P .. 'pending', tenant, n)
-end
-for i = 1, #created, 1000 do
-  redis.call('ZADD', P .. 'jobs', unpack(created, i, math.min(i + 999, #created)))
-end
+hincrby_all(P .. 'pending', added, 1)
+zadd_all(P .. 'jobs', created)
 return replies
 """
 )
