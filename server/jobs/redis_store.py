@@ -642,7 +642,8 @@ class RedisJobStore:
                         "BLOCK", max(int(wait_s * 1000), 1), "STREAMS", stream, ">",
                         blocks_s=wait_s,
                     )  # fmt: skip
-                    taken = [(entry.decode(), job.decode()) for entry, job in _read_entries(reply)]
+                    taken = [(entry_id.decode(), job_id.decode())
+                             for entry_id, job_id in _read_entries(reply)]  # fmt: skip
                     if taken:
                         claims = await self._claim(model, taken, limit)
             except redis.exceptions.ResponseError as exc:
