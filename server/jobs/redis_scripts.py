@@ -239,7 +239,8 @@ return #old
 # Many jobs submitted at once. ARGV: prefix, now_ms, ttl_ms, max_pending, max_per_tenant,
 # model count M, the M model names (every served model: the pending bound counts them all), job
 # count N, then per job: its id, idempotency key ('' = none), model, tenant, a count F, and F
-# arguments: the job hash's fields and values (its request blob among them), set as they come.
+# arguments: the job hash's fields and values (its request blob among them; the fields with
+# nothing to say left out), set as they come.
 # (The client packs every argument in one C call, and Lua takes them as they are: no JSON.)
 # Returns per job two values: {0, existing id} (deduplicated), {-1, pending} (over the bound),
 # {-2, the tenant's unfinished jobs} (over its bound) or {1, unfinished jobs of the model before
@@ -293,8 +294,10 @@ for _ = 1, count do
       queued[stream] = ahead + 1
       if key ~= '' then
         redis.call('SET', key, id)
+        redis.call('HSET', job, 'entry', entry, 'idem', key, unpack(ARGV, first, last))
+      else
+        redis.call('HSET', job, 'entry', entry, unpack(ARGV, first, last))
       end
-      redis.call('HSET', job, 'entry', entry, 'idem', key, unpack(ARGV, first, last))
       added[tenant] = (added[tenant] or 0) + 1
       if held[tenant] ~= nil then
         held[tenant] = held[tenant] + 1
