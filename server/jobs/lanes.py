@@ -49,6 +49,8 @@ _STORE_RETRY_S = 0.5
 # each) instead of one, at the cost of this much more wait for a job that arrives meanwhile.
 # (An empty take blocks in the store and returns as the first job arrives: no wait when idle.)
 _GATHER_S = 0.002
+# At a shared store's shutdown, how long a feeder's take under way may take to finish.
+_QUIESCE_S = 0.2
 
 
 @dataclass(slots=True, eq=False)
@@ -60,6 +62,9 @@ class _Lane:
     # Jobs held at once: a few batches ahead of the instances.
     capacity: int
     held: dict[str, Job] = field(default_factory=dict)
+    # Held jobs whose outcome is on its way to the store: they take no place ahead of the
+    # instances (capacity counts the others), so a slow store does not starve the model.
+    recording: int = 0
     # Held jobs waiting to enter (or, retried, re-enter) the model's queue.
     ready: collections.deque[Job] = field(default_factory=collections.deque)
     room: asyncio.Event = field(default_factory=asyncio.Event)
@@ -145,7 +150,7 @@ class JobLanes:
 
     async def _feed(self, lane: _Lane) -> None:
         while self._taking and lane.feeding:  # quiesce() (or an unload) turns it off
-            room = lane.capacity - len(lane.held)
+            room = lane.capacity - len(lane.held) + lane.recording
             if room <= 0:
                 lane.room.clear()
                 await lane.room.wait()
@@ -257,6 +262,8 @@ class JobLanes:
         job.status, job.outputs, job.error = status, outputs, error
         job.finished_at = time.time()
         job.run = None  # the request's inputs and futures are no longer needed
+        lane.recording += 1
+        lane.room.set()
         self._spawn(self._record(lane, job), f"job-finished-{job.id}", False)
 
     async def _record(self, lane: _Lane, job: Job) -> None:
@@ -277,6 +284,7 @@ class JobLanes:
                 log.exception("job %s: storing its result failed", job.id)
                 break
         lane.held.pop(job.id, None)
+        lane.recording -= 1
         lane.room.set()
         if job.status.finished:  # else it was handed on: its new holder counts it
             code = job.error.code if job.error is not None else "OK"
@@ -344,9 +352,18 @@ class JobLanes:
         self._taking = False
         for lane in self._lanes.values():
             lane.room.set()
-        for task in self._feeders:
-            task.cancel()
-        await asyncio.gather(*self._feeders, return_exceptions=True)
+        # A take under way is let finish, so the jobs it claims are held and handed back below
+        # (cancelled mid-claim, they would wait out their lease); one still waiting for jobs
+        # after a moment is cancelled.
+        feeders = [task for task in self._feeders if not task.done()]
+        if feeders:
+            _, waiting = await asyncio.wait(feeders, timeout=_QUIESCE_S)
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*feeders, return_exceptions=True)
+        held = self.held_jobs()
+        log.info("stopping: %d job(s) held here, %d of them started",
+                 len(held), sum(job.started for job in held))  # fmt: skip
         await self.hand_back(started=False)
 
     def fail_unfinished(self, reason: str) -> list[Job]:

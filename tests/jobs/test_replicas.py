@@ -37,6 +37,12 @@ def replica_repository(repository: Path, tmp_path_factory: pytest.TempPathFactor
     write_sleepy_model(
         root / "slow", 0.02, max_batch_size=4, max_queue_delay_ms=1.0, instance_count=1
     )
+    # Batches that wait while the file `gate` exists: a test holds a replica's instance busy,
+    # and so holds jobs queued behind it, for exactly as long as it needs.
+    write_sleepy_model(
+        root / "gated", 0.0, gate=root / "gate", max_batch_size=4, max_queue_delay_ms=1.0,
+        instance_count=1,
+    )  # fmt: skip
     # 400 ms a batch: a batch is still on its instance when a short grace period ends.
     write_sleepy_model(
         root / "slower", 0.4, max_batch_size=4, max_queue_delay_ms=1.0, instance_count=1
@@ -169,34 +175,31 @@ def test_one_idempotency_key_names_one_job_across_replicas(replicas: Replicas) -
 
 
 def test_sigterm_hands_unstarted_jobs_to_other_replicas_instead_of_failing_them(
-    replicas: Replicas,
+    replicas: Replicas, replica_repository: Path
 ) -> None:
-    a = replicas.start("--shutdown-grace-s", "1")
+    """At SIGTERM a replica hands the jobs it holds but has not started back to Redis at once,
+    and finishes the batch it is running: every job runs once."""
+    a = replicas.start("--shutdown-grace-s", "10")
     b = replicas.start()
-
-    async def burst() -> list[str]:
-        # Sent 32 at a time, far faster than the ~400 jobs/s the two replicas run: hundreds are
-        # still pending at SIGTERM, and A holds some it has not started.
-        async with AsyncTensorgateClient(a.target, timeout_s=30) as client:
-            left = iter(range(1500))
-            ids: list[str] = []
-
-            async def sender() -> None:
-                for i in left:
-                    ids.append((await client.submit("slow", _row(i))).job_id)
-
-            await asyncio.gather(*(sender() for _ in range(32)))
-            return ids
-
-    ids = asyncio.run(burst())
-    with TensorgateClient(b.target, timeout_s=30) as on_b:
-        assert len(on_b.list_jobs("PENDING", limit=1000)) >= 100  # the backlog this test needs
-    assert a.stop() == 0  # SIGTERM; exits within its 1 s grace period
-    # The log is read by a thread: wait for its last lines.
+    gate = replica_repository / "gate"
+    gate.touch()  # batches wait: each replica holds a batch on its instance and one queued
     try:
-        wait_until(lambda: "handed" in "".join(a.log), timeout_s=5, what="jobs handed back")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; A's log ends: {''.join(a.log)[-3000:]}") from None
+        with TensorgateClient(a.target, timeout_s=30) as on_a:
+            ids = [on_a.submit("gated", _row(i)).job_id for i in range(40)]
+            # Both replicas' lanes full: two batches' worth each, claimed (RUNNING).
+            wait_until(
+                lambda: len(on_a.list_jobs("RUNNING", limit=100)) >= 16,
+                what="both replicas holding jobs",
+            )
+        assert a.process.pid
+        a.process.terminate()  # SIGTERM; A's running batch waits at the gate meanwhile
+        try:
+            wait_until(lambda: "handed" in "".join(a.log), timeout_s=10, what="jobs handed back")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; A's log ends: {''.join(a.log)[-3000:]}") from None
+    finally:
+        gate.unlink(missing_ok=True)
+    assert a.process.wait(60) == 0  # A's running batch finished within its grace period
     with TensorgateClient(b.target, timeout_s=30) as on_b:
         statuses = [on_b.get_result(job_id, wait_timeout_s=60).status for job_id in ids]
     assert statuses.count("SUCCEEDED") == len(ids), {s: statuses.count(s) for s in set(statuses)}
