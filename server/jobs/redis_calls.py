@@ -27,7 +27,12 @@ import redis.exceptions
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.commands.core import AsyncScript
 
-_LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+# What a lost, refused or unanswered connection raises (the store maps it to UNAVAILABLE).
+LOST: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+)
 
 
 class DirectCalls:
@@ -56,7 +61,7 @@ class DirectCalls:
             async with asyncio.timeout(timeout_s):
                 try:
                     reply = await self._send(connection, script, args)
-                except _LOST:
+                except LOST:
                     if not reused:
                         raise
                     await connection.disconnect(nowait=True)  # closed while idle: once more

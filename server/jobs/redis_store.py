@@ -57,6 +57,7 @@ from tensorgate.server.errors import ResourceExhausted, Unavailable
 from tensorgate.server.jobs import codec
 from tensorgate.server.jobs.batched import Batched
 from tensorgate.server.jobs.job import Job, JobStatus
+from tensorgate.server.jobs.redis_calls import LOST as _LOST  # one definition, shared
 from tensorgate.server.jobs.redis_calls import DirectCalls
 from tensorgate.server.jobs.redis_scripts import (
     CANCEL,
@@ -116,12 +117,6 @@ _CLOSE_S = 2.0
 # more before it goes: fewer script calls, each with a fixed cost in Redis and here.
 _LINGER_S = 0.002
 _PENDING = JobStatus.PENDING.value
-# What a lost or refused connection raises.
-_LOST: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    OSError,
-)
 
 
 class RedisJobStore:
