@@ -202,10 +202,11 @@ class DynamicBatcher:
             oldest = queue.oldest_enqueued_at()
             if oldest is None:  # everything was cancelled meanwhile
                 return None
-            wait_s = policy.wait_s(queue.rows, oldest, time.monotonic(), self._pool.idle)
+            now = time.monotonic()
+            wait_s = policy.wait_s(queue.rows, oldest, now, self._pool.idle)
             if wait_s <= 0:
                 break
-            queue.wake_rows = policy.wake_rows(queue.rows)
+            queue.wake_rows = policy.wake_rows(queue.rows, oldest, now + wait_s)
             try:
                 async with asyncio.timeout(wait_s):
                     await queue.changed()

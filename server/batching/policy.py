@@ -11,6 +11,7 @@ saturation).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,10 +28,10 @@ class BatchingPolicy(Protocol):
         """The most rows to take into the batch that goes now."""
         ...
 
-    def wake_rows(self, queued_rows: int) -> int:
-        """While a batch waits for company: the queued rows at which wait_s must be asked again
-        before its time is up. Arrivals short of it cannot make it go sooner, so the batcher is
-        not woken for each one."""
+    def wake_rows(self, queued_rows: int, oldest_enqueued_at: float, until: float) -> int:
+        """While a batch waits for company until `until` (the time wait_s gave): the queued rows
+        at which wait_s must be asked again before then. Arrivals short of it cannot make it go
+        sooner, so the batcher is not woken for each one."""
         ...
 
     def arrived(self, rows: int, now: float) -> None:
@@ -66,7 +67,7 @@ class StaticWindow:
             return queued_rows
         return self.max_batch_size
 
-    def wake_rows(self, queued_rows: int) -> int:
+    def wake_rows(self, queued_rows: int, oldest_enqueued_at: float, until: float) -> int:
         return _next_size(queued_rows, self.preferred_batch_sizes, self.max_batch_size)
 
     def arrived(self, rows: int, now: float) -> None:
@@ -161,15 +162,20 @@ class AdaptiveWindow:
             return queued_rows
         return self.max_batch_size
 
-    def wake_rows(self, queued_rows: int) -> int:
+    def wake_rows(self, queued_rows: int, oldest_enqueued_at: float, until: float) -> int:
         """The wait asked for is the time the batch is expected to fill in (within
         max_queue_delay_s), so the batch goes when it fills, reaches a preferred size, or that
         time is up; an arrival in between only refines the estimate (at worst the batch waits out
-        the time first asked for). A latency budget is the exception: each row lengthens the
-        batch's run time and so shortens the wait allowed, so every arrival is looked at."""
-        if self.latency_budget_s > 0:
-            return queued_rows + 1
-        return _next_size(queued_rows, self.preferred_batch_sizes, self.max_batch_size)
+        the time first asked for). A latency budget adds one size: each row lengthens the batch's
+        run time and so moves the latest time it may go (oldest + budget - run time) earlier,
+        and the batcher is woken at the rows that move it before `until` (at once, the next
+        row, when the budget is what set `until`)."""
+        rows = _next_size(queued_rows, self.preferred_batch_sizes, self.max_batch_size)
+        if self.latency_budget_s > 0 and self._row_s > 0:
+            # run_s(n) <= oldest + budget - until  <=>  n <= fits
+            fits = (oldest_enqueued_at + self.latency_budget_s - until - self._call_s) / self._row_s
+            rows = min(rows, max(queued_rows + 1, math.floor(fits + 1e-9) + 1))
+        return rows
 
 
 def _next_size(queued_rows: int, preferred: tuple[int, ...], max_batch_size: int) -> int:

@@ -130,11 +130,18 @@ def test_adaptive_stops_going_at_once_when_calls_come_back_late() -> None:
 
 def test_a_waiting_batch_is_woken_only_at_a_size_that_can_make_it_go() -> None:
     """Arrivals short of a preferred or full size cannot make a batch go sooner, so the batcher
-    is not woken for them; with a latency budget every row shortens the wait, so every arrival
-    wakes it."""
+    is not woken for them; with a latency budget, at the rows whose run time would leave the
+    batch less time than it waits for now."""
     static = StaticWindow(max_batch_size=16, max_queue_delay_s=0.002, preferred_batch_sizes=(4, 8))
-    assert [static.wake_rows(rows) for rows in (1, 4, 5, 8, 9)] == [4, 8, 8, 16, 16]
+    assert [static.wake_rows(r, 1.0, 1.002) for r in (1, 4, 5, 8, 9)] == [4, 8, 8, 16, 16]
     adaptive = AdaptiveWindow(max_batch_size=16, max_queue_delay_s=0.002)
-    assert adaptive.wake_rows(3) == 16
-    budgeted = AdaptiveWindow(max_batch_size=16, max_queue_delay_s=0.002, latency_budget_s=0.01)
-    assert budgeted.wake_rows(3) == 4
+    assert adaptive.wake_rows(3, 1.0, 1.002) == 16
+    # A budget, but rows not yet seen to cost anything: rows cannot shorten the wait.
+    budgeted = AdaptiveWindow(max_batch_size=16, max_queue_delay_s=0.004, latency_budget_s=0.005)
+    assert budgeted.wake_rows(3, 1.0, 1.002) == 16
+    # 0.5 ms a call and 0.5 ms a row: a batch of n rows may wait until 1.005 - 0.0005 * (n + 1).
+    budgeted._call_s, budgeted._row_s, budgeted._gap_s = 0.0005, 0.0005, 0.001
+    assert budgeted.wake_rows(3, 1.0, 1.002) == 6  # 5 rows still go by 1.002; 6 must go sooner
+    until = 1.0 + budgeted.wait_s(3, 1.0, 1.0, idle_instances=0)
+    assert until == pytest.approx(1.003)  # the budget sets the wait ...
+    assert budgeted.wake_rows(3, 1.0, until) == 4  # ... so the next row shortens it
