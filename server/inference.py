@@ -50,6 +50,10 @@ class InferenceRequest:
     # The queue's done-callback while the request waits in it (removed when it is taken, so a
     # request that runs settles with one callback fewer to schedule).
     watch: Callable[[Any], None] | None = None
+    # Called on the loop with the request's share of its batch's outputs before its future is
+    # settled with what it returns (a stateful model's scheduler keeps the sequence's new state
+    # from them and passes the rest on); only while the caller still waits.
+    keep: Callable[[Outputs], Outputs] | None = None
 
     def again(self, trace: RequestTrace | None = None) -> InferenceRequest:
         """The same request with a fresh future, for another attempt (a retried job)."""

@@ -142,8 +142,12 @@ class BatchExecution:
             self._trace(batch, instance, started_ns, result.stage_s)
             now = time.monotonic()
             for request, outputs in zip(batch.requests, result.outputs, strict=True):
-                if settle_result(request.future, outputs):
-                    self.stats.success_s_total += now - request.enqueued_at
+                if request.future.done():
+                    continue  # its caller went away while it ran
+                if request.keep is not None:
+                    outputs = request.keep(outputs)
+                settle_result(request.future, outputs)
+                self.stats.success_s_total += now - request.enqueued_at
             self._note_engine(ok=True)
 
     def _trace(

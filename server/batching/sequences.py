@@ -36,7 +36,7 @@ from tensorgate.server.errors import (
     ResourceExhausted,
     TensorgateError,
 )
-from tensorgate.server.futures import settle_error, settle_result
+from tensorgate.server.futures import settle_error
 from tensorgate.server.inference import InferenceRequest
 from tensorgate.server.model_config import ModelConfig, SequenceConfig
 from tensorgate.server.records import SequenceControl
@@ -221,7 +221,9 @@ class SequenceScheduler:
         )
 
     def _next(self, sequence: _Sequence) -> None:
-        """Hands the sequence's next chunk, with its state, to the batcher."""
+        """Hands the sequence's next chunk, with its state, to the batcher. The chunk goes as it
+        is, its state added to its inputs and its outputs: the batch settles the caller's future
+        through _keep, which takes the new state out."""
         while sequence.waiting:
             chunk = sequence.waiting.popleft()
             if chunk.future.done():  # its caller went away while it waited
@@ -230,47 +232,33 @@ class SequenceScheduler:
             assert control is not None
             if control.start:
                 sequence.state = dict(self._initial)
-            step = InferenceRequest(
-                inputs={**chunk.inputs, **sequence.state},
-                rows=1,
-                output_names=(*chunk.output_names, *self._state_outputs),
-                future=chunk.future.get_loop().create_future(),
-                deadline=chunk.deadline,
-                id=chunk.id,
-                parameters=chunk.parameters,
-                priority=chunk.priority,
-                tenant=chunk.tenant,
-                on_start=chunk.on_start,
-                trace=chunk.trace,
-            )
+            wanted = chunk.output_names
+            chunk.inputs = {**chunk.inputs, **sequence.state}
+            chunk.output_names = (*wanted, *self._state_outputs)
+            chunk.keep = functools.partial(self._keep, sequence, wanted)
             try:
-                self._batcher.put(step)
+                self._batcher.put(chunk)
             except TensorgateError as error:
                 settle_error(chunk.future, error)
                 continue
-            sequence.running = step
-            step.future.add_done_callback(functools.partial(self._ran, sequence, chunk))
-            chunk.future.add_done_callback(functools.partial(_abandon, step))
+            sequence.running = chunk
+            chunk.future.add_done_callback(functools.partial(self._ran, sequence))
             return
         if sequence.ending:
             self._free(sequence, "it ended with sequence_end")
 
-    def _ran(
-        self, sequence: _Sequence, chunk: InferenceRequest, step: asyncio.Future[Outputs]
-    ) -> None:
+    def _keep(self, sequence: _Sequence, wanted: tuple[str, ...], outputs: Outputs) -> Outputs:
+        """The chunk ran: its sequence's state is what the engine returned (a chunk that failed
+        or whose caller went away leaves the state as it was: it did not happen)."""
+        # Copies: a view would keep the whole batch's output alive for as long as the sequence
+        # lives.
+        sequence.state = {s.input: outputs[s.output].copy() for s in self._spec.state}
+        return {name: outputs[name] for name in wanted}
+
+    def _ran(self, sequence: _Sequence, _: asyncio.Future[Outputs]) -> None:
+        """The running chunk settled (ran, failed or cancelled): the next one may go."""
         sequence.running = None
         sequence.last_used = self._clock()
-        if step.cancelled():
-            chunk.future.cancel()
-        elif (error := step.exception()) is not None:
-            # The state stays as it was: the chunk did not happen.
-            settle_error(chunk.future, error)
-        else:
-            outputs = step.result()
-            # Copies: a view would keep the whole batch's output alive for as long as the
-            # sequence lives.
-            sequence.state = {s.input: outputs[s.output].copy() for s in self._spec.state}
-            settle_result(chunk.future, {name: outputs[name] for name in chunk.output_names})
         if self._live.get(sequence.key) is sequence:
             self._next(sequence)
 
@@ -295,8 +283,3 @@ def _busy(sequence: _Sequence) -> bool:
     """A chunk of the sequence runs, or waits with its caller still there."""
     return sequence.running is not None or any(not c.future.done() for c in sequence.waiting)
 
-
-def _abandon(step: InferenceRequest, chunk: asyncio.Future[Outputs]) -> None:
-    """A chunk whose caller went away leaves the batcher's queue too."""
-    if chunk.cancelled() and not step.future.done():
-        step.future.cancel()
