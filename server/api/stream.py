@@ -9,6 +9,7 @@ call.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import time
@@ -50,10 +51,16 @@ async def pump(
     stops reading also stops the server from reading: memory stays bounded.
     """
     async with frontend.admitted(context) as tenant:
-        slots = asyncio.Semaphore(frontend.max_inflight_per_stream)
-        outbox: asyncio.Queue[Resp | None] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        limit = frontend.max_inflight_per_stream
+        ready: collections.deque[Resp] = collections.deque()  # answers not yet handed to gRPC
         futures: set[asyncio.Future[Outputs]] = set()
-        outstanding = 0
+        outstanding = 0  # requests read and not yet answered to gRPC
+        reading = True
+        # The writer waits on `wake` for an answer (or the end of reading), the reader on `room`
+        # for a free slot; each is made only when its side has to wait.
+        wake: asyncio.Future[None] | None = None
+        room: asyncio.Future[None] | None = None
         deadline = deadline_of(context)
         # Names this stream as the owner of the sequences it starts or drives: when it ends,
         # they are freed.
@@ -62,6 +69,11 @@ async def pump(
         tracing = frontend.tracing
         call_span = tracing.start_rpc(method, context.invocation_metadata(), service=service)
         frontend.metrics.open_streams.inc()
+
+        def deliver(response: Resp) -> None:
+            ready.append(response)
+            if wake is not None and not wake.done():
+                wake.set_result(None)
 
         def respond(
             message: Msg,
@@ -72,9 +84,9 @@ async def pump(
             error: BaseException | None,
         ) -> None:
             if error is None and outputs is not None:
-                outbox.put_nowait(encoded(tracing, span, lambda: answer(message, outputs)))
+                deliver(encoded(tracing, span, lambda: answer(message, outputs)))
             else:
-                outbox.put_nowait(fail(message, error or Cancelled("cancelled")))
+                deliver(fail(message, error or Cancelled("cancelled")))
             tracing.end(span, error)
             frontend.count(model[0], "stream", error, started, tenant, model[1])
 
@@ -94,11 +106,13 @@ async def pump(
                 respond(message, model, span, started, future.result(), None)
 
         async def read() -> None:
-            nonlocal outstanding, drives_sequences
+            nonlocal outstanding, drives_sequences, reading, room
             try:
                 async for message in request_iterator:
                     frontend.plane.note_call()
-                    await slots.acquire()
+                    while outstanding >= limit:
+                        room = loop.create_future()
+                        await room
                     outstanding += 1
                     started = time.perf_counter()
                     model = ("", "")  # (name, version) for the metrics
@@ -130,23 +144,28 @@ async def pump(
                     future.add_done_callback(
                         functools.partial(answered, message, model, span, started)
                     )
+            except Exception as exc:
+                log.warning("stream read failed: %s", exc)
             finally:
-                outbox.put_nowait(None)  # the client half-closed (or the read failed)
+                reading = False  # the client half-closed (or the read failed)
+                if wake is not None and not wake.done():
+                    wake.set_result(None)
 
         reader = asyncio.create_task(read(), name="stream-reader")
         cancelled = False
         try:
-            reader_done = False
-            while not reader_done or outstanding:
-                item = await outbox.get()
-                if item is None:
-                    reader_done = True
-                    if reader.done() and not reader.cancelled() and reader.exception():
-                        log.warning("stream read failed: %s", reader.exception())
-                    continue
-                outstanding -= 1
-                slots.release()
-                yield item
+            while True:
+                if ready:
+                    outstanding -= 1
+                    if room is not None and not room.done():
+                        room.set_result(None)
+                    yield ready.popleft()
+                elif reading or outstanding:
+                    wake = loop.create_future()
+                    await wake
+                    wake = None
+                else:
+                    break
         except asyncio.CancelledError:
             cancelled = True
             raise
