@@ -6,6 +6,7 @@ second measured window; the profiler slows that window, not the first).
     python -m bench.anatomy                       # unary Predict of mlp at 64 in flight
     python -m bench.anatomy --concurrency 16 --top 25
     python -m bench.anatomy --mode submit --job-store redis    # jobs, kept by a redis-server
+    python -m bench.anatomy --mode voice --sequences 100        # live silero_vad sequences
 
 The server runs in this process on uvloop (as `tensorgate serve` does); the load generator runs
 in processes of its own on the same cores.
@@ -21,7 +22,9 @@ import pstats
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
@@ -71,7 +74,12 @@ def main() -> int:
         "--traced", action="store_true",
         help="every request traced; spans encoded as OTLP would send them, then dropped",
     )  # fmt: skip
-    parser.add_argument("--mode", default="unary", choices=["unary", "stream", "submit", "job"])
+    parser.add_argument(
+        "--mode", default="unary", choices=["unary", "stream", "submit", "job", "voice"],
+        help="voice: live sequences of the bundled silero_vad at real-time pace (bench.voice); "
+        "per chunk",
+    )  # fmt: skip
+    parser.add_argument("--sequences", type=int, default=100, help="live sequences (voice)")
     parser.add_argument(
         "--job-store", default="memory", choices=["memory", "redis"],
         help="redis: a redis-server of its own, started for the run",
@@ -86,7 +94,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         repository = Path(tmp) / "engines"
-        build("mlp", repository)
+        model = "silero_vad" if args.mode == "voice" else "mlp"
+        build(model, repository)
         store = "memory"
         redis_stat: Path | None = None
         if args.job_store == "redis":
@@ -98,28 +107,48 @@ def main() -> int:
             assert redis.process is not None
             redis_stat = Path(f"/proc/{redis.process.pid}/stat")
         config = ServerConfig(host="127.0.0.1", port=0, model_repository=repository,
-                              drain_delay_s=0.0, metrics_port=-1, models=("mlp",),
+                              drain_delay_s=0.0, metrics_port=-1, models=(model,),
                               job_store=store)  # fmt: skip
         server = ServerThread(config, _tracing(args.traced), loop=uvloop.new_event_loop())
         server.start()
         try:
 
-            def load(seconds: float) -> int:
-                spec = LoadSpec(server.target, "mlp", mode=args.mode,
+            def window(seconds: float, begin: Callable[[], None]) -> int:
+                """Runs the load for `seconds`, calling begin() as its measured window opens;
+                returns the requests (voice: the chunks) it sent in that window."""
+                if args.mode == "voice":
+                    from bench.voice import drive
+
+                    counted: list[int] = []
+
+                    def opened() -> None:
+                        counted.append(server.stats(model).rows)
+                        begin()
+
+                    drive(server.target, args.sequences, seconds + 1.0, 2, opened)
+                    return server.stats(model).rows - counted[0]
+                spec = LoadSpec(server.target, model, mode=args.mode,
                                 concurrency=args.concurrency, seconds=seconds,
                                 processes=2)  # fmt: skip
+                begin()
                 return run(spec).requests
 
             print("warming up", flush=True)
-            load(1.0)
+            if args.mode != "voice":  # voice warms up for a second of its own
+                window(1.0, lambda: None)
             print(f"measuring CPU by thread for {args.seconds:g} s", flush=True)
-            redis0 = stat_cpu_seconds(redis_stat) if redis_stat else 0.0
-            if redis_stat:
-                with redis.client() as c:
-                    c.config_resetstat()
-            before, stats0 = _thread_cpu(), server.stats("mlp")
-            requests = load(args.seconds)
-            after, stats1 = _thread_cpu(), server.stats("mlp")
+            marks: list[tuple[dict[int, float], Any, float]] = []
+
+            def begin() -> None:
+                if redis_stat:
+                    with redis.client() as c:
+                        c.config_resetstat()
+                marks.append((_thread_cpu(), server.stats(model),
+                              stat_cpu_seconds(redis_stat) if redis_stat else 0.0))  # fmt: skip
+
+            requests = window(args.seconds, begin)
+            after, stats1 = _thread_cpu(), server.stats(model)
+            before, stats0, redis0 = marks[0]
             redis_cpu = stat_cpu_seconds(redis_stat) - redis0 if redis_stat else 0.0
             names = {t.native_id: t.name for t in threading.enumerate()}
             by_thread: collections.Counter[str] = collections.Counter()
@@ -153,8 +182,7 @@ def main() -> int:
             async def switch(on: bool) -> None:
                 profiler.enable() if on else profiler.disable()
 
-            server.call(switch(True))
-            requests = load(args.seconds)
+            requests = window(args.seconds, lambda: server.call(switch(True)))
             server.call(switch(False))
             stats = pstats.Stats(profiler)
             if args.dump:

@@ -27,6 +27,7 @@ import multiprocessing
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,11 @@ def _sender(
     out.put(asyncio.run(main()))
 
 
-def level(server: ServeProcess, sequences: int, seconds: float, senders: int) -> dict[str, Any]:
+def drive(
+    target: str, sequences: int, seconds: float, senders: int, warmed: Callable[[], None]
+) -> list[dict[str, Any]]:
+    """Runs `sequences` live sequences against `target` for `seconds` from sender processes;
+    calls warmed() once the warm-up second is over; returns each sender's results."""
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     start_at = time.time() + 2.0  # every sender connected and ready by then
@@ -151,18 +156,29 @@ def level(server: ServeProcess, sequences: int, seconds: float, senders: int) ->
     firsts = [sum(shares[:i]) for i in range(senders)]
     tag = f"n{sequences}-{int(start_at)}"
     processes = [
-        ctx.Process(target=_sender, args=(server.target, first, share, seconds, start_at, tag, out))
+        ctx.Process(target=_sender, args=(target, first, share, seconds, start_at, tag, out))
         for first, share in zip(firsts, shares, strict=True)
         if share
     ]
     for process in processes:
         process.start()
     time.sleep(max(start_at + 1.0 - time.time(), 0))  # from the end of the warm-up second
-    cpu0, (rows0, batches0), wall0 = server.cpu_seconds(), server.batch_rows(), time.time()
+    warmed()
     results = [out.get(timeout=seconds + 120) for _ in processes]
-    cpu1, (rows1, batches1), wall1 = server.cpu_seconds(), server.batch_rows(), time.time()
     for process in processes:
         process.join(30)
+    return results
+
+
+def level(server: ServeProcess, sequences: int, seconds: float, senders: int) -> dict[str, Any]:
+    marks: list[tuple[float, tuple[int, int], float]] = []
+
+    def mark() -> None:
+        marks.append((server.cpu_seconds(), server.batch_rows(), time.time()))
+
+    results = drive(server.target, sequences, seconds, senders, mark)
+    mark()
+    (cpu0, (rows0, batches0), wall0), (cpu1, (rows1, batches1), wall1) = marks
     latencies = np.array([x for r in results for x in r["latencies"]]) * 1e3
     errors = sum(r["errors"] for r in results)
     p99 = float(np.percentile(latencies, 99)) if len(latencies) else float("inf")
