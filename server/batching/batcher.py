@@ -5,12 +5,15 @@ batches grow with load), then asks the policy (policy.py) how long to wait for c
 many rows to take. A request that finds the batcher idle, an instance free and the policy saying
 "go now" is sent from put() itself, without waking the batcher's task. Requests whose caller
 has gone leave the queue at once (queue.py); requests whose deadline has passed are dropped when
-the batch is formed, before they cost compute. Running a batch is execution.py's job.
+the batch is formed, before they cost compute. Running a batch is execution.py's job; the batcher
+follows each batch's engine call with a done-callback and a watchdog timer (no task per batch),
+and only a batch the engine failed on, retried in halves, gets a task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -20,7 +23,7 @@ from tensorgate.server.batching.execution import BatchExecution, InstanceHung, S
 from tensorgate.server.batching.policy import AdaptiveWindow, BatchingPolicy, StaticWindow
 from tensorgate.server.batching.queue import RequestQueue
 from tensorgate.server.batching.stats import BatcherStats
-from tensorgate.server.errors import DeadlineExceeded, TensorgateError, Unavailable
+from tensorgate.server.errors import DeadlineExceeded, Internal, TensorgateError, Unavailable
 from tensorgate.server.executor.batch import Batch
 from tensorgate.server.executor.instance import BatchResult, Instance
 from tensorgate.server.executor.pool import InstancePool
@@ -69,8 +72,9 @@ class DynamicBatcher:
         self._queue = RequestQueue(
             config.name, config.queue_capacity, self.stats, config.priority_aging_s
         )
-        # Batches on instances, and instance replacements under way.
-        self._batches: dict[asyncio.Task[None], Batch[InferenceRequest]] = {}
+        # Batches on instances (by their engine call, or the task retrying one in halves), and
+        # instance replacements under way.
+        self._batches: dict[asyncio.Future[Any], Batch[InferenceRequest]] = {}
         # True while run() waits for a first request: nothing is being formed.
         self._parked = False
         self._replacing: set[asyncio.Task[None]] = set()
@@ -163,16 +167,64 @@ class DynamicBatcher:
             raise
 
     def _dispatch(self, instance: Instance, batch: Batch[InferenceRequest] | None) -> None:
-        """Starts the batch's engine call on the instance now, and a task that awaits it under
-        the watchdog (no batch: the instance goes back)."""
+        """Starts the batch's engine call on the instance now, followed by _ran when it ends and
+        by the watchdog's timer (no batch: the instance goes back)."""
         if batch is None:
             self._pool.release(instance)
             return
         started = self._execution.start(instance, batch)
-        started.call.add_done_callback(_retrieve)  # if the task is cancelled before awaiting it
-        task = asyncio.create_task(self._execute(instance, batch, started))
-        self._batches[task] = batch
-        task.add_done_callback(self._batch_done)
+        timeout_s = self._config.execution_timeout_s
+        watchdog = (
+            asyncio.get_running_loop().call_later(
+                timeout_s, self._timed_out, instance, batch, started
+            )
+            if timeout_s
+            else None
+        )
+        self._batches[started.call] = batch
+        started.call.add_done_callback(
+            functools.partial(self._ran, instance, batch, started, watchdog)
+        )
+
+    def _ran(
+        self,
+        instance: Instance,
+        batch: Batch[InferenceRequest],
+        started: Started,
+        watchdog: asyncio.TimerHandle | None,
+        call: asyncio.Future[BatchResult],
+    ) -> None:
+        """A batch's engine call ended (or was cancelled by fail_all)."""
+        if watchdog is not None:
+            watchdog.cancel()
+        if self._batches.pop(call, None) is None:
+            return  # the watchdog gave up on it: its instance is abandoned
+        error = None if call.cancelled() else call.exception()
+        if error is not None and len(batch.requests) > 1:
+            task = asyncio.create_task(self._run_halves(instance, batch))
+            self._batches[task] = batch
+            task.add_done_callback(self._batch_done)
+            return
+        try:
+            if error is not None:
+                self._execution.failed(instance, batch, started, error)
+            elif not call.cancelled():
+                self._execution.succeeded(instance, batch, started, call.result())
+        except Exception as exc:  # a defect here: the batch's callers still get an answer
+            log.error("model %s: a batch failed", self._config.name, exc_info=exc)
+            for request in batch.requests:
+                settle_error(request.future, Internal(f"model '{self._config.name}': {exc!r}"))
+        finally:
+            self._pool.release(instance)
+
+    def _timed_out(
+        self, instance: Instance, batch: Batch[InferenceRequest], started: Started
+    ) -> None:
+        """The watchdog: the batch is still on its instance after execution_timeout_s."""
+        if self._batches.pop(started.call, None) is None:
+            return
+        self._execution.timed_out(instance, batch)
+        self._abandon(instance)
 
     async def drain(self, deadline: float) -> bool:
         while self._queue.live or self._batches:
@@ -191,8 +243,8 @@ class DynamicBatcher:
 
     def fail_all(self, error: TensorgateError) -> None:
         self._queue.fail_all(error)
-        for task, batch in list(self._batches.items()):
-            task.cancel()
+        for running, batch in list(self._batches.items()):
+            running.cancel()
             for request in batch.requests:
                 settle_error(request.future, error)
 
@@ -258,33 +310,25 @@ class DynamicBatcher:
         names = tuple(n for n in self._model_outputs if n in wanted)
         return Batch(self._config.name, taken, rows, names)
 
-    async def _execute(
-        self,
-        instance: Instance,
-        batch: Batch[InferenceRequest],
-        started: Started,
-    ) -> None:
+    async def _run_halves(self, instance: Instance, batch: Batch[InferenceRequest]) -> None:
         try:
-            await self._execution.run(instance, batch, started)
+            await self._execution.run_halves(instance, batch)
         except InstanceHung:
-            instance.abandon()  # at once: nothing may close it or give it work from now on
-            task = asyncio.create_task(self._replace_instance(instance))
-            self._replacing.add(task)
-            task.add_done_callback(self._replacing.discard)
+            self._abandon(instance)
         except BaseException:
             self._pool.release(instance)
             raise
         else:
             self._pool.release(instance)
 
+    def _abandon(self, instance: Instance) -> None:
+        """The instance hung: it takes no more work, and a new one is started in its place."""
+        instance.abandon()  # at once: nothing may close it or give it work from now on
+        task = asyncio.create_task(self._replace_instance(instance))
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
+
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._batches.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("model %s: a batch failed", self._config.name, exc_info=task.exception())
-
-
-def _retrieve(future: asyncio.Future[BatchResult]) -> None:
-    """Marks an engine call's error as seen: the batch's task reports it, unless the task was
-    cancelled before it awaited the call (shutdown)."""
-    if not future.cancelled():
-        future.exception()

@@ -84,71 +84,92 @@ class BatchExecution:
         batch: Batch[InferenceRequest],
         started: Started | None = None,
     ) -> None:
-        """Runs the batch under the watchdog (`started`: its engine call, already handed to the
-        instance by start()). When the engine fails on it, each half runs again, down to single
-        requests, so only the requests that cause the failure fail."""
-        config = self._config
+        """Runs the batch under the watchdog, awaited (`started`: its engine call, already handed
+        to the instance by start()). The batcher takes the same steps from callbacks for a
+        batch's first run (succeeded, failed, timed_out); this is the path of a retried half."""
         if started is None:  # a retried half: its call starts here
             started = self.start(instance, batch)
-        started_ns = started.at_ns
         try:
-            async with asyncio.timeout(config.execution_timeout_s or None):
+            async with asyncio.timeout(self._config.execution_timeout_s or None):
                 result = await started.call
         except TimeoutError:
-            self.stats.watchdog_timeouts += 1
-            log.error(
-                "model %s: instance %d did not finish a batch of %d rows within %.1f s; "
-                "replacing it",
-                config.name, instance.index, batch.rows, config.execution_timeout_s,
-            )  # fmt: skip
-            self._fail(
-                batch,
-                Unavailable(
-                    f"model '{config.name}' instance {instance.index} did not finish within "
-                    f"{config.execution_timeout_s:g} s (watchdog); it is being replaced, retry"
-                ),
-            )
-            self._note_engine(ok=False)
+            self.timed_out(instance, batch)
             raise InstanceHung from None
         except Exception as exc:
             if len(batch.requests) > 1:
-                self.stats.isolation_retries += 1
-                await self._run_halves(instance, batch)
-                return
-            if not isinstance(exc, TensorgateError):
-                request_id = batch.requests[0].id
-                log.warning(
-                    "model %s failed on request %r: %r", config.name, request_id, exc,
-                    extra={"request_id": request_id},
-                )  # fmt: skip
-                exc = Internal(
-                    f"model '{config.name}' failed on this request: {type(exc).__name__}: {exc}"
-                )
-            self._fail(batch, exc)
-            self._note_engine(ok=False)
-            self._trace(batch, instance, started_ns, {})
+                await self.run_halves(instance, batch)
+            else:
+                self.failed(instance, batch, started, exc)
         else:
-            elapsed_s = time.perf_counter() - started.at_s
-            compute_s = result.stage_s.get("compute", 0.0)
-            self._record(batch, elapsed_s, compute_s)
-            self._on_batch(batch.rows, elapsed_s)
-            self._m_rows.observe(batch.rows)
-            self._m_compute.observe(compute_s)
-            busy = self._m_busy_by_instance.get(instance.index)
-            if busy is None:
-                busy = self._m_busy.labels(config.name, str(instance.index))
-                self._m_busy_by_instance[instance.index] = busy
-            busy.inc(elapsed_s)
-            self._trace(batch, instance, started_ns, result.stage_s)
-            now = time.monotonic()
-            for request, outputs in zip(batch.requests, result.outputs, strict=True):
-                if request.future.done():
-                    continue  # its caller went away while it ran
-                if request.keep is not None:
-                    outputs = request.keep(outputs)
-                settle_result(request.future, outputs)
-                self.stats.success_s_total += now - request.enqueued_at
-            self._note_engine(ok=True)
+            self.succeeded(instance, batch, started, result)
+
+    def timed_out(self, instance: Instance, batch: Batch[InferenceRequest]) -> None:
+        """The watchdog gave up on the batch: its requests fail (the instance must be replaced)."""
+        config = self._config
+        self.stats.watchdog_timeouts += 1
+        log.error(
+            "model %s: instance %d did not finish a batch of %d rows within %.1f s; replacing it",
+            config.name, instance.index, batch.rows, config.execution_timeout_s,
+        )  # fmt: skip
+        self._fail(
+            batch,
+            Unavailable(
+                f"model '{config.name}' instance {instance.index} did not finish within "
+                f"{config.execution_timeout_s:g} s (watchdog); it is being replaced, retry"
+            ),
+        )
+        self._note_engine(ok=False)
+
+    def failed(
+        self,
+        instance: Instance,
+        batch: Batch[InferenceRequest],
+        started: Started,
+        exc: BaseException,
+    ) -> None:
+        """The engine failed on a batch that is not split further (one request)."""
+        if not isinstance(exc, TensorgateError):
+            request_id = batch.requests[0].id if batch.requests else ""
+            log.warning(
+                "model %s failed on request %r: %r", self._config.name, request_id, exc,
+                extra={"request_id": request_id},
+            )  # fmt: skip
+            exc = Internal(
+                f"model '{self._config.name}' failed on this request: {type(exc).__name__}: {exc}"
+            )
+        self._fail(batch, exc)
+        self._note_engine(ok=False)
+        self._trace(batch, instance, started.at_ns, {})
+
+    def succeeded(
+        self,
+        instance: Instance,
+        batch: Batch[InferenceRequest],
+        started: Started,
+        result: BatchResult,
+    ) -> None:
+        """The batch ran: its counters, and each request that still waits gets its outputs."""
+        elapsed_s = time.perf_counter() - started.at_s
+        compute_s = result.stage_s.get("compute", 0.0)
+        self._record(batch, elapsed_s, compute_s)
+        self._on_batch(batch.rows, elapsed_s)
+        self._m_rows.observe(batch.rows)
+        self._m_compute.observe(compute_s)
+        busy = self._m_busy_by_instance.get(instance.index)
+        if busy is None:
+            busy = self._m_busy.labels(self._config.name, str(instance.index))
+            self._m_busy_by_instance[instance.index] = busy
+        busy.inc(elapsed_s)
+        self._trace(batch, instance, started.at_ns, result.stage_s)
+        now = time.monotonic()
+        for request, outputs in zip(batch.requests, result.outputs, strict=True):
+            if request.future.done():
+                continue  # its caller went away while it ran
+            if request.keep is not None:
+                outputs = request.keep(outputs)
+            settle_result(request.future, outputs)
+            self.stats.success_s_total += now - request.enqueued_at
+        self._note_engine(ok=True)
 
     def _trace(
         self,
@@ -165,7 +186,9 @@ class BatchExecution:
             started_ns, time.time_ns(), stage_s,
         )  # fmt: skip
 
-    async def _run_halves(self, instance: Instance, batch: Batch[InferenceRequest]) -> None:
+    async def run_halves(self, instance: Instance, batch: Batch[InferenceRequest]) -> None:
+        """The engine failed on the batch: each half runs again, down to single requests."""
+        self.stats.isolation_retries += 1
         halves = _halves(batch)
         for i, half in enumerate(halves):
             try:

@@ -282,4 +282,3 @@ class SequenceScheduler:
 def _busy(sequence: _Sequence) -> bool:
     """A chunk of the sequence runs, or waits with its caller still there."""
     return sequence.running is not None or any(not c.future.done() for c in sequence.waiting)
-

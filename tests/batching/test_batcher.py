@@ -173,8 +173,12 @@ async def test_a_lone_request_at_an_idle_batcher_starts_its_engine_call_from_put
     try:
         x = rng.standard_normal((1, 256)).astype(np.float32)
         for first in (True, False):  # the first goes through the batcher's task, which parks
-            while model.busy_instances:  # the previous batch's task is winding up
+            while model.busy_instances:  # the previous batch is winding up
                 await asyncio.sleep(0.001)
+            # The load shape, not a wait for something: arrivals 20 ms apart are the light load
+            # whose requests the adaptive policy sends at once (two calls back to back, ~1 ms
+            # apart, would look like a load worth batching).
+            await asyncio.sleep(0.02)
             tensor = TensorInput("input", "FP32", x.shape, x.tobytes())
             request = model.admit(Request("mlp", [tensor]), RequestKind.UNARY)
             model.scheduler.put(request)
