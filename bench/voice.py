@@ -3,6 +3,7 @@
 
     python -m bench.voice                      # N = 10 50 100 150 200 400, 10 s each (~2 min)
     python -m bench.voice --sequences 200 --seconds 20 --workers 1 2   # a sweep per setting
+    python -m bench.voice --sequences 100 200 --before REV --rounds 3  # REV's server beside this
 
 The senders run in their own processes (2), each carrying its sequences over streams of 10
 sequences, each stream on its own connection. Each sequence starts at a random phase within the
@@ -191,6 +192,8 @@ def level(server: ServeProcess, sequences: int, seconds: float, senders: int) ->
         "errors": errors,
         "mean_batch": (rows1 - rows0) / max(batches1 - batches0, 1),
         "server_cores": (cpu1 - cpu0) / (wall1 - wall0),
+        # The server's CPU per chunk it ran in the same window.
+        "server_us_per_chunk": (cpu1 - cpu0) / max(rows1 - rows0, 1) * 1e6,
         "sender_lag_ms": max(r["sender_lag_s"] for r in results) * 1e3,
         "sender_cores": sum(r["cpu_s"] for r in results) / seconds,
         "held": p99 <= P99_LIMIT_MS and errors == 0,
@@ -206,7 +209,14 @@ def main() -> int:
         "--workers", type=int, nargs="+", default=[1],
         help="serving processes, one sweep each (a stream, and its sequences, stay on one)",
     )  # fmt: skip
+    parser.add_argument(
+        "--before", help="a git revision whose server runs each level too, alternating with "
+        "this tree's (one serving process; prints a before/after table, writes docs/voice_compare.json)",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=1, help="with --before: rounds to alternate")
     args = parser.parse_args()
+    if args.before:
+        return _compare(args)
     sweeps = []
     total = len(args.workers) * len(args.sequences)
     step = 0
@@ -247,6 +257,66 @@ def main() -> int:
     for sweep in sweeps:
         print(f"{sweep['workers']} worker(s): largest N held at p99 <= {P99_LIMIT_MS:g} ms: "
               f"{sweep['largest_held']}")  # fmt: skip
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """Each level on REV's server and on this tree's, alternating, --rounds times; medians."""
+    from bench.cost import _checkout
+
+    results: dict[str, dict[int, list[dict[str, Any]]]] = {"before": {}, "after": {}}
+    total = len(args.sequences) * args.rounds * 2
+    step = 0
+    with tempfile.TemporaryDirectory() as tmp, _checkout(args.before, Path(tmp)) as before_root:
+        assert before_root is not None
+        build("silero_vad", Path(tmp))
+        extra = ["--metrics-port", "0"]
+        servers = {
+            "before": ServeProcess(Path(tmp), ("silero_vad",), extra_args=extra, root=before_root),
+            "after": ServeProcess(Path(tmp), ("silero_vad",), extra_args=extra),
+        }
+        try:
+            for round_index in range(args.rounds):
+                for n in args.sequences:
+                    # Alternate which server goes first, so neither always meets a warmer machine.
+                    order = ["before", "after"] if round_index % 2 == 0 else ["after", "before"]
+                    for name in order:
+                        step += 1
+                        row = level(servers[name], n, args.seconds, args.senders)
+                        results[name].setdefault(n, []).append(row)
+                        print(f"[{step}/{total}] {name:<6} {n:4d} sequences: "
+                              f"{row['server_us_per_chunk']:5.0f} µs a chunk  server "
+                              f"{row['server_cores']:.2f} cores  p99 {row['p99_ms']:6.1f} ms  "
+                              f"mean batch {row['mean_batch']:5.1f}  errors {row['errors']}",
+                              flush=True)  # fmt: skip
+        finally:
+            for server in servers.values():
+                server.stop()
+
+    def median(name: str, n: int, key: str) -> float:
+        return float(np.median([r[key] for r in results[name][n]]))
+
+    lines = [
+        f"`python -m bench.voice --sequences {' '.join(map(str, args.sequences))} --seconds "
+        f"{args.seconds:g} --before {args.before} --rounds {args.rounds}` (medians of the rounds; "
+        "before = that revision's server, after = this tree's, alternating in one run):",
+        "",
+        "| sequences | server µs a chunk before → after | after ÷ before | server cores before → "
+        "after | p99 ms before → after | mean batch before → after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in args.sequences:
+        b, a = median("before", n, "server_us_per_chunk"), median("after", n, "server_us_per_chunk")
+        lines.append(
+            f"| {n} | {b:.0f} → {a:.0f} | {a / b:.2f}× | "
+            f"{median('before', n, 'server_cores'):.2f} → {median('after', n, 'server_cores'):.2f}"
+            f" | {median('before', n, 'p99_ms'):.1f} → {median('after', n, 'p99_ms'):.1f} | "
+            f"{median('before', n, 'mean_batch'):.1f} → {median('after', n, 'mean_batch'):.1f} |"
+        )
+    print("\n".join(lines))
+    (DOCS / "voice_compare.json").write_text(
+        json.dumps({"args": vars(args), "results": results}, indent=2) + "\n"
+    )
     return 0
 
 
