@@ -25,14 +25,13 @@ def check_tensor_count(count: int) -> None:
         raise InvalidArgument(f"request has {count} input tensors; at most {MAX_TENSORS}")
 
 
-def encode_tensors(arrays: Mapping[str, np.ndarray]) -> list[pb.Tensor]:
-    tensors = []
+def add_tensors(into: Any, arrays: Mapping[str, np.ndarray]) -> None:
+    """Appends the arrays to a repeated Tensor field, built in place (a message passed to a
+    constructor or appended would be copied whole, contents included)."""
+    add = into.add
     for name, array in arrays.items():
         datatype, contents = to_wire(array)
-        tensors.append(
-            pb.Tensor(name=name, datatype=datatype, shape=array.shape, contents=contents)
-        )
-    return tensors
+        add(name=name, datatype=datatype, shape=array.shape, contents=contents)
 
 
 def parameters(params: Mapping[str, Any], oneof: str = "choice") -> dict[str, Any]:

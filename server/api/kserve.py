@@ -18,6 +18,7 @@ from tensorgate.server.api.stream import pump
 from tensorgate.server.api.unary import Call, rpc
 from tensorgate.server.errors import InvalidArgument, Unavailable, clip
 from tensorgate.server.records import ModelInfo, ModelStatistics, Request, SequenceControl
+from tensorgate.server.tensors import Outputs
 
 SERVER_NAME = "tensorgate"
 SERVER_VERSION = "0.1.0"
@@ -102,9 +103,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             request_iterator,
             context,
             _request,
-            lambda message, outputs: kpb.ModelStreamInferResponse(
-                infer_response=codec.infer_response(message.model_name, message.id, outputs)
-            ),
+            _stream_response,
             _stream_error,
         ):
             yield response
@@ -257,6 +256,14 @@ def _priority(level: object) -> int:
     if isinstance(level, bool) or not isinstance(level, int) or level < 0:
         raise InvalidArgument(f"parameter 'priority' must be an integer >= 0, got {level!r}")
     return 0 if level == 0 else max(100 - level, 1)
+
+
+def _stream_response(
+    message: kpb.ModelInferRequest, outputs: Outputs
+) -> kpb.ModelStreamInferResponse:
+    response = kpb.ModelStreamInferResponse()
+    codec.infer_response(message.model_name, message.id, outputs, into=response.infer_response)
+    return response
 
 
 def _stream_error(

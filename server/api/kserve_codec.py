@@ -101,9 +101,18 @@ def parameters(params: Mapping[str, kpb.InferParameter]) -> dict[str, Any]:
 
 
 def infer_response(
-    model: str, request_id: str, outputs: Mapping[str, np.ndarray], version: str = "1"
+    model: str,
+    request_id: str,
+    outputs: Mapping[str, np.ndarray],
+    version: str = "1",
+    into: kpb.ModelInferResponse | None = None,
 ) -> kpb.ModelInferResponse:
-    response = kpb.ModelInferResponse(model_name=model, model_version=version, id=request_id)
+    """The response; `into`: a ModelInferResponse field of a larger message (a stream's), filled
+    in place (no copy of the outputs)."""
+    response = kpb.ModelInferResponse() if into is None else into
+    response.model_name = model
+    response.model_version = version
+    response.id = request_id
     for name, array in outputs.items():
         datatype, contents = to_wire(array)
         response.outputs.add(name=name, datatype=datatype, shape=array.shape)

@@ -52,9 +52,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             request_iterator,
             context,
             _request,
-            lambda message, outputs: pb.StreamPredictResponse(
-                id=message.id, response=predict_response(message.model, message.id, outputs)
-            ),
+            _stream_response,
             lambda message, error: _stream_error(message, error),
         ):
             yield response
@@ -178,8 +176,22 @@ def _tensor_metadata(spec: TensorSpec) -> pb.TensorMetadata:
     return pb.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=spec.shape)
 
 
-def predict_response(model: str, request_id: str, outputs: Outputs) -> pb.PredictResponse:
-    return pb.PredictResponse(model=model, id=request_id, outputs=codec.encode_tensors(outputs))
+def predict_response(
+    model: str, request_id: str, outputs: Outputs, into: pb.PredictResponse | None = None
+) -> pb.PredictResponse:
+    """The response; `into`: a PredictResponse field of a larger message, filled in place (no
+    copy of the outputs)."""
+    response = pb.PredictResponse() if into is None else into
+    response.model = model
+    response.id = request_id
+    codec.add_tensors(response.outputs, outputs)
+    return response
+
+
+def _stream_response(message: pb.PredictRequest, outputs: Outputs) -> pb.StreamPredictResponse:
+    response = pb.StreamPredictResponse(id=message.id)
+    predict_response(message.model, message.id, outputs, into=response.response)
+    return response
 
 
 def _stream_error(message: pb.PredictRequest, error: BaseException) -> pb.StreamPredictResponse:
@@ -219,7 +231,7 @@ def job_event(event: JobEvent) -> pb.JobEvent:
     if event.error is not None:
         message.error.CopyFrom(error_message(event.error))
     if event.outputs is not None:
-        message.result.CopyFrom(predict_response(event.model, "", event.outputs))
+        predict_response(event.model, "", event.outputs, into=message.result)
     return message
 
 
@@ -231,7 +243,7 @@ def _job_result(job: JobView) -> pb.GetResultResponse:
         delivery=webhook_delivery(job.delivery),
     )
     if job.outputs is not None:
-        response.result.CopyFrom(predict_response(job.model, job.request_id, job.outputs))
+        predict_response(job.model, job.request_id, job.outputs, into=response.result)
     if job.error is not None:
         response.error.CopyFrom(error_message(job.error))
     if job.expires_in_s is not None:
