@@ -67,6 +67,7 @@ class ServedModel:
         # What callers send and get back. A stateful model's engine also takes and returns its
         # state (the server's business, not the caller's): engine_inputs / engine_outputs.
         self.inputs: tuple[TensorSpec, ...] = ()
+        self._inputs_by_name: dict[str, TensorSpec] = {}
         self.outputs: tuple[TensorSpec, ...] = ()
         self.engine_inputs: tuple[TensorSpec, ...] = ()
         self.engine_outputs: tuple[TensorSpec, ...] = ()
@@ -144,6 +145,7 @@ class ServedModel:
         sequence = self.config.sequence
         state = {n for s in sequence.state for n in (s.input, s.output)} if sequence else set()
         self.inputs = tuple(spec for spec in self.engine_inputs if spec.name not in state)
+        self._inputs_by_name = {spec.name: spec for spec in self.inputs}
         self.outputs = tuple(spec for spec in self.engine_outputs if spec.name not in state)
         self._output_names = tuple(spec.name for spec in self.outputs)
         if not self.inputs or not self.outputs:
@@ -259,9 +261,11 @@ class ServedModel:
     def admit(self, request: Request, kind: RequestKind) -> InferenceRequest:
         """Checks a request against this model's inputs and outputs and wraps it, decoded into
         zero-copy views, with a fresh future. Raises InvalidArgument naming what is wrong."""
-        arrays, rows = decode_inputs(self.name, self.inputs, request.inputs, self.max_batch_size)
-        known = [spec.name for spec in self.outputs]
+        arrays, rows = decode_inputs(
+            self.name, self._inputs_by_name, request.inputs, self.max_batch_size
+        )
         if request.requested_outputs:
+            known = self._output_names
             unknown = [name for name in request.requested_outputs if name not in known]
             if unknown:
                 raise InvalidArgument(

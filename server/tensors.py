@@ -6,7 +6,7 @@ the request bytes back, or an InvalidArgument naming what was wrong.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,15 +53,16 @@ _SHOWN_DIMS = 16
 
 def decode_inputs(
     model: str,
-    specs: Sequence[TensorSpec],
+    specs: Sequence[TensorSpec] | Mapping[str, TensorSpec],
     inputs: Sequence[TensorInput],
     max_batch_size: int,
 ) -> tuple[dict[str, np.ndarray], int]:
-    """Checks inputs against the model's specs; returns zero-copy arrays and the batch size.
+    """Checks inputs against the model's specs (a model passes them by name, made once);
+    returns zero-copy arrays and the batch size.
 
     Every problem raises InvalidArgument naming the input and what the model expects.
     """
-    by_name = {spec.name: spec for spec in specs}
+    by_name = specs if isinstance(specs, Mapping) else {spec.name: spec for spec in specs}
     arrays: dict[str, np.ndarray] = {}
     rows: int | None = None
     rows_from = ""
@@ -92,8 +93,9 @@ def decode_inputs(
                 "all inputs must share the first dimension"
             )
         arrays[tensor.name] = array
-    missing = [spec for spec in specs if spec.name not in arrays]
-    if missing:
+    # Every name given is known and given once, so only fewer arrays than specs can miss one.
+    if len(arrays) < len(by_name):
+        missing = [spec for spec in by_name.values() if spec.name not in arrays]
         raise InvalidArgument(
             f"model '{model}' is missing input "
             + ", ".join(f"'{s.name}' ({s.describe()})" for s in missing)
