@@ -273,8 +273,7 @@ class DynamicBatcher:
         taken: list[InferenceRequest] = []
         rows = 0
         queue = self._queue
-        while queue.live and rows + queue.head_rows() <= max_rows:
-            request = queue.pop()
+        while (request := queue.take(max_rows - rows)) is not None:
             if request.future.done():
                 # Its caller cancelled it this loop iteration: the queue hears of it only on the
                 # next one (done-callbacks run through call_soon).

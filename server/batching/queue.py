@@ -110,17 +110,25 @@ class RequestQueue:
     def oldest_enqueued_at(self) -> float | None:
         """When the oldest live request arrived (monotonic), or None when there is none."""
         heads = self._heads()
-        return min(line[0].enqueued_at for line in heads) if heads else None
+        if len(heads) <= 1:  # one priority in use: the common case, without a generator
+            return heads[0][0].enqueued_at if heads else None
+        return min(line[0].enqueued_at for line in heads)
 
-    def head_rows(self) -> int:
-        """The rows of the request pop() would return (0 when empty)."""
+    def take(self, room: int) -> InferenceRequest | None:
+        """Removes and returns the next live request if its rows fit in `room` rows; None when
+        they do not or the queue is empty (what a batch being formed takes, one by one)."""
         line = self._next_line()
-        return line[0].rows if line else 0
+        if line is None or line[0].rows > room:
+            return None
+        return self._remove(line)
 
     def pop(self) -> InferenceRequest:
         """Removes and returns the next live request (the queue must not be empty)."""
         line = self._next_line()
         assert line is not None, "pop() on an empty queue"
+        return self._remove(line)
+
+    def _remove(self, line: collections.deque[InferenceRequest]) -> InferenceRequest:
         request = line.popleft()
         request.queued = False
         self.live -= 1
