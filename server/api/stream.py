@@ -22,6 +22,7 @@ from opentelemetry.trace import Span
 from tensorgate.server.api.frontend import Frontend, deadline_of, encoded, gone
 from tensorgate.server.api.messages import Malformed, Unparsed, resolve
 from tensorgate.server.errors import Cancelled
+from tensorgate.server.futures import settle_result
 from tensorgate.server.logs import REQUEST_ID
 from tensorgate.server.records import Request, RequestKind
 from tensorgate.server.tensors import Outputs
@@ -72,8 +73,8 @@ async def pump(
 
         def deliver(response: Resp) -> None:
             ready.append(response)
-            if wake is not None and not wake.done():
-                wake.set_result(None)
+            if wake is not None:
+                settle_result(wake, None)
 
         def respond(
             message: Msg,
@@ -148,8 +149,8 @@ async def pump(
                 log.warning("stream read failed: %s", exc)
             finally:
                 reading = False  # the client half-closed (or the read failed)
-                if wake is not None and not wake.done():
-                    wake.set_result(None)
+                if wake is not None:
+                    settle_result(wake, None)
 
         reader = asyncio.create_task(read(), name="stream-reader")
         cancelled = False
@@ -157,8 +158,8 @@ async def pump(
             while True:
                 if ready:
                     outstanding -= 1
-                    if room is not None and not room.done():
-                        room.set_result(None)
+                    if room is not None:
+                        settle_result(room, None)
                     yield ready.popleft()
                 elif reading or outstanding:
                     wake = loop.create_future()
