@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -21,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
 from bench.loadgen import LoadSpec, run  # noqa: E402
-from bench.serverproc import ServeProcess  # noqa: E402
+from bench.serverproc import ServeProcess, checkout  # noqa: E402
 from tensorgate.server.bundled import build  # noqa: E402
 from tests.redisproc import RedisProcess  # noqa: E402
 
@@ -41,42 +40,35 @@ def main() -> int:
     )  # fmt: skip
     args = parser.parse_args()
     results: dict[str, dict[int, list[dict[str, float]]]] = {"before": {}, "after": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        worktree = Path(tmp) / "before"
-        subprocess.run(["git", "worktree", "add", "--detach", str(worktree), args.before],
-                       cwd=ROOT, check=True, capture_output=True)  # fmt: skip
-        try:
-            repository = Path(tmp) / "engines"
-            build("mlp", repository)
-            roots = {"before": worktree, "after": ROOT}
-            total = args.rounds * len(args.concurrency) * 2
-            step = 0
-            for round_index in range(args.rounds):
-                for c in args.concurrency:
-                    for side in ("before", "after"):
-                        step += 1
-                        store: list[str] = []
-                        redis = None
-                        if args.job_store == "redis":
-                            redis = RedisProcess(Path(tmp) / f"redis-{step}").start()
-                            store = ["--job-store", redis.url]
-                        server = ServeProcess(repository, ("mlp",), root=roots[side],
-                                              extra_args=store)  # fmt: skip
-                        try:
-                            spec = LoadSpec(server.target, "mlp", mode=args.mode, concurrency=c,
-                                            seconds=args.seconds, processes=1 if c <= 4 else 2)  # fmt: skip
-                            result = run(spec)
-                        finally:
-                            server.stop()
-                            if redis is not None:
-                                redis.stop()
-                        results[side].setdefault(c, []).append(result.as_dict())
-                        print(f"[{step}/{total}] round {round_index + 1} {side:<6} c={c:<4} "
-                              f"{result.req_per_s:8.1f} req/s  p50 {result.p50_ms:6.2f}  "
-                              f"p99 {result.p99_ms:6.2f} ms", flush=True)  # fmt: skip
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT,
-                           capture_output=True)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp, checkout(args.before, Path(tmp)) as worktree:
+        repository = Path(tmp) / "engines"
+        build("mlp", repository)
+        roots = {"before": worktree, "after": ROOT}
+        total = args.rounds * len(args.concurrency) * 2
+        step = 0
+        for round_index in range(args.rounds):
+            for c in args.concurrency:
+                for side in ("before", "after"):
+                    step += 1
+                    store: list[str] = []
+                    redis = None
+                    if args.job_store == "redis":
+                        redis = RedisProcess(Path(tmp) / f"redis-{step}").start()
+                        store = ["--job-store", redis.url]
+                    server = ServeProcess(repository, ("mlp",), root=roots[side],
+                                          extra_args=store)  # fmt: skip
+                    try:
+                        spec = LoadSpec(server.target, "mlp", mode=args.mode, concurrency=c,
+                                        seconds=args.seconds, processes=1 if c <= 4 else 2)  # fmt: skip
+                        result = run(spec)
+                    finally:
+                        server.stop()
+                        if redis is not None:
+                            redis.stop()
+                    results[side].setdefault(c, []).append(result.as_dict())
+                    print(f"[{step}/{total}] round {round_index + 1} {side:<6} c={c:<4} "
+                          f"{result.req_per_s:8.1f} req/s  p50 {result.p50_ms:6.2f}  "
+                          f"p99 {result.p99_ms:6.2f} ms", flush=True)  # fmt: skip
     summary = {}
     print(f"\nmedians of {args.rounds} rounds (after = this tree, before = {args.before}):")
     for c in args.concurrency:

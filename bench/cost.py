@@ -37,7 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
 from bench.loadgen import LoadSpec, run  # noqa: E402
 from bench.report import replace_section  # noqa: E402
-from bench.serverproc import ServeProcess, stat_cpu_seconds  # noqa: E402
+from bench.serverproc import ServeProcess, checkout, stat_cpu_seconds  # noqa: E402
 from tensorgate.server.bundled import build  # noqa: E402
 
 DOCS = ROOT / "docs"
@@ -111,14 +111,8 @@ def _checkout(revision: str | None, tmp: Path) -> Iterator[Path | None]:
     if revision is None:
         yield None
         return
-    worktree = tmp / "before"
-    subprocess.run(["git", "worktree", "add", "--detach", str(worktree), revision], cwd=ROOT,
-                   check=True, capture_output=True)  # fmt: skip
-    try:
+    with checkout(revision, tmp) as worktree:
         yield worktree
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT,
-                       capture_output=True)  # fmt: skip
 
 
 def _point(

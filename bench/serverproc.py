@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def checkout(revision: str, tmp: Path) -> Iterator[Path]:
+    """A temporary git worktree of the revision under tmp (a ServeProcess root), removed after."""
+    worktree = tmp / "before"
+    subprocess.run(["git", "worktree", "add", "--detach", str(worktree), revision], cwd=ROOT,
+                   check=True, capture_output=True)  # fmt: skip
+    try:
+        yield worktree
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT,
+                       capture_output=True)  # fmt: skip
 
 
 class ServeProcess:

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
 from bench.report import replace_section  # noqa: E402
-from bench.serverproc import ServeProcess  # noqa: E402
+from bench.serverproc import ServeProcess, checkout  # noqa: E402
 from tensorgate.server.bundled import build  # noqa: E402
 from tests.redisproc import RedisProcess  # noqa: E402
 
@@ -262,13 +262,10 @@ def main() -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     """Each level on REV's server and on this tree's, alternating, --rounds times; medians."""
-    from bench.cost import _checkout
-
     results: dict[str, dict[int, list[dict[str, Any]]]] = {"before": {}, "after": {}}
     total = len(args.sequences) * args.rounds * 2
     step = 0
-    with tempfile.TemporaryDirectory() as tmp, _checkout(args.before, Path(tmp)) as before_root:
-        assert before_root is not None
+    with tempfile.TemporaryDirectory() as tmp, checkout(args.before, Path(tmp)) as before_root:
         build("silero_vad", Path(tmp))
         extra = ["--metrics-port", "0"]
         servers = {
