@@ -22,7 +22,6 @@ from tensorgate.server.futures import settle_error, settle_result
 from tensorgate.server.inference import InferenceRequest
 from tensorgate.server.model_config import ModelConfig
 from tensorgate.server.telemetry import Telemetry
-from tensorgate.server.telemetry.metrics import LoopSeries
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,6 @@ class BatchExecution:
         self._m_compute = metrics.compute_seconds.labels(model)
         self._m_rows = metrics.batch_rows.labels(model)
         self._m_busy = metrics.instance_busy_seconds
-        self._m_busy_by_instance: dict[int, LoopSeries] = {}
         self.healthy = True
         self._consecutive_failures = 0
 
@@ -155,11 +153,7 @@ class BatchExecution:
         self._on_batch(batch.rows, elapsed_s)
         self._m_rows.observe(batch.rows)
         self._m_compute.observe(compute_s)
-        busy = self._m_busy_by_instance.get(instance.index)
-        if busy is None:
-            busy = self._m_busy.labels(self._config.name, str(instance.index))
-            self._m_busy_by_instance[instance.index] = busy
-        busy.inc(elapsed_s)
+        self._m_busy.labels(self._config.name, str(instance.index)).inc(elapsed_s)
         self._trace(batch, instance, started.at_ns, result.stage_s)
         now = time.monotonic()
         for request, outputs in zip(batch.requests, result.outputs, strict=True):

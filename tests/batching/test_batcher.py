@@ -11,13 +11,14 @@ import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
 from tensorgate.client import AsyncTensorgateClient, StreamItem, TensorgateClient, codec
-from tensorgate.server.errors import DeadlineExceeded
+from tensorgate.server.errors import DeadlineExceeded, Internal
 from tensorgate.server.model import ServedModel
 from tensorgate.server.model_config import ModelConfig
 from tensorgate.server.records import Request, RequestKind
@@ -233,6 +234,41 @@ async def test_a_request_cancelled_in_the_loop_turn_its_batch_forms_is_skipped_n
             outputs = await request.future
             np.testing.assert_allclose(outputs["logits"], reference.logits(x), rtol=1e-4, atol=1e-4)
         assert model.ready
+    finally:
+        await model.stop(time.monotonic() + 5)
+        model.close()
+
+
+async def test_a_failure_while_settling_a_batch_answers_its_callers_and_the_model_goes_on(
+    repository: Path, reference: MlpReference, rng: np.random.Generator
+) -> None:
+    """A defect in what settles a batch (here a request's keep hook that raises) must not leave
+    the batch's callers waiting or hold its instance: they get INTERNAL, and the next request
+    runs."""
+    model = ServedModel(ModelConfig.load(repository / "mlp"))
+    await asyncio.to_thread(model.load)
+    model.start()
+    try:
+        x = rng.standard_normal((1, 256)).astype(np.float32)
+
+        def admitted() -> Any:
+            tensor = TensorInput("input", "FP32", x.shape, x.tobytes())
+            return model.admit(Request("mlp", [tensor]), RequestKind.UNARY)
+
+        def broken(outputs: Any) -> Any:
+            raise RuntimeError("keep failed")
+
+        doomed = admitted()
+        doomed.keep = broken
+        model.scheduler.put(doomed)
+        with pytest.raises(Internal, match="keep failed"):
+            await asyncio.wait_for(doomed.future, 10)
+        while model.busy_instances:  # the instance goes back as the batch is settled
+            await asyncio.sleep(0.001)
+        fine = admitted()
+        model.scheduler.put(fine)
+        outputs = await asyncio.wait_for(fine.future, 10)
+        np.testing.assert_allclose(outputs["logits"], reference.logits(x), rtol=1e-4, atol=1e-4)
     finally:
         await model.stop(time.monotonic() + 5)
         model.close()
